@@ -1,0 +1,50 @@
+"""Shared fixtures: the builtin models (built once, cached across runs) and a loopback Ray."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a hub, and vLLM runs in-process (fast start, no leaked shm).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+GSM8K_DIR = Path(os.environ.get("PLACERL_GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from rl.models import materialise_smollm2
+
+    return str(materialise_smollm2())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(smollm2_path) -> str:
+    from rl.models import materialise_tiny_llama
+
+    return str(materialise_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    if not (GSM8K_DIR / "train.jsonl").exists():
+        pytest.skip(f"GSM8K jsonl not found at {GSM8K_DIR}; set PLACERL_GSM8K_DIR")
+    return GSM8K_DIR
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One loopback Ray for the whole session (starting Ray costs seconds)."""
+    import ray
+
+    from rl.cluster import init_ray
+
+    init_ray(num_cpus=4, object_store_mb=512)
+    yield ray
+    ray.shutdown()
