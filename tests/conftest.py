@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K_DIR = Path(os.environ.get("PLACERL_GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
+if (GSM8K_DIR / "train.jsonl").exists():  # seen by subprocesses and Ray jobs too
+    os.environ.setdefault("PLACERL_GSM8K_DIR", str(GSM8K_DIR))
 
 
 @pytest.fixture(scope="session")
