@@ -1,0 +1,48 @@
+"""Pure parts of the driver: batch padding, bundle layout, even splits."""
+from types import SimpleNamespace
+
+import torch
+
+from rl.batch import grpo_batch, pad_sequences, sft_batch
+from rl.evaluate import split_evenly
+from rl.resources import plan_bundles
+
+
+def test_pad_sequences_aligns_masks_and_logprobs():
+    ids, attn, resp, lps = pad_sequences([[1, 2], [3]], [[4, 5, 6], [7]], pad_id=0,
+                                         response_logprobs=[[-0.1, -0.2, -0.3], [-0.4]])
+    assert ids.tolist() == [[1, 2, 4, 5, 6], [3, 7, 0, 0, 0]]
+    assert attn.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert resp.tolist() == [[0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert torch.allclose(lps, torch.tensor([[0, 0, -0.1, -0.2, -0.3], [0, -0.4, 0, 0, 0]]))
+
+
+def test_overlong_completions_get_no_loss():
+    done = SimpleNamespace(token_ids=[5, 2], logprobs=[-1.0, -1.0], finish_reason="stop")
+    cut = SimpleNamespace(token_ids=[5, 6, 7], logprobs=[-1.0] * 3, finish_reason="length")
+    adv = torch.tensor([1.0, -1.0])
+    kept = grpo_batch([[1], [1]], [done, cut], adv, pad_id=0, max_tokens=3, overlong_mask=False)
+    masked = grpo_batch([[1], [1]], [done, cut], adv, pad_id=0, max_tokens=3, overlong_mask=True)
+    assert kept.response_mask[1].sum() == 3 and masked.response_mask[1].sum() == 0
+    assert torch.equal(kept.response_mask[0], masked.response_mask[0])
+    assert masked.max_tokens == 3 and masked.advantages.dtype == torch.float32
+
+
+def test_sft_batch_has_zero_advantages():
+    b = sft_batch([[1, 2]], [[3, 4]], pad_id=0, max_tokens=8)
+    assert b.advantages.tolist() == [0.0] and b.response_mask.tolist() == [[0, 0, 1, 1]]
+
+
+def test_bundles_colocated_and_separate():
+    bundles, lb, rb = plan_bundles(2, 1, colocate=True, gpus_learner=0.5, gpus_rollout=0.4)
+    assert len(bundles) == 2 and lb == [0, 1] and rb == [0]
+    assert bundles[0]["GPU"] == 0.9
+    bundles, lb, rb = plan_bundles(2, 2, colocate=False, gpus_learner=1, gpus_rollout=1)
+    assert len(bundles) == 4 and rb == [2, 3] and all(b["GPU"] == 1 for b in bundles)
+    cpu_only, _, _ = plan_bundles(1, 1, colocate=True, gpus_learner=0, gpus_rollout=0)
+    assert cpu_only == [{"CPU": 1.0}]
+
+
+def test_split_evenly_keeps_order():
+    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 3) == [[1], [], []]
