@@ -90,7 +90,8 @@ def _synthetic_problem(rng: random.Random, max_ops: int) -> dict:
     sentences = [f"{name} has {total} {item}."]
     steps = []
     for _ in range(rng.randint(1, max_ops)):
-        op = rng.choice(["+", "-", "*"] if total <= 12 else ["+", "-"])
+        ops = ["+"] + (["-"] if total > 0 else []) + (["*"] if 0 < total <= 12 else [])
+        op = rng.choice(ops)
         if op == "+":
             k = rng.randint(1, 20)
             sentences.append(f"Then {name} gets {k} more {item}.")

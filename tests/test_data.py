@@ -59,6 +59,12 @@ def test_synthetic_answers_are_exact_and_seeded():
         assert int(row["gold"]) >= 0
 
 
+@pytest.mark.parametrize("max_ops", [1, 2, 3, 4])
+def test_synthetic_generation_never_fails(max_ops):
+    rows = [r for seed in range(20) for r in synthetic_arithmetic(200, seed, max_ops)]
+    assert all(int(r["gold"]) >= 0 for r in rows)
+
+
 def test_synthetic_train_and_test_differ():
     cfg = DataConfig(task="synthetic", synthetic_size=64)
     train, test = load_task(cfg, "train"), load_task(cfg, "test")
