@@ -1,0 +1,287 @@
+"""Gradient diagnostics: the statistics against numpy, G against autograd, and the TRL callback."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rl import gradstats
+from rl.config import ALL_LINEAR, ConfigError, DiagnosticsConfig
+from rl.diagnostics import GradientDiagnostics, _CrossStepHistory
+
+
+def _numpy_ranks(m: torch.Tensor) -> tuple[float, float]:
+    s = np.linalg.svd(m.double().numpy(), compute_uv=False)
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum())), float((s ** 2).sum() / s[0] ** 2)
+
+
+def _low_rank(rows: int, cols: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(0, -1, rank)  # distinct singular values, not a flat spectrum
+    return (torch.randn(rows, rank, generator=g) * scales) @ torch.randn(rank, cols, generator=g)
+
+
+# ----------------------------------------------------------------------------- spectra
+
+@pytest.mark.parametrize("shape", [(40, 70), (70, 40), (64, 64)])
+def test_exact_ranks_match_numpy_on_random_matrices(shape):
+    m = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    sp = gradstats.spectrum(m, max_rank_dim=256)
+    eff, stable = _numpy_ranks(m)
+    assert sp.exact
+    assert gradstats.effective_rank(sp) == pytest.approx(eff, rel=1e-9)
+    assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=1e-9)
+
+
+@pytest.mark.parametrize("rank", [1, 3, 12])
+def test_exact_ranks_match_numpy_on_low_rank_matrices(rank):
+    m = _low_rank(50, 90, rank, seed=rank)
+    eff, stable = _numpy_ranks(m)
+    got = gradstats.effective_rank(gradstats.spectrum(m, max_rank_dim=256))
+    # float32 storage leaves zero singular values near 1e-7 of the top one; they must not count
+    assert got == pytest.approx(eff, rel=1e-4)
+    assert got <= rank + 1e-3
+    assert gradstats.stable_rank(gradstats.spectrum(m)) == pytest.approx(stable, rel=1e-6)
+
+
+def test_randomized_path_is_exact_for_rank_below_k():
+    m = _low_rank(300, 500, 10, seed=0)
+    sp = gradstats.spectrum(m, max_rank_dim=32)
+    eff, stable = _numpy_ranks(m)
+    assert not sp.exact and sp.top.numel() == 32 and sp.tail_count == 300 - 32
+    assert sp.tail_energy == pytest.approx(0.0, abs=1e-6 * sp.fro_sq)
+    assert gradstats.effective_rank(sp) == pytest.approx(eff, rel=1e-5)
+    assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=1e-6)
+
+
+def test_randomized_path_on_a_full_rank_matrix_is_close():
+    m = torch.randn(300, 500, generator=torch.Generator().manual_seed(3))
+    sp = gradstats.spectrum(m, max_rank_dim=100)
+    eff, stable = _numpy_ranks(m)
+    s_np = np.linalg.svd(m.double().numpy(), compute_uv=False)
+    assert not sp.exact
+    np.testing.assert_allclose(sp.top.numpy()[:50], s_np[:50], rtol=5e-3)
+    assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=5e-3)
+    # the power-law tail completion over-estimates a Marchenko-Pastur tail, mildly (documented)
+    assert eff <= gradstats.effective_rank(sp) <= 1.05 * eff
+
+
+def test_zero_matrix_has_rank_zero():
+    sp = gradstats.spectrum(torch.zeros(5, 8))
+    assert gradstats.effective_rank(sp) == 0.0 and gradstats.stable_rank(sp) == 0.0
+    assert gradstats.effective_rank(torch.tensor([2.0, 2.0, 2.0, 2.0])) == pytest.approx(4.0)
+
+
+# ----------------------------------------------------------------------------- cosines and signs
+
+def test_cosine_and_sign_agreement_on_known_vectors():
+    a = torch.tensor([1.0, -1.0, 2.0, 0.0, 3.0])
+    assert gradstats.cosine(a, 2 * a) == pytest.approx(1.0)
+    assert gradstats.cosine(a, -a) == pytest.approx(-1.0)
+    assert gradstats.cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(0.0)
+    assert math.isnan(gradstats.cosine(a, torch.zeros(5)))
+    b = torch.tensor([2.0, 1.0, 2.0, 5.0, -1.0])  # both nonzero at 0,1,2,4; same sign at 0,2
+    assert gradstats.sign_agreement(a, b) == pytest.approx(0.5)
+
+
+def test_sign_consistency_on_a_known_sequence():
+    seq = [torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([2.0, -1.0, 3.0, 0.0]),
+           torch.tensor([0.5, 1.0, 1.0, 0.0]), torch.tensor([1.0, -2.0, -1.0, 0.0])]
+    # per entry |sum sign| / 4: 1, 0, 0.5, 0 -> mean 0.375
+    assert gradstats.sign_consistency(seq) == pytest.approx(0.375)
+
+
+def test_cross_step_history_lags_and_window():
+    g = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    hist = _CrossStepHistory(lags=2, window=3)
+    first = hist.update(g.clone())
+    assert first == {}
+    second = hist.update(-g)
+    assert second["cos_lag1"] == pytest.approx(-1.0) and second["sign_agree"] == 0.0
+    assert "sign_consistency" not in second  # window not full yet
+    third = hist.update(2 * g)
+    assert third["cos_lag1"] == pytest.approx(-1.0) and third["cos_lag2"] == pytest.approx(1.0)
+    assert third["sign_consistency"] == pytest.approx(1 / 3)
+    fourth = hist.update(g)  # window now (-g, 2g, g): the first g left it
+    assert fourth["sign_consistency"] == pytest.approx(1 / 3)
+    assert "cos_lag3" not in fourth and fourth["cos_lag2"] == pytest.approx(-1.0)
+    fifth = hist.update(g)  # window (2g, g, g)
+    assert fifth["sign_consistency"] == pytest.approx(1.0)
+
+
+def test_importance_spread_and_top_share():
+    imp = gradstats.importance({"layers.0": 1.0, "layers.1": 2.0, "layers.2": 3.0, "layers.3": 4.0})
+    assert imp.shares["layers.3"] == pytest.approx(0.4)
+    assert imp.spread == pytest.approx(4.0)
+    assert imp.top_share == pytest.approx(0.7)  # top ceil(0.3 * 4) = 2 layers: 0.4 + 0.3
+    flat = gradstats.importance({str(i): 5.0 for i in range(10)})
+    assert flat.spread == pytest.approx(1.0) and flat.top_share == pytest.approx(0.3)
+    assert gradstats.importance({"a": 0.0, "b": 1.0}).spread == math.inf
+
+
+# ----------------------------------------------------------------------------- hooks on a real model
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    from rl.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model(tiny_model_path, "float32")
+    # init_lora_weights=False gives B != 0, so dL/dA != 0 and both factors are exercised
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, init_lora_weights=False)
+    return get_peft_model(model, cfg)
+
+
+def _batches(vocab: int, n: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (2, 12), generator=g) for _ in range(n)]
+
+
+def _loss(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, labels=ids).loss
+
+
+def _cfg(**kw) -> DiagnosticsConfig:
+    base = dict(enabled=True, every=1, modules=["down_proj", "v_proj"], lags=2, window=3, max_rank_dim=64)
+    base.update(kw)
+    return DiagnosticsConfig(**base)
+
+
+def test_G_from_hooks_equals_the_autograd_weight_gradient(lora_model):
+    model = lora_model
+    batches = _batches(model.config.vocab_size, 2)
+    diag = GradientDiagnostics(model, _cfg())
+    try:
+        model.zero_grad()
+        assert diag.begin_step(0)
+        for ids in batches:  # two micro-batches, accumulated as a trainer would
+            (_loss(model, ids) / len(batches)).backward()
+        diag.after_backward(0)
+        lora_grads = {n: torch.cat([m.lora_A["default"].weight.grad.reshape(-1),
+                                    m.lora_B["default"].weight.grad.reshape(-1)])
+                      for n, m in diag.modules.items()}
+        metrics = diag.end_step(0)
+        got = {n: g.clone() for n, g in diag.captured_G().items()}
+    finally:
+        diag.close()
+    assert set(got) == {f"layers.{i}.{p}" for i in (0, 1) for p in ("mlp.down_proj", "self_attn.v_proj")}
+
+    # Reference: make the frozen weights trainable and let autograd compute their gradient.
+    weights = {n: m.base_layer.weight for n, m in diag.modules.items()}
+    model.zero_grad()
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        for ids in batches:
+            (_loss(model, ids) / len(batches)).backward()
+        for n, w in weights.items():
+            torch.testing.assert_close(got[n], w.grad, rtol=1e-4, atol=1e-6)
+            eff, stable = _numpy_ranks(w.grad)
+            assert metrics[f"diag/G/{n}/eff_rank"] == pytest.approx(eff, rel=1e-4)
+            assert metrics[f"diag/G/{n}/stable_rank"] == pytest.approx(stable, rel=1e-4)
+            assert metrics[f"diag/G/{n}/norm"] == pytest.approx(float(w.grad.norm()), rel=1e-4)
+            assert metrics[f"diag/lora/{n}/norm"] == pytest.approx(float(lora_grads[n].norm()), rel=1e-5)
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+        model.zero_grad()
+    # G of a 2 x 12-token batch has rank <= 24 in each accumulated micro-batch: 48 at most
+    assert all(metrics[f"diag/G/{n}/eff_rank"] <= 48 for n in got)
+    norms = {f"layers.{i}": math.hypot(metrics[f"diag/G/layers.{i}.mlp.down_proj/norm"],
+                                       metrics[f"diag/G/layers.{i}.self_attn.v_proj/norm"]) for i in (0, 1)}
+    imp = gradstats.importance(norms)
+    assert metrics["diag/G/importance_spread"] == pytest.approx(imp.spread)
+    assert metrics["diag/G/layers.1/importance"] == pytest.approx(imp.shares["layers.1"])
+
+
+def test_cross_step_metrics_on_a_real_model_and_no_hooks_between_captures(lora_model):
+    """Same batch every capture, the loss sign flipped at capture 1: G flips sign exactly."""
+    model = lora_model
+    (ids,) = _batches(model.config.vocab_size, 1, seed=5)
+    diag = GradientDiagnostics(model, _cfg(every=2, window=3))
+    base_layers = [m.base_layer for m in diag.modules.values()]
+    out = {}
+    try:
+        for step in range(6):
+            captures = diag.begin_step(step)
+            assert captures == (step % 2 == 0)
+            assert all(bool(b._forward_hooks) == captures for b in base_layers)
+            model.zero_grad()
+            sign = -1.0 if step == 2 else 1.0
+            (sign * _loss(model, ids)).backward()
+            diag.after_backward(step)
+            out[step] = diag.end_step(step)
+            assert not any(b._forward_hooks for b in base_layers)
+        summary = diag.summary()
+    finally:
+        diag.close()
+        model.zero_grad()
+    assert out[1] == {} and out[3] == {}
+    assert "diag/G/cos_lag1_mean" not in out[0]
+    for kind in ("G", "lora"):
+        assert out[2][f"diag/{kind}/cos_lag1_mean"] == pytest.approx(-1.0, abs=1e-5)
+        assert out[2][f"diag/{kind}/sign_agree_mean"] == pytest.approx(0.0, abs=1e-3)
+        assert out[4][f"diag/{kind}/cos_lag1_mean"] == pytest.approx(-1.0, abs=1e-5)
+        assert out[4][f"diag/{kind}/cos_lag2_mean"] == pytest.approx(1.0, abs=1e-5)
+        # window (+G, -G, +G): |1 - 1 + 1| / 3 on every nonzero entry
+        assert out[4][f"diag/{kind}/sign_consistency_mean"] == pytest.approx(1 / 3, abs=2e-3)
+    assert summary["captures"] == [0, 2, 4]
+    assert summary["metrics"]["diag/G/eff_rank_mean"]["n"] == 3
+    assert summary["importance_run"]["G"]["spread"] >= 1.0
+
+
+def test_module_pattern_matching_nothing_fails_in_one_line(lora_model):
+    with pytest.raises(ConfigError) as err:
+        GradientDiagnostics(lora_model, _cfg(modules=["down_proj", "dense_4h_to_h"]))
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "diagnostics.modules entry 'dense_4h_to_h' matches no LoRA layer" in msg
+    assert "down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in msg
+
+
+def test_disabled_diagnostics_never_capture(lora_model):
+    diag = GradientDiagnostics(lora_model, DiagnosticsConfig(enabled=False, modules=["no_such"]))
+    assert diag.begin_step(0) is False and diag.end_step(0) == {}
+
+
+# ----------------------------------------------------------------------------- TRL
+
+def test_callback_inside_a_trl_grpo_step(tiny_model_path, tmp_path):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rl.diagnostics_callback import SUMMARY_FILE, GradientDiagnosticsCallback
+    from rl.models import load_model, load_tokenizer
+
+    def length_reward(prompts, completions, **kwargs):
+        return [float(len(c)) / 10.0 for c in completions]
+
+    data = Dataset.from_dict({"prompt": [f"Count to {i}:" for i in range(4)]})
+    args = GRPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=8, max_steps=2, logging_steps=1, learning_rate=1e-3,
+                      use_vllm=False, report_to=[], save_strategy="no", use_cpu=True, seed=0)
+    cb = GradientDiagnosticsCallback(_cfg(every=1, lags=1, window=2))
+    trainer = GRPOTrainer(model=load_model(tiny_model_path), reward_funcs=length_reward, args=args,
+                          train_dataset=data, processing_class=load_tokenizer(tiny_model_path),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR),
+                          callbacks=[cb])
+    cb.trainer = trainer
+    trainer.train()
+
+    logged = [h for h in trainer.state.log_history if "diag/G/eff_rank_mean" in h]
+    assert len(logged) == 2, trainer.state.log_history
+    assert logged[0]["diag/G/eff_rank_mean"] > 1.0
+    assert "diag/G/cos_lag1_mean" in logged[1] and "diag/lora/sign_agree_mean" in logged[1]
+    assert math.isfinite(logged[1]["diag/G/cos_lag1_mean"])
+    summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
+    assert summary["captures"] == [0, 1]
+    assert "layers.1.mlp.down_proj" in summary["modules"]
