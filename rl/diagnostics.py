@@ -254,6 +254,13 @@ class GradientDiagnostics:
             self.series[k].append((step, v))
         return metrics
 
+    def cancel(self) -> None:
+        """Abandon the capture in progress without computing anything."""
+        self._capturing = None
+        self._lora = {}
+        if not self._persistent:
+            self._remove()
+
     def captured_G(self) -> dict[str, torch.Tensor]:
         """The last capture's G per module (reduced); views of a buffer the next capture overwrites."""
         return dict(self._G)
@@ -327,3 +334,52 @@ class GradientDiagnostics:
 def _nanmean(vals: list[float]) -> float:
     ok = [v for v in vals if not math.isnan(v)]
     return sum(ok) / len(ok) if ok else float("nan")
+
+
+# ----------------------------------------------------------------------------- the learner's seam
+
+def attach_to_learner(peft_model: nn.Module, cfg) -> list[Callable[[int], dict[str, float]]]:
+    """``rl.learner_rank``'s diagnostics seam: called on every rank before ``fully_shard``.
+
+    The seam only calls back after the last backward of each update (``fn(step)``, the
+    same ``step`` for each of the ``learner.updates_per_batch`` updates of one batch), so
+    the hooks for a capture are armed at the end of the call before it. The learner
+    sums gradients over ranks (its FSDP divide factor is 1: the loss pieces are
+    normalised by global counts), so G is summed over ranks too, not averaged.
+    """
+    if not cfg.diagnostics.enabled:
+        return []
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    diag = GradientDiagnostics(peft_model, cfg.diagnostics,
+                               all_reduce=dist.all_reduce if distributed else None, world_size=1)
+    return [_UpdateClock(diag, cfg.learner.updates_per_batch)]
+
+
+class _UpdateClock:
+    """Turns after-backward calls into begin/after/end calls; captures the first update of a step."""
+
+    def __init__(self, diag: GradientDiagnostics, updates_per_batch: int):
+        self.diag, self.updates = diag, updates_per_batch
+        self.last_step: int | None = None
+        self.update = 0
+        # The very first update is always armed: its step number (0, or later after a
+        # resume) is only known when the first call arrives.
+        diag.begin_step(0)
+
+    def __call__(self, step: int) -> dict[str, float]:
+        self.update = self.update + 1 if step == self.last_step else 0
+        first_call = self.last_step is None
+        self.last_step = step
+        metrics = {}
+        if self.update == 0:
+            if first_call and self.diag._capturing is not None:
+                if step % self.diag.cfg.every == 0:
+                    self.diag._capturing = step  # the armed capture belongs to this step
+                else:
+                    self.diag.cancel()
+            self.diag.after_backward(step)
+            metrics = self.diag.end_step(step)
+        if self.update + 1 >= self.updates:  # the next call is the first update of the next step
+            self.diag.begin_step(step + 1)
+        return metrics

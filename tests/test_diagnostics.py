@@ -285,3 +285,85 @@ def test_callback_inside_a_trl_grpo_step(tiny_model_path, tmp_path):
     summary = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert summary["captures"] == [0, 1]
     assert "layers.1.mlp.down_proj" in summary["modules"]
+
+
+# ----------------------------------------------------------------------------- the learner's seam
+
+def _reference_G(model, modules, ids) -> dict[str, torch.Tensor]:
+    weights = {n: m.base_layer.weight for n, m in modules.items()}
+    model.zero_grad()
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        _loss(model, ids).backward()
+        return {n: w.grad.clone() for n, w in weights.items()}
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+        model.zero_grad()
+
+
+def test_learner_seam_captures_only_the_first_update_of_capture_steps(lora_model, tiny_model_path):
+    from rl.config import config_from_dict
+    from rl.diagnostics import attach_to_learner
+
+    model = lora_model
+    cfg = config_from_dict({"model": {"name": tiny_model_path}, "learner": {"updates_per_batch": 2},
+                            "diagnostics": {"enabled": True, "every": 2, "modules": ["v_proj"]}})
+    (fn,) = attach_to_learner(model, cfg)
+    batches = _batches(model.config.vocab_size, 6, seed=11)
+    got = {}
+    try:
+        for step in range(3):  # the learner's loop: updates, each ending with the seam call
+            for u in range(2):
+                model.zero_grad()
+                _loss(model, batches[2 * step + u]).backward()
+                metrics = fn(step)
+                if u == 0 and metrics:
+                    got[step] = {n: g.clone() for n, g in fn.diag.captured_G().items()}
+                else:
+                    assert metrics == {}
+    finally:
+        fn.diag.close()
+        model.zero_grad()
+    assert sorted(got) == [0, 2]
+    for step in (0, 2):
+        ref = _reference_G(model, fn.diag.modules, batches[2 * step])
+        for n in ref:
+            torch.testing.assert_close(got[step][n], ref[n], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp2_learner_two_ranks_match_one_rank(ray_local, tiny_model_path):
+    """Real FSDP2 over gloo: G all-reduced over 2 ranks and DTensor LoRA gradients gathered
+    give the same diagnostics as 1 rank on the whole batch."""
+    from rl.config import config_from_dict
+    from rl.diagnostics import attach_to_learner
+    from rl.learner import LearnerGroup, TrainBatch
+
+    g = torch.Generator().manual_seed(4)
+    B, T = 6, 16
+    ids = torch.randint(0, 2000, (B, T), generator=g)
+    attn = torch.ones(B, T, dtype=torch.long)
+    resp = attn.float()
+    resp[:, :4] = 0
+    lp = torch.where(resp.bool(), -8.0 + 0.1 * torch.randn(B, T, generator=g), 0.0)
+    batch = TrainBatch(ids, attn, resp, torch.randn(B, generator=g), lp, max_tokens=T)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    out = {}
+    for ranks in (1, 2):
+        cfg = config_from_dict({"model": {"name": tiny_model_path}, "trainer": {"seed": 0},
+                                "learner": {"num_ranks": ranks, "micro_batch_size": 2, "lr": 1e-2},
+                                "diagnostics": {"enabled": True, "every": 1, "modules": ["down_proj", "v_proj"]}})
+        group = LearnerGroup(cfg, tiny_model_path, lora, attach=attach_to_learner)
+        try:
+            out[ranks] = [group.train_step(batch) for _ in range(2)]
+        finally:
+            group.shutdown()
+    for one, two in zip(out[1], out[2]):
+        keys = [k for k in one if k.startswith("diag/")]
+        assert "diag/G/layers.0.self_attn.v_proj/eff_rank" in keys and "diag/lora/norm_mean" in keys
+        for k in keys:
+            assert two[k] == pytest.approx(one[k], rel=1e-3, abs=1e-6, nan_ok=True), k
+    assert out[1][1]["diag/G/cos_lag1_mean"] > 0.5  # one small update apart on the same batch
