@@ -16,7 +16,8 @@ Threads vs processes (the trade-off users pick with ``reward.executor``):
 * **process**: ``spawn``ed workers rebuild each function from its ``RewardRef``; a
   timed-out call's worker is killed and replaced, so a hang costs nothing after its
   timeout, and CPU-bound rewards use every core. Costs: 1-2 s to start a worker (again
-  after each kill), and prompts, completions and columns are pickled for every call.
+  after each kill), every slice of the batch is pickled to a worker, and a script that
+  builds a process runner needs an ``if __name__ == "__main__":`` guard (spawn re-imports it).
 
 Left out: autoscaling the pool, and restarting a worker that leaks memory.
 """
@@ -134,8 +135,9 @@ def _process_main(conn, refs: list[RewardRef]) -> None:
             return
         if msg is None:
             return
-        cid, idx, payload = msg
-        conn.send((cid, execute(preps[idx], *payload)))
+        calls, payload = msg
+        for cid, idx in calls:  # one after the other; each result goes back as soon as it exists
+            conn.send((cid, execute(preps[idx], *payload)))
 
 
 @dataclass
@@ -144,11 +146,19 @@ class _Proc:
     conn: multiprocessing.connection.Connection
     born: float = field(default_factory=time.monotonic)
     ready: bool = False
-    call: tuple | None = None  # (call id, start time) while busy
+    job: deque | None = None  # (call id, function index) still to finish, first one running
+    payload: tuple | None = None
+    started: float = 0.0  # when the running call began (the previous result's arrival)
 
 
 class ProcessCalls:
-    """Spawned worker processes; a timed-out or crashed worker is killed and replaced."""
+    """Spawned worker processes; a timed-out or crashed worker is killed and replaced.
+
+    The calls that share one slice of the batch travel as one job (the slice is pickled
+    once, and a worker runs the functions back to back); a result's arrival starts the next
+    call's clock. When a call times out or its worker dies, the job's later calls are put
+    back in the queue: they are not to blame.
+    """
 
     def __init__(self, refs: list[RewardRef], workers: int):
         self._refs = refs
@@ -162,7 +172,9 @@ class ProcessCalls:
         child.close()
         return _Proc(p, parent)
 
-    def _replace(self, pr: _Proc) -> None:
+    def _replace(self, pr: _Proc, pending: deque) -> None:
+        if pr.job and len(pr.job) > 1:
+            pending.appendleft((list(pr.job)[1:], pr.payload))
         pr.process.kill()
         pr.process.join(5)
         pr.conn.close()
@@ -171,25 +183,30 @@ class ProcessCalls:
     leaked = 0  # processes are killed, never leaked
 
     def run(self, calls: list[tuple[int, tuple]], timeout_s: float) -> list[tuple]:
-        pending, outcomes = deque(range(len(calls))), {}
+        pending, outcomes = deque(), {}
+        for cid, (idx, payload) in enumerate(calls):
+            if pending and pending[-1][1] is payload:
+                pending[-1][0].append((cid, idx))
+            else:
+                pending.append(([(cid, idx)], payload))
         while len(outcomes) < len(calls):
             for pr in self._procs:
-                if pr.ready and pr.call is None and pending:
-                    cid = pending.popleft()
-                    pr.conn.send((cid, calls[cid][0], calls[cid][1]))
-                    pr.call = (cid, time.monotonic())
+                if pr.ready and not pr.job and pending:
+                    job, pr.payload = pending.popleft()
+                    pr.conn.send((job, pr.payload))
+                    pr.job, pr.started = deque(job), time.monotonic()
             now = time.monotonic()
-            busy = [pr.call[1] + timeout_s for pr in self._procs if pr.call]
+            busy = [pr.started + timeout_s for pr in self._procs if pr.job]
             wait_s = max(0.0, min(busy) - now) if busy else 0.5
             ready = multiprocessing.connection.wait([pr.conn for pr in self._procs], timeout=wait_s + 0.001)
             for pr in [p for p in self._procs if p.conn in ready]:
                 try:
                     msg = pr.conn.recv()
                 except (EOFError, OSError):
-                    if pr.call:
-                        outcomes[pr.call[0]] = ("error", "WorkerDied", f"reward worker process exited with "
-                                                f"code {pr.process.exitcode} during this call", "", "worker")
-                    self._replace(pr)
+                    if pr.job:
+                        outcomes[pr.job[0][0]] = ("error", "WorkerDied", f"reward worker process exited with "
+                                                  f"code {pr.process.exitcode} during this call", "", "worker")
+                    self._replace(pr, pending)
                     continue
                 if msg[0] == "ready":
                     pr.ready = True
@@ -197,12 +214,13 @@ class ProcessCalls:
                     raise RewardError(f"a reward worker process could not load the rewards: {msg[1]}")
                 else:
                     outcomes[msg[0]] = msg[1]
-                    pr.call = None
+                    pr.job.popleft()
+                    pr.started = time.monotonic()
             now = time.monotonic()
             for pr in list(self._procs):
-                if pr.call and now - pr.call[1] > timeout_s and pr.call[0] not in outcomes:
-                    outcomes[pr.call[0]] = TIMEOUT
-                    self._replace(pr)
+                if pr.job and now - pr.started > timeout_s:
+                    outcomes[pr.job[0][0]] = TIMEOUT
+                    self._replace(pr, pending)
                 elif not pr.ready and now - pr.born > _BOOT_LIMIT_S:
                     raise RewardError(f"a reward worker process did not start within {_BOOT_LIMIT_S:.0f} s; "
                                       "use reward.executor=thread or check that the reward modules import")

@@ -77,7 +77,7 @@ def length_penalty(max_len: int = 512, unit: str = "tokens"):
         raise ValueError(f"length_penalty: kwargs.max_len={max_len} must be > 0")
 
     def length_penalty(prompts=None, completions=(), completion_ids=None, **kwargs) -> list[float]:
-        return [-min(1.0, n / max_len) for n in _lengths("length_penalty", unit, completions, completion_ids)]
+        return [0.0 - min(1.0, n / max_len) for n in _lengths("length_penalty", unit, completions, completion_ids)]
 
     return length_penalty
 

@@ -103,6 +103,8 @@ CASES = [
     ("\\boxed{9^{9^{9^{9}}}}", "18", 0.0, 0.0),
     ("\\boxed{2^{2^{30}}}", "18", 0.0, 0.0),
     ("\\boxed{2^{4} + 2}", "18", 0.0, 1.0),
+    ("#### " + "9" * 5000, "18", 0.0, 0.0),
+    ("The answer is " + "1" * 5000, "18", 0.0, 0.0),
 ]
 
 
@@ -138,3 +140,32 @@ def test_deterministic_across_repeats():
     golds = [c[1] for c in CASES]
     first = gsm8k_flexible(None, texts, gold=golds)
     assert all(gsm8k_flexible(None, texts, gold=golds) == first for _ in range(3))
+
+
+# (candidate, gold): plain numbers that skip math-verify's parser must get its verdict anyway.
+NUMERIC_PAIRS = [
+    ("1,200", "1200"), ("18.00", "18"), ("-3", "-3"), ("-3", "3"), ("3/4", "0.75"), (".5", "0.5"),
+    ("18.5", "18"), ("1/3", "0.333333"), ("0.333333", "1/3"), ("1/3", "0.33"), ("18.0000001", "18"),
+    ("0.10000001", "0.1"), ("2.50001", "2.5"), ("0.6666667", "2/3"), ("1,000,000", "1000000"),
+    ("2.250", "2.25"), ("0", "0"), ("7", "70"), ("0.5", "50"),
+]
+
+
+@pytest.mark.parametrize("candidate,gold", NUMERIC_PAIRS)
+def test_plain_number_path_agrees_with_math_verify(candidate, gold):
+    from math_verify import parse, verify
+
+    from rewards.gsm8k import matches_gold, plain_number
+
+    assert plain_number(candidate) is not None and plain_number(gold) is not None
+    reference = verify(parse(f"${gold.replace(',', '')}$", parsing_timeout=None),
+                       parse(f"${candidate.replace(',', '')}$", parsing_timeout=None), timeout_seconds=None)
+    assert matches_gold(candidate, gold) == reference
+
+
+def test_pathological_completions_are_graded_not_hung():
+    # Inputs that once made an extractor quadratic or sympy evaluate forever; all must simply score 0.
+    texts = ["\\boxed{" * 5000, "#### " + "*_ " * 20000 + "$x", ("answer " + " " * 200) * 300 + "x",
+             "-" * 50000, "1," * 30000, "\\frac{1" * 5000, "\\boxed{(10^{10})!}", "#### 1\n" * 10000]
+    assert gsm8k_flexible(None, texts, gold=["18"] * len(texts)) == [0.0] * len(texts)
+    assert gsm8k_strict(None, texts, gold=["18"] * len(texts)) == [0.0] * len(texts)

@@ -190,6 +190,11 @@ def test_process_pool_isolates_hangs_and_errors():
         # The hung worker was killed and replaced; the pool still answers.
         res = runner.score(["p"] * 2, ["#### 18", "x"], {"gold": ["18", "18"]})
         assert res.per_function["sleeps_on_marker"] == [0.25, 0.25] and res.leaked_threads == 0
+    with RewardRunner([fn("exits_on_marker"), fn("says_eighteen")], executor="process", workers=2) as runner:
+        res = runner.score(["p"] * 4, ["die", "18", "x", "18"], {})
+        assert res.per_function == {"exits_on_marker": [None, None, 0.0, 0.0],
+                                    "says_eighteen": [0.0, 1.0, 0.0, 1.0]}
+        assert res.errors["exits_on_marker"] == 2
     with RewardRunner([fn("wrong_length")], executor="process", workers=1) as bad:
         with pytest.raises(RewardError, match="'wrong_length' returned 2 scores for 1 completions"):
             bad.score(["p"], ["a"], {})

@@ -43,3 +43,17 @@ async def async_length(prompts, completions, **kwargs):
 def per_gold(prompts, completions, gold, **kwargs):
     """Uses a dataset column by name; None where the gold is missing."""
     return [None if g is None else float(g in c) for c, g in zip(completions, gold)]
+
+
+def exits_on_marker(prompts, completions, **kwargs):
+    """Kills its own process on slices holding 'die' (a segfaulting extension, say)."""
+    import os
+
+    if any("die" in c for c in completions):
+        os._exit(3)
+    return [0.0] * len(completions)
+
+
+def reads_messages(prompts, completions, **kwargs):
+    """1.0 when handed TRL's conversational format, 0.0 for plain text."""
+    return [float(isinstance(c, list) and c[-1]["role"] == "assistant") for c in completions]
