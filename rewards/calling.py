@@ -50,6 +50,10 @@ def invoke(prep: PreparedReward, prompts: list, completions: list, columns: dict
     return out
 
 
+class RewardReturnError(ValueError):
+    """Raised inside the worker when a return value is malformed; travels back as a "bad" outcome."""
+
+
 def check_scores(label: str, out, n: int) -> list[float | None]:
     """One float (or None) per completion, or a RewardReturnError naming the function."""
     if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__len__") or not hasattr(out, "__iter__"):
@@ -74,10 +78,6 @@ def check_scores(label: str, out, n: int) -> list[float | None]:
             raise RewardReturnError(f"reward function {label!r} returned {v} at index {i}; scores must be finite")
         scores.append(None if math.isnan(v) else v)  # NaN means "not applicable", as in TRL
     return scores
-
-
-class RewardReturnError(ValueError):
-    """Raised inside the worker when a return value is malformed; travels back as a "bad" outcome."""
 
 
 def execute(prep: PreparedReward, prompts: list, completions: list, columns: dict, completion_ids=None) -> tuple:
