@@ -89,7 +89,7 @@ class Trainer:
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
         self.rollout = RolloutPool(cfg.rollout, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster) if needs_rollout else None
-        self.rewards = RewardRunner.from_config(cfg.reward)
+        self.rewards = RewardRunner.from_config(cfg.reward, group_size=cfg.rollout.group_size)
         self.eval_rewards = eval_runner(cfg.reward.timeout_s)
         self.metrics = MetricsLog(run_dir, cfg.logging, cfg.to_dict())
         self.step, self.adapter_version = 0, 0
@@ -152,7 +152,8 @@ class Trainer:
         flat_rows = [r for r in rows for _ in range(G)]
         t1 = time.perf_counter()
         scored = self.rewards.score([r["prompt"] for r in flat_rows], [c.text for c in completions],
-                                    {k: [r[k] for r in flat_rows] for k in ("question", "answer", "gold")})
+                                    {k: [r[k] for r in flat_rows] for k in ("question", "answer", "gold")},
+                                    completion_ids=[c.token_ids for c in completions])
         t2 = time.perf_counter()
         rewards = torch.tensor(scored.total, dtype=torch.float64)
         adv = group_advantages(rewards, G, std_normalize=cfg.algorithm.std_normalize)
