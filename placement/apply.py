@@ -50,12 +50,12 @@ def check_peft_config(model: nn.Module, config: Any) -> None:
     if isinstance(targets, (list, tuple, set)):
         for t in targets:
             if not any(n == t or n.endswith("." + t) for n in names):
-                raise ValueError(f"target_modules entry {t!r} matches no module of the model; "
+                raise ValueError(f"target_modules entry '{t}' matches no module of the model; "
                                  "fix the module name in the plan")
     for attr in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, attr, None) or {}:
             if not any(_pattern_matches(key, n) for n in names):
-                raise ValueError(f"{attr} key {key!r} matches no module of the model; "
+                raise ValueError(f"{attr} key '{key}' matches no module of the model; "
                                  "PEFT would silently use the default; fix or drop the key")
 
 

@@ -46,9 +46,11 @@ def module_nfn(model, probe, cands, seed: int, microbatch: int = 4) -> dict[str,
         bias = mods[name].bias
         if bias is not None:
             wz = wz - bias.float()
-        ratio = wz.norm(dim=1) / z.norm(dim=1).clamp_min(1e-12)
+        zn = z.norm(dim=1)
+        ok = zn > 0  # z_hat is undefined for a zero input (e.g. a zeroed padding embedding)
+        ratio = wz[ok].norm(dim=1) / zn[ok]
         sums[name] = sums.get(name, 0.0) + float(ratio.sum())
-        count[name] = count.get(name, 0) + int(keep.sum())
+        count[name] = count.get(name, 0) + int(ok.sum())
 
     run_hooks(model, probe, [m.name for m in cands], on_forward=on_forward, microbatch=microbatch)
     return {m.name: nfn_from_sums(mods[m.name].weight, sums[m.name], count[m.name],

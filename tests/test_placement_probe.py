@@ -1,0 +1,186 @@
+"""Probe math against independent computations: per-sample gradients against a plain
+autograd loop (SFT and GRPO probes), squared norms and projected batch gradients
+against the materialised G and against PEFT's own dL/dB, PAGE's closed form against a
+Monte-Carlo average over sampled A, and PLoP's NFN against a direct computation."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from placement.apply import apply_plan
+from placement.plan import AdapterSpec, PlacementPlan
+from placement.probe import batch_gradients, build_probe, per_sample_gradients, per_sample_sq_norms
+from placement.scorers.page import page_closed_form
+from placement.scorers.plop import NUM_XI, module_nfn, random_unit_vectors
+from placement.modules import candidate_modules
+
+MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_path):
+    from rl.models import load_tokenizer
+
+    return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture()
+def model(tiny_model_path):
+    from rl.models import load_model
+
+    return load_model(tiny_model_path, "float32")
+
+
+@pytest.fixture(scope="module")
+def rows(tok, gsm8k_dir):
+    lines = (gsm8k_dir / "train.jsonl").read_text().splitlines()[:4]
+    out = []
+    for line in lines:
+        r = json.loads(line)
+        prompt = tok.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
+                                         add_generation_prompt=True)
+        out.append({"prompt": prompt, "answer": r["answer"]})
+    return out
+
+
+def _seq_nll_grad(model, ids, weights, names):
+    """d/dW of sum_t weights[t] * -log p(ids[t] | ids[<t]) for one unpadded sequence, by autograd."""
+    mods = dict(model.named_modules())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    ws = [mods[n].weight for n in names]
+    for w in ws:
+        w.requires_grad_(True)
+        w.grad = None
+    logits = model(input_ids=ids[None]).logits[0, :-1]
+    nll = F.cross_entropy(logits, ids[1:], reduction="none")
+    (nll * weights[1:]).sum().backward()
+    return {n: w.grad.clone() for n, w in zip(names, ws)}
+
+
+def test_per_sample_gradients_match_autograd_loop_sft(model, tok, rows):
+    probe = build_probe(tok, rows[:3], "sft", max_tokens=160)
+    got = per_sample_gradients(model, probe, MODULES, microbatch=2)
+    eos = tok.eos_token_id
+    for n, row in enumerate(rows[:3]):
+        p = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+        a = tok(row["answer"], add_special_tokens=False)["input_ids"] + [eos]
+        if len(p) + len(a) > 160:
+            p = p[-max(160 - len(a), 80):]
+            a = a[: 160 - len(p)]
+        ids = torch.tensor(p + a)
+        w = torch.zeros(len(ids))
+        w[len(p):] = 1.0 / len(a)  # mean cross-entropy over the answer tokens
+        want = _seq_nll_grad(model, ids, w, MODULES)
+        for name in MODULES:
+            torch.testing.assert_close(got[name][n], want[name], rtol=2e-4, atol=1e-7)
+    assert all(got[m].abs().sum() > 0 for m in MODULES)
+
+
+def test_per_sample_gradients_match_autograd_loop_grpo(model, tok, rows):
+    comps = [["He sold 72 clips. #### 72", "I think 50.", "#### 72"], ["The answer is 10. #### 10", "#### 12"]]
+    rewards = [[1.0, 0.0, 1.0], [1.0, 0.0]]
+    grows = [{"prompt": rows[i]["prompt"], "completions": comps[i], "rewards": rewards[i]} for i in range(2)]
+    probe = build_probe(tok, grows, "grpo")
+    got = per_sample_gradients(model, probe, MODULES, microbatch=3)
+    for n in range(2):
+        r = torch.tensor(rewards[n], dtype=torch.float64)
+        adv = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
+        p = tok(rows[n]["prompt"], add_special_tokens=False)["input_ids"]
+        want = {m: 0 for m in MODULES}
+        for i, c in enumerate(comps[n]):
+            cids = tok(c, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor(p + cids)
+            w = torch.zeros(len(ids))
+            # loss = -(1/G) sum_i A_i mean_t log p: the weight on each completion token's nll
+            w[len(p):] = float(adv[i]) / len(comps[n]) / len(cids)
+            g = _seq_nll_grad(model, ids, w, MODULES)
+            want = {m: want[m] + g[m] for m in MODULES}
+        for m in MODULES:
+            torch.testing.assert_close(got[m][n], want[m], rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("max_tokens", [40, 200])  # short rows take the Gram path, long ones form G
+def test_sq_norms_equal_norms_of_per_sample_gradients(model, tok, rows, max_tokens):
+    probe = build_probe(tok, rows[:3], "sft", max_tokens=max_tokens)
+    full = per_sample_gradients(model, probe, MODULES)
+    sq = per_sample_sq_norms(model, probe, MODULES)
+    for m in MODULES:
+        torch.testing.assert_close(sq[m].float(), full[m].square().sum((1, 2)), rtol=1e-4, atol=0)
+
+
+def test_projected_batch_gradient_is_peft_lora_b_gradient(model, tok, rows, tiny_model_path):
+    from rl.models import load_model
+
+    probe = build_probe(tok, rows[:2], "sft", max_tokens=120)
+    name = "model.layers.1.mlp.down_proj"
+    d_out, d_in = dict(model.named_modules())[name].weight.shape
+    plan = PlacementPlan([AdapterSpec(name, 4, 8.0, shape=(d_out, d_in))], scorer="test", seed=3)
+    peft_model = apply_plan(load_model(tiny_model_path, "float32"), plan)
+    layer = dict(peft_model.named_modules())[f"base_model.model.{name}"]
+    a = layer.lora_A["default"].weight.detach().clone()
+    full = batch_gradients(model, probe, [name])[name]
+    proj = batch_gradients(model, probe, [name], project={name: a})[name]
+    torch.testing.assert_close(proj, full @ a.T, rtol=1e-4, atol=1e-7)
+    # PEFT's dL/dB at B = 0 for the same summed probe loss must be scale * G A^T.
+    from placement.probe import probe_loss
+
+    peft_model.zero_grad()
+    for mb in probe.microbatches(4):
+        probe_loss(peft_model, mb).backward()
+    got = layer.lora_B["default"].weight.grad
+    torch.testing.assert_close(got, plan.scale(plan.adapters[0]) * proj, rtol=2e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["fixed", "rslora"])
+def test_page_closed_form_matches_monte_carlo_over_a(model, tok, rows, policy):
+    probe = build_probe(tok, rows[:4], "sft", max_tokens=160)
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    grads = per_sample_gradients(model, probe, names)
+    rank, alpha = 8, 16.0
+    scale = alpha / math.sqrt(rank) if policy == "rslora" else alpha / rank
+    gen = torch.Generator().manual_seed(0)
+    for name in names:
+        G = grads[name]  # (N, d_out, d_in)
+        d_in = G.shape[2]
+        closed = page_closed_form(float(G.square().sum((1, 2)).mean()), d_in, rank, scale)
+        total, draws = 0.0, 8000
+        for _ in range(draws // 2000):
+            A = torch.empty(2000, rank, d_in)
+            for i in range(2000):
+                # lora_A drawn the way PEFT initialises it.
+                torch.nn.init.kaiming_uniform_(A[i], a=math.sqrt(5), generator=gen)
+            total += float((scale * torch.einsum("noi,dri->ndor", G, A)).square().sum((2, 3)).sum())
+        mc = total / (draws * G.shape[0])
+        assert abs(mc - closed) / closed < 0.02, (name, mc, closed)
+
+
+def test_nfn_matches_direct_computation(model, tok, rows):
+    probe = build_probe(tok, rows[:2], "sft", max_tokens=100)
+    cands = [m for m in candidate_modules(model, ["q_proj", "k_proj", "v_proj"])]
+    got = module_nfn(model, probe, cands, seed=5)
+    # Direct: the inputs of layer l's q/k/v are input_layernorm(hidden_states[l]), computed
+    # from the model's own hidden states, no hooks involved.
+    direct = {}
+    with torch.no_grad():
+        zs = {l: [] for l in range(2)}
+        for seq in probe.sequences:
+            hs = model(input_ids=seq[None], output_hidden_states=True).hidden_states
+            for l in range(2):
+                zs[l].append(model.model.layers[l].input_layernorm(hs[l])[0])
+        for m in cands:
+            z = torch.cat(zs[m.layer])
+            z = z[z.norm(dim=1) > 0]
+            w = dict(model.named_modules())[m.name].weight
+            wbar = w / w.square().mean().sqrt()
+            num = (z / z.norm(dim=1, keepdim=True) @ wbar.T).norm(dim=1).mean()
+            xi = random_unit_vectors(NUM_XI, m.d_in, 5)
+            den = (xi @ wbar.T).norm(dim=1).mean()
+            direct[m.name] = float(num / den)
+    for name, v in direct.items():
+        assert got[name] == pytest.approx(v, rel=1e-4), name
+    assert len(set(round(v, 6) for v in got.values())) > 1  # the scores tell modules apart
