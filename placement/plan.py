@@ -145,9 +145,11 @@ class PlacementPlan:
         if isinstance(model_or_shapes, torch.nn.Module):
             mods = dict(model_or_shapes.named_modules())
             for a in self.adapters:
-                if a.module_name not in mods:
+                # A PEFT model names its base modules under base_model.model.
+                mod = mods.get(a.module_name) or mods.get(f"base_model.model.{a.module_name}")
+                if mod is None:
                     raise ValueError(f"plan module {a.module_name!r} is not in the model")
-                w = mods[a.module_name].weight
+                w = mod.weight
                 shapes[a.module_name] = (w.shape[0], w.shape[1])
         elif model_or_shapes is not None:
             shapes = {k: tuple(v) for k, v in dict(model_or_shapes).items()}

@@ -114,7 +114,8 @@ def markdown(plan: PlacementPlan, png_name: str | None = None, title: str = "", 
     ranks = Counter(a.rank for a in plan.adapters)
     lines = [f"# {title or f'Placement report: {plan.scorer}'}", ""]
     lines += _table(["", ""], [
-        ["model", plan.model or "?"], ["scorer", plan.scorer], ["budget", plan.budget or "uniform baseline"],
+        ["model", plan.model or "?"], ["scorer", plan.scorer],
+        ["budget", plan.budget or "empty (uniform: base rank; page, plop, random: top_k units)"],
         ["alpha policy", plan.alpha_policy], ["adapters placed", len(plan.adapters)],
         ["ranks", ", ".join(f"{r} x{c}" for r, c in sorted(ranks.items()))],
         ["trainable parameters", f"{trainable:,}"],
@@ -128,6 +129,8 @@ def markdown(plan: PlacementPlan, png_name: str | None = None, title: str = "", 
     if plan.scores:
         kinds, layers, mat = score_matrix(plan)
         label = SCORE_NAME.get(plan.scorer, "score")
+        if plan.scorer == "page":  # shares read better than raw energies
+            mat, label = 100 * mat / np.nansum(mat), "% of total PAGE"
         lines += ["", f"Scores ({label}) by layer and module type:", ""]
         lines += _table(["layer"] + kinds, [[l] + [_fmt(mat[i, j]) for i in range(len(kinds))]
                                             for j, l in enumerate(layers)])

@@ -112,7 +112,7 @@ def test_every_scorer_round_trips_to_the_planned_peft_model(plans, scorer, tiny_
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     masks = plan.b_masks()
     count = sum(int(masks[n].sum()) if n in masks else p.numel() for n, p in trainable.items())
-    assert count == plan.trainable_parameters() == plan.trainable_parameters(model.get_base_model())
+    assert count == plan.trainable_parameters() == plan.trainable_parameters(model)
     lora_layers = {n for n, _ in model.named_modules() if n.endswith(".lora_A")}
     assert len(lora_layers) == len(plan.adapters)
 
@@ -280,3 +280,17 @@ def test_trl_grpo_trainer_builds_from_plan(tiny_model_path, tmp_path):
                           args=args, train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 4),
                           peft_config=plan.to_peft_config())
     verify_adapters(trainer.model, plan)  # shapes, scales, and no adapter anywhere else
+
+
+def test_score_command_writes_plan_and_report(tiny_model_path, gsm8k_dir, tmp_path, capsys):
+    from launch.score import main
+
+    common = ["--model", tiny_model_path, "--data", str(gsm8k_dir), "--probe-samples", "2", "--max-tokens", "96",
+              "--rank", "4", "--out", str(tmp_path)]
+    assert main(common + ["--scorer", "page"]) == 0
+    plan = PlacementPlan.load(tmp_path / "plan.json")
+    md = (tmp_path / "page.md").read_text()
+    assert len(plan.adapters) == 1 and plan.adapters[0].module_name in md and "% of total PAGE" in md
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(common + ["--scorer", "page", "--budget", "tokens=3"]) == 2
+    assert "placement.budget='tokens=3'" in capsys.readouterr().err
