@@ -143,13 +143,17 @@ class LearnerRank:
             if mp == "bf16" or (mp == "auto" and cuda) else MixedPrecisionPolicy()
         peft_model.to(self.device)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # One rank has nothing to shard: resharding after forward would only free the bf16 copy
+        # of the weights and cost a second gather (cast) in backward.
+        reshard = self.world_size > 1
         for layer in _decoder_layers(peft_model.base_model.model):
-            fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(peft_model, mesh=mesh, mp_policy=policy)
         for m in peft_model.modules():
             if isinstance(m, FSDPModule):
                 m.set_gradient_divide_factor(1.0)
-                m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+                if hasattr(m, "set_force_sum_reduction_for_comms"):
+                    m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
         self.model = peft_model
         self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -171,18 +175,25 @@ class LearnerRank:
             mb = {k: v[s:s + self.cfg.learner.micro_batch_size] for k, v in shard.items()}
             T = max(int(mb["attention_mask"].sum(dim=1).max()), 2)
             mb = {k: (v[:, :T] if v.dim() == 2 else v).to(self.device) for k, v in mb.items()}
+            mb["num_tokens"] = float(shard["response_mask"][s:s + self.cfg.learner.micro_batch_size].sum())
             ids = mb["input_ids"]
             mb["labels"] = torch.where(mb[label_mask][:, 1:].bool(), ids[:, 1:], -100)
             out.append(mb)
         return out
 
     def _logprobs(self, mb: dict, temperature: float, entropy: bool = False):
+        """Per-token logprobs [b, t] (0 at position 0) and, if asked, the summed entropy over
+        response tokens (only those rows of the logits, a chunk at a time: no [b, t, V] copy)."""
         logits = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
         lp = F.pad(token_logprobs(logits, mb["labels"], temperature), (1, 0))
         ent = None
         if entropy:
             with torch.no_grad():
-                ent = F.pad(entropy_from_logits(logits.detach(), temperature), (1, 0))
+                rows, cols = mb["response_mask"][:, 1:].nonzero(as_tuple=True)
+                ent = logits.new_zeros((), dtype=torch.float32)
+                for s in range(0, rows.numel(), 2048):
+                    chunk = logits.detach()[rows[s:s + 2048], cols[s:s + 2048]]
+                    ent = ent + entropy_from_logits(chunk[None], temperature).sum()
         return lp, ent
 
     @torch.no_grad()
@@ -216,23 +227,25 @@ class LearnerRank:
 
     def train_step(self, shard: dict, totals: dict) -> dict:
         a, lc = self.cfg.algorithm, self.cfg.learner
-        sft = a.loss == "sft"
+        sft, mu = a.loss == "sft", lc.updates_per_batch
         temperature = 1.0 if sft else self.cfg.rollout.temperature
         mbs = self._micro_batches(shard, "response_mask")
         T = shard["input_ids"].shape[1]
-        if not sft and lc.updates_per_batch > 1 and self._dropout:
+        if not sft and mu > 1 and self._dropout:
             # With dropout, pass 0's logprobs carry its dropout mask; old logprobs must not.
             with torch.no_grad():
                 self.model.eval()
                 for mb in mbs:
                     mb["old"] = self._logprobs(mb, temperature)[0]
         # The learning rate this step's first update uses (the scheduler moves after each update).
-        acc = {"lr": self.optimizer.param_groups[0]["lr"], "loss": 0.0, "pg_loss": 0.0, "entropy_sum": 0.0, "skipped": 0.0, "grad_norm": [],
-               **{f"{k}_tok": 0.0 for k in TOKEN_MEAN_METRICS}}
-        learner_lp, diag = [], {}
-        for u in range(lc.updates_per_batch):
+        lr = self.optimizer.param_groups[0]["lr"]
+        # Metrics stay on the device until the end: a .item() per micro-batch would stall the queue.
+        zero = torch.zeros((), device=self.device)
+        sums = {"loss": zero, "pg_loss": zero, "entropy_sum": zero, **{f"{k}_tok": zero for k in TOKEN_MEAN_METRICS}}
+        learner_lp, diag, norms, skipped = [], {}, [], 0.0
+        for u in range(mu):
             self.model.train()
-            loss_sum = 0.0
+            loss_sum = zero
             for i, mb in enumerate(mbs):
                 self.model.set_requires_gradient_sync(i == len(mbs) - 1)
                 if not sft and a.kl_coef > 0 and "ref" not in mb:
@@ -242,28 +255,28 @@ class LearnerRank:
                     # Before any update this model's logprobs ARE the old policy's: reuse them
                     # instead of a separate no-grad pass (unless dropout made them noisy above).
                     mb.setdefault("old", lp.detach())
-                    learner_lp.append(F.pad(mb["old"], (0, T - lp.shape[1])).cpu())
-                    acc["entropy_sum"] += float((ent * mb["response_mask"]).sum())
+                    learner_lp.append(F.pad(mb["old"], (0, T - lp.shape[1])))
+                    sums["entropy_sum"] = sums["entropy_sum"] + ent
                 loss, m = self._loss(lp, mb, totals)
                 loss.backward()
-                loss_sum += float(loss.detach())
-                ntok = float(mb["response_mask"].sum())
-                acc["pg_loss"] += float(m.get("pg_loss", loss.detach())) / lc.updates_per_batch
+                loss_sum = loss_sum + loss.detach()
+                sums["pg_loss"] = sums["pg_loss"] + m.get("pg_loss", loss.detach()) / mu
                 for k in TOKEN_MEAN_METRICS:
                     if k in m:
-                        acc[f"{k}_tok"] += float(m[k]) * ntok / lc.updates_per_batch
-            acc["loss"] += loss_sum / lc.updates_per_batch
-            norm, skipped, d = self._update(loss_sum)
+                        sums[f"{k}_tok"] = sums[f"{k}_tok"] + m[k] * mb["num_tokens"] / mu
+            sums["loss"] = sums["loss"] + loss_sum / mu
+            norm, skip, d = self._update(loss_sum)
             diag.update(d)
-            acc["grad_norm"].append(norm)
-            acc["skipped"] += skipped
+            norms.append(norm)
+            skipped += skip
         self.steps += 1
-        finite = [g for g in acc["grad_norm"] if math.isfinite(g)]
-        acc["grad_norm"] = sum(finite) / len(finite) if finite else acc["grad_norm"][-1]
-        acc["learner_logprobs"] = torch.cat(learner_lp)
-        return {**acc, "diagnostics": diag if self.rank == 0 else {}}
+        finite = [g for g in norms if math.isfinite(g)]
+        out = {k: float(v) for k, v in sums.items()}
+        out.update(lr=lr, skipped=skipped, grad_norm=sum(finite) / len(finite) if finite else norms[-1],
+                   learner_logprobs=torch.cat(learner_lp).cpu(), diagnostics=diag if self.rank == 0 else {})
+        return out
 
-    def _update(self, local_loss: float) -> tuple[float, float, dict]:
+    def _update(self, local_loss: torch.Tensor) -> tuple[float, float, dict]:
         """Mask, clip and step; a non-finite loss on any rank or grad norm skips the step."""
         diag = {}
         for fn in self.after_backward:
@@ -271,9 +284,9 @@ class LearnerRank:
         if self.b_masks:
             mask_b_gradients(self.model, self.b_masks)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.max_grad_norm)
-        norm = float(_full(norm))
-        bad = torch.tensor([0.0 if math.isfinite(local_loss) else 1.0], device=self.device)
+        bad = (~torch.isfinite(local_loss.reshape(1))).float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        norm = float(_full(norm))
         skipped = bool(bad.item()) or not math.isfinite(norm)
         if not skipped:
             self.optimizer.step()
