@@ -84,7 +84,12 @@ class Trainer:
         self.plan, lora_dict = make_plan(cfg, self.model_path, self.train_rows)
         self.plan.save(run_dir / "plan.json")
         layout = reserve(cfg)
-        self.learner = LearnerGroup(cfg, self.model_path, lora_dict, self.plan.b_masks() or None,
+        # The plan builds the PEFT model itself (seeded A, verified shapes, B masks); the
+        # diagnostics hooks go on before FSDP2 wraps it.
+        attach = None
+        if cfg.diagnostics.enabled:
+            from rl.diagnostics import attach_to_learner as attach
+        self.learner = LearnerGroup(cfg, self.model_path, lora_dict, plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
         self.rollout = RolloutPool(cfg.rollout, self.model_path, self._rollout_dtype(), cfg.trainer.seed,

@@ -1,0 +1,113 @@
+"""GRPO step time: placerl against TRL's GRPOTrainer, and adapter sync as a share of a step.
+
+Both trainers get the same model, LoRA config, prompts, batch (prompts x group size),
+completion length and reward, and run in this one invocation, one after the other,
+so that the printed ratios compare like with like on the same (noisy) machine:
+
+    python bench/bench_grpo_step.py --steps 4 --prompts 8 --group 4 --tokens 64
+
+placerl runs its real system (Ray actors, a vLLM rollout worker, an FSDP2 learner);
+TRL runs its own loop with transformers generation (its vLLM modes do not run on a
+CPU). The first step of each is warm-up and is left out of the means.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def placerl_steps(args, out: Path) -> list[dict]:
+    from rl.config import load_config
+    from rl.metrics_log import read_metrics
+    from rl.trainer import train
+
+    cfg = load_config(REPO / "launch/configs/gsm8k_grpo.yaml", [
+        f"trainer.steps={args.steps}", f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
+        f"rollout.max_new_tokens={args.tokens}", f"learner.micro_batch_size={args.prompts * args.group}",
+        "trainer.eval_size=0", f"trainer.save_every={args.steps + 1}", "logging.run_name=bench", f"logging.output_dir={out}",
+        "logging.tensorboard=false", "logging.progress=false", "reward.functions=[{name: gsm8k_flexible}]",
+        f"placement.rank={args.rank}", f"placement.alpha={2 * args.rank}"])
+    train(cfg, "bench")
+    return [m for m in read_metrics(out / "bench") if "time/step_s" in m]
+
+
+def trl_step_times(args) -> list[float]:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rewards.gsm8k import gsm8k_flexible
+    from rl.config import DataConfig
+    from rl.data import attach_prompts, load_task
+    from rl.models import load_model, load_tokenizer, resolve_model
+
+    path = resolve_model("smollm2-135m-instruct")
+    tok = load_tokenizer(path)
+    rows = attach_prompts(load_task(DataConfig(), "train"), tok, DataConfig())[: args.prompts * (args.steps + 1)]
+    ds = Dataset.from_list([{"prompt": r["prompt"], "gold": r["gold"], "answer": r["answer"]} for r in rows])
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    def reward(prompts, completions, **cols):
+        return gsm8k_flexible(prompts, completions, **cols)
+
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.group,
+                     num_generations=args.group, max_completion_length=args.tokens, max_steps=args.steps,
+                     learning_rate=2e-5, use_vllm=False, use_cpu=True, report_to=[], logging_steps=1,
+                     save_strategy="no", bf16=False, gradient_accumulation_steps=1, temperature=1.0, beta=0.0,
+                     epsilon_high=0.28, dataloader_num_workers=0, seed=0)
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
+                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    trainer = GRPOTrainer(model=load_model(path), reward_funcs=reward, args=cfg, train_dataset=ds,
+                          processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
+    trainer.train()
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--skip-trl", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = Path(tempfile.mkdtemp(prefix="placerl-bench-"))
+    steps = placerl_steps(args, out)[1:]
+    ours = statistics.mean(m["time/step_s"] for m in steps)
+    sync = statistics.mean(m["time/sync_s"] for m in steps)
+    parts = {k: statistics.mean(m.get(k, 0.0) for m in steps)
+             for k in ("time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s")}
+    result = {"placerl_step_s": ours, "sync_over_step": sync / ours, **{f"placerl_{k[5:]}": v for k, v in parts.items()},
+              "reward_over_step": parts["time/reward_s"] / ours}
+    if not args.skip_trl:
+        theirs = statistics.mean(trl_step_times(args)[1:])
+        result.update({"trl_step_s": theirs, "placerl_over_trl": ours / theirs})
+    print(json.dumps(result, indent=1))
+    print(f"sync / step = {result['sync_over_step']:.3%} (goal < 5%)")
+    if "trl_step_s" in result:
+        print(f"placerl step / TRL step = {result['placerl_over_trl']:.3f} (goal < 1; TRL {theirs:.1f} s, placerl {ours:.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
