@@ -88,6 +88,10 @@ def _details_lines(plan: PlacementPlan) -> list[str]:
                 "", "Share of total PAGE by module type:", ""]
         out += _table(["type", "share"], [[k, f"{100 * v:.2f}%"] for k, v in
                                           sorted(d["type_share"].items(), key=lambda kv: -kv[1])])
+        if "top_by_type" in d:
+            out += ["", "Top module of each type:", ""]
+            out += _table(["type", "module", "share of total PAGE", "share within its type"],
+                          [[k, n, f"{100 * a:.2f}%", f"{100 * b:.1f}%"] for k, (n, a, b) in d["top_by_type"].items()])
         out += ["", "Top modules:", ""] + _table(["module", "share of total PAGE"],
                                                  [[n, f"{100 * s:.2f}%"] for n, s in d["top10"]])
     if "type_nfn" in d:  # plop

@@ -6,8 +6,9 @@ Var(A_ij) = 1/(3 d_in) and B = 0, dL/dB = s G A^T and
 PAGE_m = E_A ||s G A^T||_F^2 = s^2 r / (3 d_in) S_m.
 DomLoRA keeps the top module (top_k modules, or as many as an explicit budget pays for).
 
-Details record each module's share of total PAGE, each type's share, and the top
-module's share among the modules of its own type (the paper's 74.7-79.0% figure).
+Details record the top modules' shares of total PAGE, each type's share, and each
+type's top module with its share among the modules of its own type (the paper reports
+74.7-79.0% for its dominant down projection among down projections).
 """
 from __future__ import annotations
 
@@ -29,9 +30,13 @@ def page_shares(scores: dict[str, float], kinds: dict[str, str]) -> dict:
         by_type[kinds[name]] = by_type.get(kinds[name], 0.0) + v
     top = max(scores, key=scores.get)
     ranked = sorted(scores, key=scores.get, reverse=True)
+    top_by_type = {}
+    for n in ranked:
+        top_by_type.setdefault(kinds[n], [n, scores[n] / total, scores[n] / by_type[kinds[n]]])
     return {"top_module": top, "top_share_total": scores[top] / total,
             "top_share_in_type": scores[top] / by_type[kinds[top]],
             "type_share": {k: v / total for k, v in by_type.items()},
+            "top_by_type": top_by_type,  # type -> [module, share of total, share within the type]
             "top10": [[n, scores[n] / total] for n in ranked[:10]]}
 
 
