@@ -1,0 +1,174 @@
+"""Rollout overhead: the framework's rollout path against raw ``vllm.LLM.generate``.
+
+    python -m bench.bench_rollout                      # SmolLM2-135M-Instruct, 8 prompts x n=4, 64 tokens
+    python -m bench.bench_rollout --hf-batches 8x4,16x8 --rounds 5
+
+Printed, all from this one run and one process tree:
+  overhead ratio = framework rollout time / raw vllm.LLM.generate time (goal <= 1.10)
+      framework: text prompts tokenized on the driver, sent to a RolloutWorker Ray actor
+                 (in-process vLLM), completions converted to Completion objects and returned;
+      raw:       vllm.LLM.generate on the same text prompts in this process, same SamplingParams.
+      Both serve the same LoRA adapter (rank 16, all linear layers), as a GRPO rollout does,
+      and both keep per-token logprobs. Each side is timed over several alternating rounds
+      after a warm-up; the ratio uses the fastest round of each (the least disturbed by
+      other work on the machine), and the medians are printed too.
+  hf engine tokens/s = generated tokens / wall time of the plain-transformers engine at
+      GRPO batch sizes (prompts x group size).
+The prompts are GSM8K test questions in the chat template when $PLACERL_GSM8K_DIR is set
+(or the project's data folder exists), otherwise fixed arithmetic questions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                      "gate_proj", "up_proj", "down_proj"]}
+
+
+def questions(k: int) -> list[str]:
+    folder = os.environ.get("PLACERL_GSM8K_DIR") or str(Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k")
+    path = Path(folder) / "test.jsonl"
+    if path.exists():
+        with open(path) as f:
+            return [json.loads(line)["question"] for _, line in zip(range(k), f)]
+    return [f"What is {7 * i + 3} times {i + 11}, minus {i}?" for i in range(k)]
+
+
+def render(tok, qs: list[str]) -> list[str]:
+    if tok.chat_template:
+        return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                        add_generation_prompt=True) for q in qs]
+    return qs
+
+
+def adapter_payload(model_path: str, version: int):
+    """A LoRA adapter with non-zero B (a trained one, as far as cost goes)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from rl.models import load_model
+    from rl.sync import make_payload
+
+    model = get_peft_model(load_model(model_path, "float32"), LoraConfig(**LORA))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 1e-3)
+    return make_payload(model, version)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hf-batches", default="8x4,16x8", help="prompts x group size; '' skips the hf engine")
+    ap.add_argument("--hf-dtype", default="float32")
+    args = ap.parse_args()
+
+    import ray
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from rl.cluster import init_ray
+    from rl.config import RolloutConfig
+    from rl.models import load_tokenizer, resolve_model
+    from rl.rollout import RolloutWorker, SamplingSpec
+    from rl.rollout_vllm import served_rank_cap
+    from rl.sync import fold_scales_for_vllm, write_peft_adapter
+
+    path = resolve_model(args.model)
+    tok = load_tokenizer(path)
+    prompts = render(tok, questions(args.prompts))
+    cfg = RolloutConfig(engine="vllm", max_lora_rank=LORA["r"], max_model_len=1024, cpu_kv_cache_gb=1)
+    spec = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=0)
+    payload = adapter_payload(path, version=1)
+
+    # Raw vLLM, configured as the framework configures it, in this process.
+    raw = LLM(model=path, dtype=args.dtype, seed=0, max_model_len=cfg.max_model_len, enforce_eager=True,
+              enable_lora=True, max_lora_rank=served_rank_cap(cfg.max_lora_rank), max_loras=1,
+              max_cpu_loras=2, logprobs_mode="processed_logprobs", distributed_executor_backend="uni",
+              disable_log_stats=True, kv_cache_memory_bytes=int(cfg.cpu_kv_cache_gb * 2**30))
+    folder = tempfile.mkdtemp(prefix="bench-lora-")
+    tensors, lcfg = fold_scales_for_vllm(payload.tensors, payload.peft_config)
+    write_peft_adapter(type(payload)(1, tensors, lcfg), folder)
+    lora = LoRARequest("bench", 1, folder)
+    params = [SamplingParams(n=args.n, max_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
+                             seed=i * args.n, logprobs=0) for i in range(len(prompts))]
+
+    def raw_run():
+        outs = raw.generate(prompts, params, lora_request=lora, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+    # The framework: a RolloutWorker actor; tokenization, transfer and conversion included.
+    init_ray(num_cpus=os.cpu_count(), object_store_mb=512)
+    worker = RolloutWorker.options(num_cpus=1).remote(cfg, path, args.dtype, 0)
+    ray.get(worker.ping.remote())
+    ray.get(worker.load_adapter.remote(ray.put(payload)))
+
+    def framework_run():
+        ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        rows = ray.get(worker.generate.remote(ids, spec))
+        return sum(len(c.token_ids) for row in rows for c in row)
+
+    raw_tokens, fw_tokens = raw_run(), framework_run()  # warm-up (first-call kernel setup)
+    raw_times, fw_times = [], []
+    for _ in range(args.rounds):
+        raw_times.append(timed(raw_run))
+        fw_times.append(timed(framework_run))
+    ray.kill(worker)
+    del raw
+    shutil.rmtree(folder, ignore_errors=True)
+
+    print(f"model={args.model} dtype={args.dtype} prompts={args.prompts} n={args.n} "
+          f"max_new_tokens={args.max_new_tokens} lora=r{LORA['r']} all-linear rounds={args.rounds}")
+    print(f"raw vllm.LLM.generate   : best {min(raw_times):.3f} s  median {statistics.median(raw_times):.3f} s  "
+          f"({raw_tokens} tokens, {raw_tokens / min(raw_times):.0f} tok/s)")
+    print(f"framework RolloutWorker : best {min(fw_times):.3f} s  median {statistics.median(fw_times):.3f} s  "
+          f"({fw_tokens} tokens, {fw_tokens / min(fw_times):.0f} tok/s)")
+    ratio = min(fw_times) / min(raw_times)
+    print("rounds (raw / framework, s): " + ", ".join(f"{a:.2f}/{b:.2f}" for a, b in zip(raw_times, fw_times)))
+    print(f"rollout overhead ratio (framework / raw, best rounds) = {ratio:.3f}  "
+          f"[median rounds: {statistics.median(fw_times) / statistics.median(raw_times):.3f}]  goal <= 1.10: "
+          f"{'met' if ratio <= 1.10 else 'NOT met'}")
+
+    if args.hf_batches:
+        from rl.rollout_hf import HFEngine
+
+        hf = HFEngine(RolloutConfig(engine="hf", max_lora_rank=LORA["r"], max_model_len=1024), path,
+                      args.hf_dtype, seed=0)
+        hf.load_adapter(payload)
+        for shape in args.hf_batches.split(","):
+            p, g = (int(x) for x in shape.split("x"))
+            ids = tok(render(tok, questions(p)), add_special_tokens=False)["input_ids"]
+            s = SamplingSpec(n=g, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
+            t = time.perf_counter()
+            rows = hf.generate(ids, s)
+            dt = time.perf_counter() - t
+            n_tok = sum(len(c.token_ids) for row in rows for c in row)
+            print(f"hf engine {p}x{g} ({p * g} sequences, {args.hf_dtype}, LoRA): {n_tok} tokens in "
+                  f"{dt:.2f} s = {n_tok / dt:.0f} tok/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Learner -> rollout adapter sync: after a sync, vLLM computes what the learner's PEFT model computes.
+
+In fp32, vLLM's per-token logprobs of its own samples must match the HF+PEFT model's
+teacher-forced logprobs within 1e-3 for a uniform adapter, a single-module adapter,
+a mixed-rank/mixed-alpha adapter (rank_pattern + alpha_pattern) and an rsLoRA one.
+Every adapter has non-zero random A and B, so a wrong scale or a stale adapter shows.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+
+from rl.config import RolloutConfig
+from rl.rollout import SamplingSpec, make_engine
+from rl.sync import (
+    check_ranks,
+    fold_scales_for_vllm,
+    gather_lora_state,
+    lora_config_from_dict,
+    make_payload,
+    module_scales,
+    write_peft_adapter,
+)
+
+MAX_RANK = 16
+TOL = 1e-3
+PROMPTS = [[1, 100, 200, 300], [1, 42, 43], [1, 9000, 12, 13, 14, 15]]
+
+CASES = {
+    "uniform": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                          "gate_proj", "up_proj", "down_proj"]),
+    "single-module": dict(r=4, lora_alpha=32, target_modules=["model.layers.1.mlp.down_proj"]),
+    "mixed-rank-alpha": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+        rank_pattern={"model.layers.0.self_attn.q_proj": 16, "down_proj": 2},
+        alpha_pattern={"v_proj": 32, "model.layers.1.mlp.up_proj": 3}),
+    "rslora-mixed-rank": dict(r=8, lora_alpha=4, use_rslora=True, target_modules=["v_proj", "o_proj"],
+                              rank_pattern={"o_proj": 2}),
+}
+
+
+def teacher_forced_logprobs(model, prompt, completion, temperature=1.0):
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    logp = (logits / temperature).log_softmax(-1)
+    return logp.gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
+def learner_model(base, config_kwargs, seed):
+    """The learner's view: a PEFT model with non-zero random A and B (as after some updates)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(copy.deepcopy(base), LoraConfig(**config_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.3 if "lora_B" in name else 0.2))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_path):
+    from rl.models import load_model
+
+    return load_model(tiny_model_path, "float32").eval()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_path):
+    cfg = RolloutConfig(engine="vllm", max_lora_rank=MAX_RANK, max_model_len=256, cpu_kv_cache_gb=1)
+    return make_engine(cfg, tiny_model_path, "float32", seed=0)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_vllm_after_sync_matches_learner(case, base, vllm_engine):
+    model = learner_model(base, CASES[case], seed=len(case))
+    payload = make_payload(model, version=(vllm_engine.adapter_version() or 0) + 1)
+    if case == "single-module":
+        assert len(payload.tensors) == 2, sorted(payload.tensors)
+    if case.startswith(("mixed", "rslora")):
+        assert len(set(module_scales(payload.tensors, payload.peft_config).values())) > 1
+    vllm_engine.load_adapter(payload)
+    spec = SamplingSpec(n=2, max_new_tokens=12, temperature=1.0, seed=3)
+    worst, base_gap = 0.0, 0.0
+    for prompt, row in zip(PROMPTS, vllm_engine.generate(PROMPTS, spec)):
+        for c in row:
+            got = torch.tensor(c.logprobs)
+            worst = max(worst, (got - teacher_forced_logprobs(model, prompt, c.token_ids)).abs().max().item())
+            with model.disable_adapter():
+                off = teacher_forced_logprobs(model, prompt, c.token_ids)
+            base_gap = max(base_gap, (got - off).abs().max().item())
+    assert worst < TOL, f"{case}: max |vLLM - learner| logprob = {worst:.2e}"
+    # The adapter matters: the base model's logprobs of the same tokens are far off.
+    assert base_gap > 10 * TOL, f"{case}: the adapter barely changes the model ({base_gap:.2e})"
+
+
+@pytest.mark.timeout(120)
+def test_over_rank_adapter_fails_fast_in_one_line(base, vllm_engine):
+    model = learner_model(base, dict(r=8, lora_alpha=16, target_modules=["v_proj", "down_proj"],
+                                     rank_pattern={"model.layers.1.mlp.down_proj": 32}), seed=1)
+    payload = make_payload(model, version=1000)
+    with pytest.raises(ValueError) as err:
+        vllm_engine.load_adapter(payload)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "32" in msg and "model.layers.1.mlp.down_proj" in msg and "rollout.max_lora_rank=16" in msg
+    assert "raise rollout.max_lora_rank" in msg
+    # The engine was never handed the adapter and still serves.
+    assert vllm_engine.adapter_version() != 1000
+    assert vllm_engine.generate([[1, 2, 3]], SamplingSpec(n=1, max_new_tokens=2, temperature=0))
+
+
+def test_check_ranks_reads_tensors_too():
+    cfg = dict(r=8, lora_alpha=16, rank_pattern={})
+    check_ranks(cfg, 8)
+    tensors = {"base_model.model.model.layers.0.mlp.down_proj.lora_A.weight": torch.zeros(64, 4)}
+    with pytest.raises(ValueError, match=r"rank 64 of module 'model.layers.0.mlp.down_proj' exceeds"):
+        check_ranks(cfg, 32, tensors)
+    with pytest.raises(ValueError, match=r"rank 8 of module r \(the default rank\)"):
+        check_ranks(cfg, 4)
+
+
+def test_fold_multiplies_each_b_by_its_peft_scale(base):
+    model = learner_model(base, CASES["mixed-rank-alpha"], seed=2)
+    payload = make_payload(model, version=1)
+    folded, cfg = fold_scales_for_vllm(payload.tensors, payload.peft_config)
+    # The exported global scale is exactly 1 and no pattern is left for a server to misread.
+    assert cfg["lora_alpha"] == cfg["r"] == 16 and not cfg["use_rslora"]
+    assert cfg["rank_pattern"] == {} and cfg["alpha_pattern"] == {}
+    # Against PEFT's own per-module scaling of the live model.
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    assert len({m.scaling["default"] for _, m in layers}) > 1
+    for name, module in layers:
+        key = f"base_model.model.{name.removeprefix('base_model.model.')}"
+        b = payload.tensors[key + ".lora_B.weight"]
+        torch.testing.assert_close(folded[key + ".lora_B.weight"], b * module.scaling["default"])
+        torch.testing.assert_close(folded[key + ".lora_A.weight"], payload.tensors[key + ".lora_A.weight"])
+    assert payload.tensors is not folded  # inputs untouched
+
+
+def test_written_adapter_loads_in_peft_and_computes_the_same(base, tmp_path):
+    from peft import PeftModel
+
+    model = learner_model(base, CASES["mixed-rank-alpha"], seed=4)
+    payload = make_payload(model, version=3)
+    json.dumps(payload.peft_config)
+    folder = write_peft_adapter(payload, tmp_path / "adapter")
+    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base).eval(), folder).eval()
+    ids = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    cfg = lora_config_from_dict(payload.peft_config)
+    assert cfg.rank_pattern == CASES["mixed-rank-alpha"]["rank_pattern"]
+
+
+def _fsdp_gather(rank: int, world: int, init_file: str, model_path: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from rl.models import load_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = learner_model(load_model(model_path, "float32"), CASES["mixed-rank-alpha"], seed=6)
+        expected = {k: v.clone() for k, v in make_payload(model, 1).tensors.items()}
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        assert any(isinstance(p, DTensor) for n, p in model.named_parameters() if "lora_" in n)
+        got = gather_lora_state(model)
+        if rank == 0:
+            torch.save({"expected": expected, "got": got}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_gather_lora_state_under_fsdp2_two_ranks(tiny_model_path, tmp_path):
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "gathered.pt")
+    mp.spawn(_fsdp_gather, args=(2, str(tmp_path / "init"), tiny_model_path, out), nprocs=2, join=True)
+    result = torch.load(out)
+    assert set(result["got"]) == set(result["expected"]) and result["got"]
+    for k, v in result["expected"].items():
+        assert result["got"][k].device.type == "cpu" and not hasattr(result["got"][k], "full_tensor")
+        torch.testing.assert_close(result["got"][k], v, rtol=0, atol=0)
