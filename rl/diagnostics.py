@@ -12,9 +12,16 @@
   weight were trainable; with ``all_reduce`` it is summed over data-parallel ranks and
   divided by the world size, matching DDP/FSDP's averaged gradients.
 
-The statistics themselves are pure functions in ``rl.gradstats``. Only the history
-that cross-step statistics need is kept, on CPU: the last ``lags`` gradients (float32)
-for cosines and the last ``window`` sign tensors (int8) plus their running sum.
+What a capture's numbers are, and the bounded CPU history behind cross-step
+statistics, is ``rl.diagnostics_stats.CaptureStatistics``; the maths is ``rl.gradstats``.
+
+Where the statistics run: in place (on G's device) when G lives on the CPU, so the
+numbers of a capture come back from its own ``end_step``. When G lives on an
+accelerator they run on a CPU worker thread (``background=True``, the default there):
+``end_step`` copies G to the host once and returns, and the metrics come back from a
+later ``end_step``/``poll``/``flush`` with ``diag/step`` naming the capture. On an H100
+with SmolLM2-135M, computing them in place took 0.6-1.2 s per capture against a 0.23 s
+training step, more than the whole budget for diagnostics.
 
 Hooks exist only during capture steps by default (register in ``begin_step``, remove
 in ``end_step``), so non-capture steps run the model untouched;
@@ -34,18 +41,15 @@ Left out on purpose: the LoRA gradient of a DeepSpeed/ZeRO-partitioned model (it
 from __future__ import annotations
 
 import functools
-import math
 import re
-from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import torch
 from torch import nn
 
-from rl import gradstats
 from rl.config import ConfigError, DiagnosticsConfig
-
-_LAYER_RE = re.compile(r"(?:^|\.)(layers\.\d+)\.")
+from rl.diagnostics_stats import CaptureStatistics
 
 
 def _short_name(name: str) -> str:
@@ -83,40 +87,10 @@ def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _layer_of(short: str) -> str:
-    m = _LAYER_RE.search(short + ".")
-    return m.group(1) if m else short
-
-
 def _to_cpu_copy(t: torch.Tensor) -> torch.Tensor:
     if hasattr(t, "full_tensor"):  # FSDP2 DTensor gradient: gather the shards (collective)
         t = t.full_tensor()
     return t.detach().to("cpu", dtype=torch.float32, copy=True)
-
-
-class _CrossStepHistory:
-    """The bounded past of one gradient: cosines need values, sign statistics need signs."""
-
-    def __init__(self, lags: int, window: int):
-        self.past: deque[torch.Tensor] = deque(maxlen=lags)
-        self.signs: deque[torch.Tensor] = deque(maxlen=window)
-        self.sign_sum: torch.Tensor | None = None
-
-    def update(self, flat: torch.Tensor) -> dict[str, float]:
-        out = {f"cos_lag{k}": gradstats.cosine(flat, self.past[-k]) for k in range(1, len(self.past) + 1)}
-        sign = torch.sign(flat).to(torch.int8)
-        if self.signs:
-            out["sign_agree"] = gradstats.sign_agreement(sign, self.signs[-1])
-        if self.sign_sum is None:
-            self.sign_sum = torch.zeros(sign.shape, dtype=torch.int16)
-        if len(self.signs) == self.signs.maxlen:
-            self.sign_sum -= self.signs[0]
-        self.signs.append(sign)
-        self.sign_sum += sign
-        if len(self.signs) == self.signs.maxlen:  # only full windows: E|sum sign|/T depends on T
-            out["sign_consistency"] = gradstats.sign_consistency_from_sum(self.sign_sum, len(self.signs))
-        self.past.append(flat)
-        return out
 
 
 class GradientDiagnostics:
@@ -124,12 +98,14 @@ class GradientDiagnostics:
 
     Per step: ``begin_step(step)`` before the first forward, ``after_backward(step)``
     after the last backward (before clipping and ``zero_grad``), ``end_step(step)``
-    once the step is over; it returns flat metrics for capture steps and ``{}`` otherwise.
+    once the step is over; it returns the flat metrics that are ready (see the module
+    docstring for when). ``summary()`` at the end, then ``close()``.
     """
 
     def __init__(self, model: nn.Module, cfg: DiagnosticsConfig,
                  all_reduce: Callable[[torch.Tensor], object] | None = None, *,
-                 world_size: int | None = None, persistent_hooks: bool = False):
+                 world_size: int | None = None, persistent_hooks: bool = False,
+                 background: bool | None = None):
         self.cfg = cfg
         self._all_reduce = all_reduce
         if world_size is None:
@@ -145,10 +121,10 @@ class GradientDiagnostics:
         self._handles: list = []
         self._capturing: int | None = None
         self._lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._history: dict[tuple[str, str], _CrossStepHistory] = {}
-        self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        self._layer_norm_sum: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.captures: list[int] = []
+        self.stats = CaptureStatistics(cfg.lags, cfg.window, cfg.max_rank_dim)
+        self._background = background
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
         if persistent_hooks:
             self._register()
 
@@ -183,11 +159,13 @@ class GradientDiagnostics:
         d_out, d_in = acc.shape
         acc.addmm_(grad.reshape(-1, d_out).T.float(), x.reshape(-1, d_in).float())
 
+    def _sizes(self) -> list[int]:
+        return [o * i for o, i in self._shapes.values()]
+
     def _accumulator(self, name: str, device: torch.device) -> torch.Tensor:
         if self._buffer is None or self._buffer.device != device:
-            sizes = [o * i for o, i in self._shapes.values()]
-            self._buffer = torch.zeros(sum(sizes), dtype=torch.float32, device=device)
-            views = torch.split(self._buffer, sizes)
+            self._buffer = torch.zeros(sum(self._sizes()), dtype=torch.float32, device=device)
+            views = torch.split(self._buffer, self._sizes())
             self._G = {n: v.view(*self._shapes[n]) for n, v in zip(self._shapes, views)}
         return self._G[name]
 
@@ -220,9 +198,12 @@ class GradientDiagnostics:
         self._lora = snap
 
     def end_step(self, step: int) -> dict[str, float]:
-        """Finish a capture: reduce G, compute statistics, update history; {} off capture steps."""
+        """Finish a capture (reduce G, compute or queue its statistics) and return the
+        metrics that are ready: this capture's when computed in place, else any finished
+        background capture's (``diag/step`` says which); ``{}`` when none is."""
+        ready = self.poll()
         if self._capturing != step:
-            return {}
+            return ready
         self._capturing = None
         if not self._persistent:
             self._remove()
@@ -235,24 +216,33 @@ class GradientDiagnostics:
                 self._buffer.copy_(out)
             if self._world > 1:
                 self._buffer /= self._world
-        per_module: dict[str, dict[str, dict[str, float]]] = {"G": {}, "lora": {}}
-        for name, g in self._G.items():
-            per_module["G"][name] = self._matrix_stats("G", name, g, g)
-        for name, (da, db) in self._lora.items():
-            stats = self._matrix_stats("lora", name, db, torch.cat([da.reshape(-1), db.reshape(-1)]))
-            sa = gradstats.spectrum(da, self.cfg.max_rank_dim)
-            stats.update(norm_A=gradstats.frobenius_norm(da), norm_B=gradstats.frobenius_norm(db),
-                         eff_rank_A=gradstats.effective_rank(sa), stable_rank_A=gradstats.stable_rank(sa))
-            per_module["lora"][name] = stats
-        self._lora = {}
-        metrics = {}
-        for kind, mods in per_module.items():
-            if mods:
-                metrics.update(self._flatten(kind, mods))
-        self.captures.append(step)
-        for k, v in metrics.items():
-            self.series[k].append((step, v))
-        return metrics
+        lora, self._lora = self._lora, {}
+        if self._background is None:
+            self._background = self._buffer.device.type == "cuda"
+        if not self._background:
+            ready.update(self.stats.add(step, self._G, lora))
+            return ready
+        # One copy to CPU; the spectra and history then run on a CPU thread while the
+        # accelerator trains on. One capture in flight at most: a slow worker slows
+        # training down instead of queueing captures without bound.
+        cpu = self._buffer.to("cpu", copy=True)
+        G = {n: v.view(*self._shapes[n]) for n, v in zip(self._shapes, torch.split(cpu, self._sizes()))}
+        ready.update(self.flush())
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-diagnostics")
+        self._pending = self._worker.submit(self.stats.add, step, G, lora)
+        return ready
+
+    def poll(self) -> dict[str, float]:
+        """The background capture's metrics if it has finished, else ``{}`` (never waits)."""
+        if self._pending is None or not self._pending.done():
+            return {}
+        return self.flush()
+
+    def flush(self) -> dict[str, float]:
+        """Wait for the background capture, if any, and return its metrics."""
+        pending, self._pending = self._pending, None
+        return pending.result() if pending is not None else {}
 
     def cancel(self) -> None:
         """Abandon the capture in progress without computing anything."""
@@ -265,75 +255,26 @@ class GradientDiagnostics:
         """The last capture's G per module (reduced); views of a buffer the next capture overwrites."""
         return dict(self._G)
 
-    def _matrix_stats(self, kind: str, name: str, mat: torch.Tensor, flat: torch.Tensor) -> dict[str, float]:
-        """Spectrum of ``mat`` on its own device; cross-step statistics of ``flat`` on CPU."""
-        sp = gradstats.spectrum(mat, self.cfg.max_rank_dim)
-        stats = {"norm": math.sqrt(sp.fro_sq), "eff_rank": gradstats.effective_rank(sp),
-                 "stable_rank": gradstats.stable_rank(sp)}
-        hist = self._history.get((kind, name))
-        if hist is None:
-            hist = self._history[(kind, name)] = _CrossStepHistory(self.cfg.lags, self.cfg.window)
-        flat_cpu = flat.detach().reshape(-1).to("cpu", dtype=torch.float32, copy=True)
-        if kind == "lora":  # the norm of a LoRA gradient covers both factors
-            stats["norm"] = float(flat_cpu.double().norm())
-        stats.update(hist.update(flat_cpu))
-        return stats
+    @property
+    def series(self) -> dict[str, list[tuple[int, float]]]:
+        """Every metric over the captures so far (background captures once finished)."""
+        return self.stats.series
 
-    def _flatten(self, kind: str, mods: dict[str, dict[str, float]]) -> dict[str, float]:
-        """Per-module, per-type and overall metrics, plus layer importance, as flat keys."""
-        out: dict[str, float] = {}
-        by_type: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-        overall: dict[str, list[float]] = defaultdict(list)
-        layer_sq: dict[str, float] = defaultdict(float)
-        for name, stats in mods.items():
-            mtype = name.rsplit(".", 1)[-1]
-            for stat, v in stats.items():
-                out[f"diag/{kind}/{name}/{stat}"] = v
-                by_type[mtype][stat].append(v)
-                overall[stat].append(v)
-            layer_sq[_layer_of(name)] += stats["norm"] ** 2
-        if len(by_type) > 1:
-            for mtype, stats in by_type.items():
-                out.update({f"diag/{kind}/{mtype}/{s}_mean": _nanmean(v) for s, v in stats.items()})
-        out.update({f"diag/{kind}/{s}_mean": _nanmean(v) for s, v in overall.items()})
-        norms = {layer: math.sqrt(sq) for layer, sq in layer_sq.items()}
-        for layer, n in norms.items():
-            self._layer_norm_sum[kind][layer] += n
-        if len(norms) > 1:
-            imp = gradstats.importance(norms)
-            out.update({f"diag/{kind}/{layer}/importance": s for layer, s in imp.shares.items()})
-            out[f"diag/{kind}/importance_spread"] = imp.spread
-            out[f"diag/{kind}/importance_top30_share"] = imp.top_share
-        return out
-
-    # ------------------------------------------------------------------ run level
     def summary(self) -> dict:
-        """The run so far: per metric mean/min/max/first/last over captures, and run-level importance."""
-        metrics = {}
-        for key, pts in self.series.items():
-            vals = [v for _, v in pts if not math.isnan(v)]
-            if vals:
-                metrics[key] = {"mean": sum(vals) / len(vals), "min": min(vals), "max": max(vals),
-                                "first": vals[0], "last": vals[-1], "n": len(vals)}
-        run_importance = {}
-        for kind, sums in self._layer_norm_sum.items():
-            if len(sums) > 1 and sum(sums.values()) > 0:
-                imp = gradstats.importance(dict(sums))
-                run_importance[kind] = {"shares": imp.shares, "spread": imp.spread, "top30_share": imp.top_share}
-        return {"captures": list(self.captures), "modules": list(self.modules),
-                "metrics": metrics, "importance_run": run_importance}
+        """The run so far (waits for a background capture): see CaptureStatistics.summary."""
+        self.flush()
+        return {**self.stats.summary(), "modules": list(self.modules)}
 
     def close(self) -> None:
-        """Remove hooks and drop buffers and history."""
+        """Wait for background work, remove hooks, drop buffers and history."""
+        self.flush()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         self._remove()
         self._capturing = None
         self._buffer, self._G, self._lora = None, {}, {}
-        self._history.clear()
-
-
-def _nanmean(vals: list[float]) -> float:
-    ok = [v for v in vals if not math.isnan(v)]
-    return sum(ok) / len(ok) if ok else float("nan")
+        self.stats.clear_history()
 
 
 # ----------------------------------------------------------------------------- the learner's seam
@@ -380,6 +321,8 @@ class _UpdateClock:
                     self.diag.cancel()
             self.diag.after_backward(step)
             metrics = self.diag.end_step(step)
+        else:
+            metrics = self.diag.poll()
         if self.update + 1 >= self.updates:  # the next call is the first update of the next step
             self.diag.begin_step(step + 1)
         return metrics

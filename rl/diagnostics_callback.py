@@ -13,7 +13,9 @@ runs after the last backward (snapshot LoRA gradients), ``on_step_end`` after
 ``zero_grad`` (compute statistics). Trainer clips gradients *before*
 ``on_pre_optimizer_step``, so LoRA gradient norms seen here are the clipped ones; G is
 rebuilt from activations and is never clipped. Ranks, cosines, signs and importance
-shares do not depend on the common clipping factor.
+shares do not depend on the common clipping factor. On an accelerator the statistics
+run on a CPU thread and a capture's metrics are logged a few steps later, with
+``diag/step`` naming the step they belong to; the last ones are flushed at train end.
 
 Logging: with a TRL trainer (it keeps ``_metrics``) the values join TRL's own metrics
 and are averaged over the logging interval like them; with any other bound trainer
@@ -69,6 +71,7 @@ class GradientDiagnosticsCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if self.diagnostics is None or self._step is None:
             return
+        # On an accelerator a capture's metrics arrive at a later step (diag/step names it).
         metrics = self.diagnostics.end_step(self._step)
         self._step = None
         if metrics:
@@ -94,6 +97,13 @@ class GradientDiagnosticsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.diagnostics is None:
             return
+        last = self.diagnostics.flush()
+        if last:
+            self.metrics = last
+            if self.trainer is not None:
+                self.trainer.log(dict(last))
+            else:
+                state.log_history.append({**last, "step": state.global_step})
         self.summary = self.diagnostics.summary()
         if state.is_world_process_zero and args.output_dir:
             os.makedirs(args.output_dir, exist_ok=True)

@@ -10,7 +10,8 @@ import torch
 
 from rl import gradstats
 from rl.config import ALL_LINEAR, ConfigError, DiagnosticsConfig
-from rl.diagnostics import GradientDiagnostics, _CrossStepHistory
+from rl.diagnostics import GradientDiagnostics
+from rl.diagnostics_stats import CrossStepHistory
 
 
 def _numpy_ranks(m: torch.Tensor) -> tuple[float, float]:
@@ -54,21 +55,36 @@ def test_randomized_path_is_exact_for_rank_below_k():
     sp = gradstats.spectrum(m, max_rank_dim=32)
     eff, stable = _numpy_ranks(m)
     assert not sp.exact and sp.top.numel() == 32 and sp.tail_count == 300 - 32
+    assert gradstats.spectrum(m, max_rank_dim=80).exact  # a sketch of 90 of 300 would cost more
     assert sp.tail_energy == pytest.approx(0.0, abs=1e-6 * sp.fro_sq)
     assert gradstats.effective_rank(sp) == pytest.approx(eff, rel=1e-5)
     assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=1e-6)
 
 
 def test_randomized_path_on_a_full_rank_matrix_is_close():
-    m = torch.randn(300, 500, generator=torch.Generator().manual_seed(3))
-    sp = gradstats.spectrum(m, max_rank_dim=100)
+    m = torch.randn(400, 700, generator=torch.Generator().manual_seed(3))
+    sp = gradstats.spectrum(m, max_rank_dim=64)
     eff, stable = _numpy_ranks(m)
     s_np = np.linalg.svd(m.double().numpy(), compute_uv=False)
     assert not sp.exact
-    np.testing.assert_allclose(sp.top.numpy()[:50], s_np[:50], rtol=5e-3)
+    # a flat (Gaussian) spectrum is the sketch's worst case: the leading values stay within
+    # 0.5%, the last of the k come out a few percent low (documented)
+    np.testing.assert_allclose(sp.top.numpy()[:10], s_np[:10], rtol=5e-3)
     assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=5e-3)
-    # the power-law tail completion over-estimates a Marchenko-Pastur tail, mildly (documented)
-    assert eff <= gradstats.effective_rank(sp) <= 1.05 * eff
+    assert eff <= gradstats.effective_rank(sp) <= 1.06 * eff
+
+
+def test_randomized_path_on_a_decaying_spectrum_beats_a_flat_tail():
+    g = torch.Generator().manual_seed(2)
+    u, _ = torch.linalg.qr(torch.randn(400, 400, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(700, 400, generator=g))
+    m = (u * torch.arange(1, 401.0) ** -0.8) @ v.T  # sigma_i = i^-0.8
+    eff, _ = _numpy_ranks(m)
+    sp = gradstats.spectrum(m, max_rank_dim=64)
+    flat = math.sqrt(sp.tail_energy / sp.tail_count)
+    flat_eff = gradstats.effective_rank(torch.cat([sp.top, torch.full((sp.tail_count,), flat, dtype=torch.float64)]))
+    assert abs(gradstats.effective_rank(sp) - eff) < 0.5 * abs(flat_eff - eff)
+    assert gradstats.effective_rank(sp) == pytest.approx(eff, rel=0.03)
 
 
 def test_zero_matrix_has_rank_zero():
@@ -98,7 +114,7 @@ def test_sign_consistency_on_a_known_sequence():
 
 def test_cross_step_history_lags_and_window():
     g = torch.tensor([1.0, -2.0, 3.0, -4.0])
-    hist = _CrossStepHistory(lags=2, window=3)
+    hist = CrossStepHistory(lags=2, window=3)
     first = hist.update(g.clone())
     assert first == {}
     second = hist.update(-g)
@@ -236,6 +252,35 @@ def test_cross_step_metrics_on_a_real_model_and_no_hooks_between_captures(lora_m
     assert summary["captures"] == [0, 2, 4]
     assert summary["metrics"]["diag/G/eff_rank_mean"]["n"] == 3
     assert summary["importance_run"]["G"]["spread"] >= 1.0
+
+
+def test_background_statistics_match_the_in_place_ones(lora_model):
+    """The CPU worker path (the default on accelerators) gives the same series, later."""
+    model = lora_model
+    batches = _batches(model.config.vocab_size, 3, seed=7)
+    series = {}
+    for background in (False, True):
+        diag = GradientDiagnostics(model, _cfg(every=1, lags=1, window=2, modules=["v_proj"]), background=background)
+        returned = []
+        try:
+            for step, ids in enumerate(batches):
+                diag.begin_step(step)
+                model.zero_grad()
+                _loss(model, ids).backward()
+                diag.after_backward(step)
+                returned.append(diag.end_step(step))
+            returned.append(diag.flush())
+            series[background] = dict(diag.series)
+        finally:
+            diag.close()
+            model.zero_grad()
+        delivered = [int(m["diag/step"]) for m in returned if m]
+        assert delivered == [0, 1, 2]
+        if background:  # step s's metrics come back from a later call, never from end_step(s)
+            assert all(not m or m["diag/step"] < i for i, m in enumerate(returned))
+    assert series[True].keys() == series[False].keys()
+    for k, pts in series[False].items():
+        np.testing.assert_allclose([v for _, v in series[True][k]], [v for _, v in pts], rtol=1e-6, err_msg=k)
 
 
 def test_module_pattern_matching_nothing_fails_in_one_line(lora_model):
