@@ -43,6 +43,7 @@ class ScorerSettings:
     @classmethod
     def from_config(cls, cfg, **options: Any) -> "ScorerSettings":
         """From an ``rl.config.PlacementConfig`` (or anything with the same fields)."""
+        options = {"steps": getattr(cfg, "probe_steps", 4), **options}
         return cls(rank=cfg.rank, alpha=cfg.alpha, alpha_policy=cfg.alpha_policy,
                    target_modules=tuple(cfg.target_modules), top_k=cfg.top_k, seed=cfg.seed,
                    dropout=cfg.dropout, options=dict(options))

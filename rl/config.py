@@ -185,9 +185,10 @@ class PlacementConfig:
     alpha_policy: str = "fixed"  # fixed | proportional (alpha/r constant) | rslora
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     budget: str = ""  # "" = the uniform baseline; "rank=N", "params=N" or "fraction=F"
-    top_k: int = 1  # modules kept by single-module scorers (page)
+    top_k: int = 1  # with an empty budget: modules kept by page/random, module types by plop
     probe_samples: int = 32
     probe_source: str = "sft"  # sft (gold solutions) | grpo (rollouts)
+    probe_steps: int = 4  # probe batches for bmask (sign consistency) and gradrank
     dropout: float = 0.0
     seed: int = 0
 
@@ -200,6 +201,7 @@ class PlacementConfig:
         _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "must be >= 1")
         _check(self.probe_samples >= 1, f"{p}.probe_samples", self.probe_samples, "must be >= 1")
         _one_of(f"{p}.probe_source", self.probe_source, ["sft", "grpo"])
+        _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
         _check(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "must be in [0, 1)")
         if self.budget:
             kind, _, num = self.budget.partition("=")
