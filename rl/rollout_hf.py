@@ -1,10 +1,10 @@
 """The plain-transformers rollout engine: batched sampling with a KV cache.
 
 For hosts without vLLM (and, later, the GPU path where vLLM is not installed). All
-n completions of all prompts decode together as one left-padded batch: one prefill,
-then one forward per new token with the KV cache; sequences that reach an eos token
-are kept in the batch (their further tokens are discarded) until all are done, so
-the only Python work per token is the decode loop itself.
+n completions of all prompts decode together as one left-padded batch: each prompt is
+prefilled once and its KV cache copied for its n completions, then one forward per
+new token with the cache. Sequences that reach an eos token drop out of the batch
+once they are half of it, so the only Python work per token is the decode loop itself.
 
 Sampling follows vLLM's definitions so that both engines report the same logprobs:
 temperature divides the logits, top-p masks the tokens outside the nucleus (vLLM's
@@ -93,49 +93,65 @@ class HFEngine:
             gen = torch.Generator(self.device).manual_seed(sampling.seed)
         # Greedy completions of one prompt are identical: decode one and repeat it.
         copies = 1 if sampling.temperature == 0 else sampling.n
-        flat = [p for p in prompt_ids for _ in range(copies)]
+        per_chunk = max(1, self.max_batch // copies)
         results = []
-        for start in range(0, len(flat), self.max_batch):
-            results += self._decode(flat[start:start + self.max_batch], sampling, gen)
+        for start in range(0, len(prompt_ids), per_chunk):
+            results += self._decode(prompt_ids[start:start + per_chunk], copies, sampling, gen)
         texts = self.tokenizer.batch_decode([r[0] for r in results], skip_special_tokens=True)
         done = [Completion(ids, lps, text, reason) for (ids, lps, reason), text in zip(results, texts)]
         return [done[i * copies:(i + 1) * copies] * (sampling.n // copies) for i in range(len(prompt_ids))]
 
     @torch.no_grad()
-    def _decode(self, prompts: list[list[int]], spec: SamplingSpec, gen) -> list[tuple]:
-        batch, width, steps = len(prompts), max(len(p) for p in prompts), spec.max_new_tokens
-        ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((batch, width), dtype=torch.long)
+    def _decode(self, prompts: list[list[int]], copies: int, spec: SamplingSpec, gen) -> list[tuple]:
+        """``copies`` completions of each prompt, prompt-major: (token ids, logprobs, finish reason)."""
+        width, steps, dev = max(len(p) for p in prompts), spec.max_new_tokens, self.device
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, width - len(p):] = torch.tensor(p)
             mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = ids.to(dev), mask.to(dev)
         # Left padding: positions count real tokens only, as they would unpadded.
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Each prompt is prefilled once; its KV cache is then copied for its n completions.
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, :]
         next_pos = positions[:, -1:] + 1
-        tokens = torch.full((batch, steps), self.pad_id, dtype=torch.long, device=self.device)
-        logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=self.device)
-        lengths = torch.full((batch,), steps, dtype=torch.long, device=self.device)
-        stopped = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        ones = torch.ones((batch, 1), dtype=mask.dtype, device=self.device)
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)
+            logits, mask, next_pos = (x.repeat_interleave(copies, dim=0) for x in (logits, mask, next_pos))
+        total = len(prompts) * copies
+        tokens = torch.full((total, steps), self.pad_id, dtype=torch.long, device=dev)
+        logprobs = torch.zeros((total, steps), dtype=torch.float32, device=dev)
+        lengths = torch.full((total,), steps, dtype=torch.long, device=dev)
+        rows = torch.arange(total, device=dev)  # which sequence each batch row decodes
+        active = torch.ones(total, dtype=torch.bool, device=dev)
         for t in range(steps):
-            tok, lp = pick_tokens(out.logits[:, -1, :], spec, gen)
-            tokens[:, t] = torch.where(stopped, self.pad_id, tok)
-            logprobs[:, t] = lp
-            hit = torch.isin(tok, self.stop_ids) & ~stopped
-            lengths = torch.where(hit, t + 1, lengths)
-            stopped |= hit
-            if t + 1 == steps or bool(stopped.all()):
+            tok, lp = pick_tokens(logits, spec, gen)
+            tokens[rows[active], t] = tok[active]
+            logprobs[rows[active], t] = lp[active]
+            hit = torch.isin(tok, self.stop_ids) & active
+            lengths[rows[hit]] = t + 1
+            active &= ~hit
+            n_active = int(active.sum())
+            if t + 1 == steps or n_active == 0:
                 break
-            mask = torch.cat([mask, ones], dim=1)
+            # Finished rows stop costing compute once they are half the batch (a cache
+            # copy each time, so not on every single stop).
+            if 2 * n_active <= len(rows):
+                keep = active.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tok, mask, next_pos, active = rows[keep], tok[keep], mask[keep], next_pos[keep], active[keep]
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
             out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                             past_key_values=out.past_key_values, use_cache=True)
-            next_pos = next_pos + 1
-        tokens, logprobs, lengths, stopped = (x.cpu() for x in (tokens, logprobs, lengths, stopped))
+                             past_key_values=cache, use_cache=True)
+            cache, logits, next_pos = out.past_key_values, out.logits[:, -1, :], next_pos + 1
+        tokens, logprobs, lengths = tokens.cpu(), logprobs.cpu(), lengths.cpu()
+        # A sequence stopped iff its last kept token is an eos id (lengths < steps, or eos at the last step).
+        stop = set(self.stop_ids.tolist())
         return [(tokens[i, :lengths[i]].tolist(), logprobs[i, :lengths[i]].tolist(),
-                 "stop" if stopped[i] else "length") for i in range(batch)]
+                 "stop" if int(tokens[i, lengths[i] - 1]) in stop else "length") for i in range(total)]
 
     # ------------------------------------------------------------------ adapters
 

@@ -172,8 +172,10 @@ def test_adapter_changes_outputs_and_each_version_is_served(engine, base_model, 
     prompts = [facts["prompt_b"], [1, 42, 43]]
     base_greedy = [r[0].token_ids for r in engine.generate(prompts, greedy)]
     first = (engine.adapter_version() or 0) + 1
-    for version, seed in ((first, 1), (first + 1, 2)):
-        peft_model, payload = lora_payload(copy.deepcopy(base_model), _lora_config(), seed, version)
+    # v1, then v2 with the same config (weights replaced in place), then v3 with another config.
+    other = dict(r=4, lora_alpha=4, target_modules=["o_proj", "up_proj"])
+    for version, seed, kw in ((first, 1, {}), (first + 1, 2, {}), (first + 2, 3, other)):
+        peft_model, payload = lora_payload(copy.deepcopy(base_model), _lora_config(**kw), seed, version)
         engine.load_adapter(payload)
         assert engine.adapter_version() == version
         if hasattr(engine, "loaded_lora_ids"):  # vLLM: the previous id is gone
