@@ -2,10 +2,11 @@
 
     placerl score --model smollm2-135m-instruct --data train.jsonl --scorer page [--budget fraction=0.1]
 
-writes ``plan.json`` (give it to training as ``placement.plan=...``), ``<scorer>.md`` and
-``<scorer>.png`` (scores by layer and module type) into ``--out``. Probe rows are drawn
-(seeded) from a GSM8K-style jsonl (``question``, ``answer``) and rendered with the
-tokenizer's chat template, the same instruction as training prompts.
+writes ``plan.json`` (give it to training as ``placement.plan=...``), ``<name>.md`` and
+``<name>.png`` (scores by layer and module type; name defaults to the scorer) into
+``--out``. Probe rows are drawn (seeded) from a GSM8K-style jsonl (``question``,
+``answer``) and rendered with the tokenizer's chat template and the training prompts'
+instruction.
 
 Left out: GRPO probes (they need rollouts; training builds them) and remote data.
 """
@@ -36,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="probe steps for bmask and gradrank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder (default runs/placement/<model>-<scorer>)")
+    p.add_argument("--name", default="", help="file name of the report and heatmap (default: the scorer)")
+    p.add_argument("--title", default="", help="report title")
     return p
 
 
@@ -99,7 +102,7 @@ def main(argv: list[str]) -> int:
     if probe is not None:
         notes = [f"Probe: {probe.num_samples} samples from {Path(args.data).name or 'data'} "
                  f"(seed {args.seed}), {probe.num_tokens:,} tokens, mean cross-entropy over the gold solution."]
-    paths = write_report(plan, out, stem=args.scorer, notes=notes)
+    paths = write_report(plan, out, stem=args.name or args.scorer, title=args.title, notes=notes)
     print(f"placerl score: {len(plan.adapters)} adapters, {plan.trainable_parameters():,} trainable parameters "
           f"({100 * plan.trainable_parameters() / plan.baseline_params:.3f}% of uniform), "
           f"{plan.seconds:.1f} s; wrote {out / 'plan.json'}, {', '.join(str(p) for p in paths.values())}")
