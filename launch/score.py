@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         from placement.probe import build_probe
         from placement.report import write_report
         from placement.scorers import get_scorer
-        from placement.scoring import score_model
+        from placement.scoring import score_model, scoring_device
         from placement.settings import ScorerSettings
         from rl.models import load_model, load_tokenizer, resolve_model
 
@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
         scorer = get_scorer(args.scorer)
         path = resolve_model(args.model)
         tokenizer = load_tokenizer(path)
-        model = load_model(path, "float32")
+        model = load_model(path, "float32").to(scoring_device())
         probe = None
         if scorer.needs_probe:
             rows = render_rows(read_jsonl(args.data), tokenizer, args.probe_samples, args.seed)

@@ -43,7 +43,7 @@ class AdapterSpec:
         if self.rank < 1:
             raise ValueError(f"adapter {self.module_name}: rank={self.rank} must be >= 1")
         if self.mask is not None:
-            self.mask = torch.as_tensor(self.mask, dtype=torch.bool)
+            self.mask = torch.as_tensor(self.mask, dtype=torch.bool).cpu()
             if self.mask.dim() != 2 or self.mask.shape[1] != self.rank:
                 raise ValueError(f"adapter {self.module_name}: mask shape {tuple(self.mask.shape)} "
                                  f"must be (d_out, rank={self.rank})")

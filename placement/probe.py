@@ -37,6 +37,10 @@ class MicroBatch:
     sample_ids: torch.Tensor  # (S,) local sample index 0..n-1 of each sequence
     samples: list[int]  # global sample index of each local one
 
+    def to(self, device: torch.device) -> "MicroBatch":
+        return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.weights.to(device),
+                          self.sample_ids.to(device), self.samples)
+
 
 @dataclass
 class ProbeBatch:
@@ -209,10 +213,12 @@ def run_hooks(model: nn.Module, probe: ProbeBatch, names: list[str], *, on_grad:
     if on_grad is not None:
         handles.append(model.get_input_embeddings().register_forward_hook(embed_hook))
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()  # dropout off: the probe measures the model, not a random sub-network
     try:
         with _frozen(model):
             for mb in probe.microbatches(microbatch):
+                mb = mb.to(device)
                 mb_box[:] = [mb]
                 if on_grad is None:
                     with torch.no_grad():
@@ -241,13 +247,13 @@ def per_sample_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
 
     def on_grad(name, x, g, mb):
         if name not in out:
-            out[name] = torch.zeros(len(index), g.shape[-1], x.shape[-1])
+            out[name] = torch.zeros(len(index), g.shape[-1], x.shape[-1], device=g.device)
         for n, s in enumerate(mb.samples):
             xs, gs = _sample_tokens(x, g, mb, n)
             out[name][index[s]] += gs.T @ xs
 
     run_hooks(model, probe, names, on_grad=on_grad, microbatch=microbatch)
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def per_sample_sq_norms(model: nn.Module, probe: ProbeBatch, names: list[str],
@@ -257,7 +263,7 @@ def per_sample_sq_norms(model: nn.Module, probe: ProbeBatch, names: list[str],
     index = {s: i for i, s in enumerate(sorted(set(probe.sample_ids)))}
 
     def on_grad(name, x, g, mb):
-        vec = out.setdefault(name, torch.zeros(len(index), dtype=torch.float64))
+        vec = out.setdefault(name, torch.zeros(len(index), dtype=torch.float64, device=g.device))
         d_in, d_out = x.shape[-1], g.shape[-1]
         for n, s in enumerate(mb.samples):
             xs, gs = _sample_tokens(x, g, mb, n)
@@ -268,12 +274,14 @@ def per_sample_sq_norms(model: nn.Module, probe: ProbeBatch, names: list[str],
                 vec[index[s]] += (gs.T @ xs).square().sum().double()
 
     run_hooks(model, probe, names, on_grad=on_grad, microbatch=microbatch)
-    return out
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def batch_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
                     project: dict[str, torch.Tensor] | None = None, microbatch: int = 4) -> dict[str, torch.Tensor]:
     """dL/dW of the whole probe's summed loss per module, or (dL/dW) P^T for modules in ``project``.
+
+    Results stay on the model's device (a full G per module can be large to move).
 
     With P = a LoRA A (r, d_in) this is dL/dB / scale at B = 0, computed as g^T (x A^T)
     so that the (d_out, d_in) gradient is never formed.
@@ -285,7 +293,7 @@ def batch_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
         keep = mb.attention_mask.bool()
         xs, gs = x[keep].float(), g[keep].float()
         if name in project:
-            xs = xs @ project[name].T.to(xs.dtype)
+            xs = xs @ project[name].T.to(xs)
         contrib = gs.T @ xs
         out[name] = out[name] + contrib if name in out else contrib
 

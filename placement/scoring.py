@@ -20,6 +20,11 @@ from placement.scorers import get_scorer
 from placement.settings import ScorerSettings
 
 
+def scoring_device() -> torch.device:
+    """The first GPU when there is one: a probe is a few forward/backward passes."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def score_model(scorer_name: str, model: torch.nn.Module, probe: ProbeBatch | None, budget: Budget,
                 settings: ScorerSettings, model_name: str = "") -> PlacementPlan:
     """Run one scorer and stamp the plan with its wall time and the model's name."""
@@ -45,7 +50,7 @@ def plan_from_config(placement_cfg, model_path: str, probe_rows: list[dict] | No
     settings = ScorerSettings.from_config(placement_cfg)
     budget = Budget.parse(placement_cfg.budget)
     scorer = get_scorer(placement_cfg.scorer)
-    model = load_model(model_path, "float32")
+    model = load_model(model_path, "float32").to(scoring_device())
     probe = None
     if scorer.needs_probe:
         rows = list(probe_rows or [])[: placement_cfg.probe_samples]

@@ -36,7 +36,7 @@ def entry_budget(budget, cands, settings) -> int:
 
 
 def consistency_keys(steps: list[torch.Tensor]) -> torch.Tensor:
-    """Per-entry key ordering by sign consistency first, then by |sum_t g_t| (both flattened)."""
+    """Per-entry keys that order by sign consistency first, then by |sum_t g_t|."""
     stack = torch.stack(steps)
     T = stack.shape[0]
     c = stack.sign().sum(0).abs() / T
@@ -53,7 +53,7 @@ def masks_from_topk(keys: dict[str, torch.Tensor], k: int) -> dict[str, torch.Te
     out, at = {}, 0
     for n in names:
         size = keys[n].numel()
-        out[n] = chosen[at: at + size].view_as(keys[n])
+        out[n] = chosen[at: at + size].view_as(keys[n]).cpu()
         at += size
     return out
 

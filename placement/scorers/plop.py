@@ -31,7 +31,7 @@ def nfn_from_sums(weight: torch.Tensor, ratio_sum: float, tokens: int, xi: torch
     w = weight.detach().float()
     rms = w.square().mean().sqrt()
     num = ratio_sum / tokens / float(rms)
-    den = float((xi @ (w / rms).T).norm(dim=1).mean())
+    den = float((xi.to(w.device) @ (w / rms).T).norm(dim=1).mean())
     return num / den
 
 
