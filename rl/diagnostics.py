@@ -48,6 +48,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from rl import gradstats
 from rl.config import ConfigError, DiagnosticsConfig
 from rl.diagnostics_stats import CaptureStatistics
 
@@ -225,12 +226,17 @@ class GradientDiagnostics:
         # One copy to CPU; the spectra and history then run on a CPU thread while the
         # accelerator trains on. One capture in flight at most: a slow worker slows
         # training down instead of queueing captures without bound.
+        # The Gram matrices of the exact path are formed here (milliseconds on the
+        # accelerator); only their eigenvalues are left to the CPU.
+        grams = {n: gradstats.gram(g) for n, g in self._G.items()
+                 if gradstats.uses_exact_path(g.shape, self.cfg.max_rank_dim)}
         cpu = self._buffer.to("cpu", copy=True)
         G = {n: v.view(*self._shapes[n]) for n, v in zip(self._shapes, torch.split(cpu, self._sizes()))}
+        grams = {n: g.to("cpu") for n, g in grams.items()}
         ready.update(self.flush())
         if self._worker is None:
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grad-diagnostics")
-        self._pending = self._worker.submit(self.stats.add, step, G, lora)
+        self._pending = self._worker.submit(self.stats.add, step, G, lora, grams)
         return ready
 
     def poll(self) -> dict[str, float]:

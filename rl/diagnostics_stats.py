@@ -46,11 +46,22 @@ class CrossStepHistory:
         self.sign_sum: torch.Tensor | None = None
 
     def update(self, flat: torch.Tensor) -> dict[str, float]:
-        """Statistics of ``flat`` (CPU, 1-D) against the past, then remember it."""
-        out = {f"cos_lag{k}": gradstats.cosine(flat, self.past[-k]) for k in range(1, len(self.past) + 1)}
+        """Statistics of ``flat`` (CPU, float32, 1-D) against the past, then remember it.
+
+        The same statistics as ``gradstats.cosine``/``sign_agreement``, computed in float32
+        with cached norms and an int8 sign product: these run on every captured entry.
+        """
+        norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+        out = {}
+        for k in range(1, len(self.past) + 1):
+            past, past_norm = self.past[-k]
+            denom = norm * past_norm
+            out[f"cos_lag{k}"] = float(torch.dot(flat, past)) / denom if denom > 0 else float("nan")
         sign = torch.sign(flat).to(torch.int8)
         if self.signs:
-            out["sign_agree"] = gradstats.sign_agreement(sign, self.signs[-1])
+            prod = sign * self.signs[-1]  # 1: same sign, -1: opposite, 0: a zero in either
+            both = int(torch.count_nonzero(prod))
+            out["sign_agree"] = int(torch.count_nonzero(prod > 0)) / both if both else float("nan")
         if self.sign_sum is None:
             self.sign_sum = torch.zeros(sign.shape, dtype=torch.int16)
         if len(self.signs) == self.signs.maxlen:
@@ -59,7 +70,7 @@ class CrossStepHistory:
         self.sign_sum += sign
         if len(self.signs) == self.signs.maxlen:  # only full windows: E|sum sign|/T depends on T
             out["sign_consistency"] = gradstats.sign_consistency_from_sum(self.sign_sum, len(self.signs))
-        self.past.append(flat)
+        self.past.append((flat, norm))
         return out
 
 
@@ -73,12 +84,14 @@ class CaptureStatistics:
         self._layer_norm_sum: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.captures: list[int] = []
 
-    def add(self, step: int, G: dict[str, torch.Tensor],
-            lora: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-        """Metrics of one capture; spectra run on each tensor's own device."""
+    def add(self, step: int, G: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
+            grams: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Metrics of one capture; spectra run on each tensor's own device. ``grams``:
+        ``gradstats.gram`` of some G, computed where G was (an accelerator does it fast)."""
+        grams = grams or {}
         per_module: dict[str, dict[str, dict[str, float]]] = {"G": {}, "lora": {}}
         for name, g in G.items():
-            per_module["G"][name] = self._matrix_stats("G", name, g, g)
+            per_module["G"][name] = self._matrix_stats("G", name, g, g, grams.get(name))
         for name, (da, db) in lora.items():
             stats = self._matrix_stats("lora", name, db, torch.cat([da.reshape(-1), db.reshape(-1)]))
             sa = gradstats.spectrum(da, self.max_rank_dim)
@@ -94,8 +107,9 @@ class CaptureStatistics:
             self.series[k].append((step, v))
         return metrics
 
-    def _matrix_stats(self, kind: str, name: str, mat: torch.Tensor, flat: torch.Tensor) -> dict[str, float]:
-        sp = gradstats.spectrum(mat, self.max_rank_dim)
+    def _matrix_stats(self, kind: str, name: str, mat: torch.Tensor, flat: torch.Tensor,
+                      gram: torch.Tensor | None = None) -> dict[str, float]:
+        sp = gradstats.spectrum_from_gram(gram) if gram is not None else gradstats.spectrum(mat, self.max_rank_dim)
         stats = {"norm": math.sqrt(sp.fro_sq), "eff_rank": gradstats.effective_rank(sp),
                  "stable_rank": gradstats.stable_rank(sp)}
         hist = self._history.get((kind, name))

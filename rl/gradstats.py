@@ -63,20 +63,31 @@ def spectrum(m: torch.Tensor, max_rank_dim: int = 256, n_iter: int = 4,
     if m.dim() != 2:
         raise ValueError(f"spectrum needs a 2-D matrix, got shape {tuple(m.shape)}")
     m = m.detach()
+    if uses_exact_path(m.shape, max_rank_dim, oversample):
+        return spectrum_from_gram(gram(m))
     n = min(m.shape)
     fro_sq = float(torch.linalg.vector_norm(m.reshape(-1), dtype=torch.float64) ** 2)
-    if n <= max_rank_dim or n < 4 * (max_rank_dim + oversample):
-        return Spectrum(_exact_singular_values(m), 0.0, 0, fro_sq, True)
     top = _randomized_singular_values(m, max_rank_dim, n_iter, oversample, seed)
     tail = max(fro_sq - float((top ** 2).sum()), 0.0)
     return Spectrum(top, tail, n - top.numel(), fro_sq, False)
 
 
-def _exact_singular_values(m: torch.Tensor) -> torch.Tensor:
-    m64 = m.to(torch.float64)
-    gram = m64 @ m64.T if m.shape[0] <= m.shape[1] else m64.T @ m64
-    eig = torch.linalg.eigvalsh(gram)  # ascending; tiny negatives are rounding
-    return eig.clamp_min(0).sqrt().flip(0)
+def uses_exact_path(shape: Sequence[int], max_rank_dim: int, oversample: int = 10) -> bool:
+    """Whether ``spectrum`` takes the exact (Gram) path for a matrix of this shape."""
+    n = min(shape)
+    return n <= max_rank_dim or n < 4 * (max_rank_dim + oversample)
+
+
+def gram(m: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of ``m`` in float64 (its eigenvalues are the squared singular values)."""
+    m64 = m.detach().to(torch.float64)
+    return m64 @ m64.T if m.shape[0] <= m.shape[1] else m64.T @ m64
+
+
+def spectrum_from_gram(g: torch.Tensor) -> Spectrum:
+    """The exact spectrum from a precomputed ``gram(m)`` (which may come from another device)."""
+    eig = torch.linalg.eigvalsh(g.to(torch.float64))  # ascending; tiny negatives are rounding
+    return Spectrum(eig.clamp_min(0).sqrt().flip(0), 0.0, 0, float(torch.diagonal(g).sum()), True)
 
 
 def _randomized_singular_values(m: torch.Tensor, k: int, n_iter: int, oversample: int,
@@ -175,7 +186,7 @@ def sign_consistency(grads: Sequence[torch.Tensor]) -> float:
 
 def sign_consistency_from_sum(sign_sum: torch.Tensor, count: int) -> float:
     """The same statistic from a running sum of signs over ``count`` gradients."""
-    return float(sign_sum.abs().to(torch.float64).mean()) / count
+    return int(sign_sum.abs().sum(dtype=torch.int64)) / (sign_sum.numel() * count)
 
 
 @dataclass(frozen=True)
