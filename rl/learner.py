@@ -133,7 +133,8 @@ class LearnerGroup:
                 o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=bundle_offset + i)
             self.ranks.append(actor.options(**o).remote(i, self.n))
-        addr, port = self._all([self.ranks[0].rendezvous_address.remote()])[0]
+        single_node = len(set(self._call("node_id"))) == 1
+        addr, port = self._all([self.ranks[0].rendezvous_address.remote(single_node)])[0]
         masks = ray.put({k: v.cpu() for k, v in b_masks.items()}) if b_masks else None
         self._all([r.setup.remote(cfg, model_path, lora_config, masks, addr, port, attach, plan) for r in self.ranks])
 

@@ -11,8 +11,10 @@ FSDP2 averages gradients over ranks by default; the divide factor is set to 1 be
 the loss pieces are already normalised by the global token/sequence counts.
 
 Diagnostics seam: ``attach(peft_model, cfg)`` (optional, picklable) runs on every rank
-before ``fully_shard`` (so module hooks see the plain PEFT modules) and returns
-callbacks ``fn(step) -> dict | None``. They are called on every rank after the last
+before ``fully_shard`` and returns callbacks ``fn(step) -> dict | None``. Module hooks
+registered there survive sharding (the modules stay); Parameter objects do not
+(fully_shard replaces them with DTensor parameters), so look parameters up by name
+inside the callback. They are called on every rank after the last
 backward of each update, before masking and clipping; collectives are allowed inside
 them; rank 0's returned dicts are merged into the step metrics.
 
@@ -22,8 +24,10 @@ Left out: tensor/sequence parallelism, CPU offload, and a separate reference mod
 from __future__ import annotations
 
 import math
+import os
 import re
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -35,6 +39,7 @@ from rl.grpo import (entropy_from_logits, policy_loss, sft_loss, token_logprobs,
                      truncated_is_weights)
 from rl.optim import build_optimizer, build_scheduler
 
+LOOPBACK = "127.0.0.1"
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
 TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
 
@@ -85,10 +90,17 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ setup
 
-    def rendezvous_address(self) -> tuple[str, int]:
+    def node_id(self) -> str:
         import ray
 
-        host = ray.util.get_node_ip_address()
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous_address(self, single_node: bool) -> tuple[str, int]:
+        """Where the other ranks find this one (rank 0): loopback when the whole group is on
+        this node, so torch.distributed listens on no external interface; else the node's IP."""
+        import ray
+
+        host = LOOPBACK if single_node else ray.util.get_node_ip_address()
         with socket.socket() as s:
             s.bind((host, 0))
             return host, s.getsockname()[1]
@@ -106,6 +118,10 @@ class LearnerRank:
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
+        elif addr == LOOPBACK:
+            # Gloo binds its pair sockets to the address the hostname resolves to, which may be an
+            # external interface even when the store is on loopback.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world_size, timeout=timedelta(minutes=30))
 

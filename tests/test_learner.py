@@ -247,14 +247,33 @@ class TestMaskedMixedRank:
 def test_sft_loss_is_the_response_nll_and_falls(ray_local, tiny_model_path):
     cfg = make_cfg(tiny_model_path, learner={"lr": 1e-2, "micro_batch_size": 3},
                    algorithm={"loss": "sft", "loss_agg": "seq-mean-token-mean"})
-    group = LearnerGroup(cfg, tiny_model_path, LORA)
+
+    # Defined in here so that Ray ships it by value (a worker cannot import the test module).
+    def _attach_grad_probe(peft_model, cfg):
+        """A diagnostics stand-in: after backward, report that LoRA gradients are there."""
+        calls = []
+
+        def after_backward(step):
+            calls.append(step)
+            # Looked up now: fully_shard replaced the Parameter objects that existed at attach time.
+            lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+            return {"probe/calls": len(calls), "probe/grads_present": float(all(p.grad is not None for p in lora_b))}
+
+        return [after_backward]
+
+    group = LearnerGroup(cfg, tiny_model_path, LORA, attach=_attach_grad_probe)
     try:
         batch = make_batch(5, seed=21)
         lp = group.logprobs(batch, temperature=1.0)
         mask = batch.response_mask
         nll = float(((-lp * mask).sum(1) / mask.sum(1)).mean())  # mean over sequences of token means
-        losses = [group.train_step(batch)["loss"] for _ in range(4)]
+        metrics = [group.train_step(batch) for _ in range(4)]
+        losses = [m["loss"] for m in metrics]
         assert math.isclose(losses[0], nll, rel_tol=1e-5)
         assert losses[-1] < losses[0] - 0.05
+        assert "pg_loss" not in metrics[0]
+        # The diagnostics seam: called once per update, after backward, on the sharded model.
+        assert [m["probe/calls"] for m in metrics] == [1, 2, 3, 4]
+        assert all(m["probe/grads_present"] == 1.0 for m in metrics)
     finally:
         group.shutdown()
