@@ -1,0 +1,140 @@
+"""The regime contrast: report functions on constructed metrics, and `placerl regime` end to end on the tiny model."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rl import diag_records as dr
+from rl import regime_report as rr
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "launch" / "configs" / "tiny.yaml"
+
+
+def capture(step: int, kind_stats: dict[str, dict[str, float]], prefix: str = "learner/diag/") -> dict:
+    """One metrics.jsonl record holding diagnostics, keyed as the trainer logs them."""
+    rec = {"step": step, "time": 0.0}
+    for kind, stats in kind_stats.items():
+        rec.update({f"{prefix}{kind}/{k}": v for k, v in stats.items()})
+    return rec
+
+
+def regime(eff: float, stable: float, cos: float, sign: float, norms: tuple[float, float, float], steps: int = 3):
+    """Records of one regime: per-capture statistics and per-module norms over three layers."""
+    recs = []
+    for s in range(1, steps + 1):
+        stats = {"eff_rank_mean": eff + 0.1 * s, "stable_rank_mean": stable, "norm_mean": 1.0,
+                 "importance_spread": max(norms) / min(norms), "importance_top30_share": max(norms) / sum(norms)}
+        if s > 1:
+            stats.update(cos_lag1_mean=cos, sign_agree_mean=sign)
+        for i, n in enumerate(norms):
+            stats[f"layers.{i}.mlp.down_proj/norm"] = n
+        recs.append(capture(s, {"G": stats, "lora": dict(stats)}))
+    return recs
+
+
+SFT_LIKE_PAPERS = dict(eff=3.0, stable=1.2, cos=0.8, sign=0.9, norms=(10.0, 1.0, 1.0))
+GRPO_LIKE_PAPERS = dict(eff=40.0, stable=6.0, cos=0.05, sign=0.52, norms=(2.0, 1.5, 1.0))
+
+
+def by_key(contrasts, kind="G"):
+    return {c.statistic.key: c for c in contrasts if c.kind == kind}
+
+
+def test_contrast_that_goes_the_papers_way():
+    cs = rr.regime_contrasts(regime(**SFT_LIKE_PAPERS), regime(**GRPO_LIKE_PAPERS))
+    g = by_key(cs)
+    assert g["eff_rank_mean"].went == "grpo" and g["eff_rank_mean"].agrees is True
+    assert g["eff_rank_mean"].grpo == pytest.approx(40.2) and g["eff_rank_mean"].n_grpo == 3
+    assert g["cos_lag1_mean"].went == "sft" and g["cos_lag1_mean"].agrees
+    assert g["cos_lag1_mean"].n_sft == 2  # the first capture has no previous one
+    assert g["importance_spread"].sft == pytest.approx(10.0) and g["importance_spread"].agrees
+    assert g["eff_rank_mean"].sentence == "GRPO's G effective rank is higher than SFT's: 40.2 vs 3.20, as the papers report."
+    assert rr.tally(cs) == {"agree": len(cs), "opposite": 0, "tie": 0, "missing": 0}
+    assert {c.kind for c in cs} == {"G", "lora"}
+
+
+def test_contrast_that_goes_the_other_way():
+    cs = rr.regime_contrasts(regime(**GRPO_LIKE_PAPERS), regime(**SFT_LIKE_PAPERS))  # regimes swapped
+    g = by_key(cs, "lora")
+    assert g["eff_rank_mean"].went == "sft" and g["eff_rank_mean"].agrees is False
+    assert "opposite to the papers' claim" in g["eff_rank_mean"].sentence
+    assert g["eff_rank_mean"].sentence.startswith("SFT's LoRA gradient effective rank is higher than GRPO's: 40.2 vs 3.20")
+    assert g["sign_agree_mean"].went == "grpo" and not g["sign_agree_mean"].agrees
+    assert rr.tally(cs)["opposite"] == len(cs)
+
+
+def test_ties_and_missing_values_state_no_direction():
+    assert rr.direction(1.0, 1.01) == "tie" and rr.direction(1.0, 1.05) == "grpo"
+    assert rr.direction(float("nan"), 2.0) == "missing"
+    assert rr.direction(float("inf"), 3.0) == "sft"
+    c = rr.make_contrast(rr.STATISTICS[0], "G", 5.0, 5.05)
+    assert c.went == "tie" and c.agrees is None and "does not show" in c.sentence
+    m = rr.make_contrast(rr.STATISTICS[2], "lora", float("nan"), 0.1)
+    assert m.went == "missing" and "not measured under SFT" in m.sentence
+
+
+def test_records_parse_prefixes_strings_and_skip_zero_captures():
+    rec = {"step": 4, "learner/diag/G/eff_rank_mean": 2.5, "diag/lora/cos_lag1_mean": "nan",
+           "learner/diag/G/importance_spread": "inf", "learner/loss": 1.0}
+    vals = dr.diag_values(rec)
+    assert vals["G/eff_rank_mean"] == 2.5 and math.isnan(vals["lora/cos_lag1_mean"])
+    assert vals["G/importance_spread"] == math.inf and "loss" not in str(vals)
+    zero = capture(5, {"G": {"eff_rank_mean": 0.0, "norm_mean": 0.0, "layers.0.mlp.down_proj/norm": 0.0}})
+    assert dr.series([rec, zero], "G", "eff_rank_mean") == [(4, 2.5)]
+    assert dr.zero_captures([rec, zero], "G") == 1 and dr.module_norms([zero], "G") == []
+
+
+def test_run_importance_from_module_norms():
+    # Layer 0: two modules 3 and 4 -> N = 5; layer 1: 5 -> N = 5 then 15 -> mean 10; layer 2: 1.
+    recs = [capture(1, {"G": {"layers.0.mlp.down_proj/norm": 3.0, "layers.0.self_attn.v_proj/norm": 4.0,
+                              "layers.1.mlp.down_proj/norm": 5.0, "layers.2.mlp.down_proj/norm": 1.0,
+                              "down_proj/norm_mean": 99.0}}),
+            capture(2, {"G": {"layers.0.mlp.down_proj/norm": 3.0, "layers.0.self_attn.v_proj/norm": 4.0,
+                              "layers.1.mlp.down_proj/norm": 15.0, "layers.2.mlp.down_proj/norm": 1.0}})]
+    assert dr.mean_layer_norms(recs, "G") == pytest.approx({"layers.0": 5.0, "layers.1": 10.0, "layers.2": 1.0})
+    imp = dr.run_importance(recs, "G")
+    assert imp.spread == pytest.approx(10.0) and imp.top_share == pytest.approx(10 / 16)
+    assert dr.run_importance(recs, "lora") is None
+
+
+def test_markdown_and_plots(tmp_path):
+    from rl import report_plots
+
+    sft, grpo = regime(**SFT_LIKE_PAPERS), regime(**GRPO_LIKE_PAPERS)
+    grpo.append(capture(9, {"G": {"eff_rank_mean": 0.0, "norm_mean": 0.0}}))
+    cs = rr.regime_contrasts(sft, grpo)
+    plots = [report_plots.regime_statistics(sft, grpo, tmp_path), report_plots.regime_importance(sft, grpo, tmp_path)]
+    md = rr.markdown(cs, sft, grpo, title="t", setup=["model: x"], plots=plots)
+    assert all(c.sentence in md for c in cs)
+    assert "| layers.2 |" in md and "GRPO: 1 capture(s) had an exactly zero gradient" in md
+    for p in plots:
+        data = (tmp_path / p).read_bytes()
+        assert data[:4] == b"\x89PNG" and len(data) < 200_000
+
+
+@pytest.mark.slow
+def test_regime_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
+    from launch import regime
+
+    reward = f'reward.functions=[{{name: "{REPO}/tests/data/reward_fns.py:with_bonus", weight: 1.0}}]'
+    rc = regime.main(["--config", str(TINY), "--steps", "2", "--out", str(tmp_path / "runs"),
+                      "--report", str(tmp_path / "report"), "trainer.eval_size=0", "logging.progress=false",
+                      "logging.tensorboard=false", "cluster.num_cpus=2", "trainer.save_every=100", reward])
+    assert rc == 0
+    out = json.loads((tmp_path / "report" / "contrasts.json").read_text())
+    got = {(c["statistic"], c["gradient"]): c for c in out["contrasts"]}
+    for kind in ("G", "lora"):
+        eff = got[("eff_rank_mean", kind)]
+        assert eff["captures"] == [2, 2] and eff["sft"] > 0 and eff["grpo"] > 0
+        assert got[("cos_lag1_mean", kind)]["captures"] == [1, 1]
+        assert eff["went"] in ("sft", "grpo", "tie")
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "regime_statistics.png" in md and (tmp_path / "report" / "regime_statistics.png").exists()
+    sft_plan = json.loads((tmp_path / "runs" / "sft" / "plan.json").read_text())
+    grpo_plan = json.loads((tmp_path / "runs" / "grpo" / "plan.json").read_text())
+    assert sft_plan["adapters"] == grpo_plan["adapters"]  # the same placement in both regimes
+    assert (tmp_path / "runs" / "grpo" / "config.yaml").read_text().count("loss: grpo") == 1
