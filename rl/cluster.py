@@ -20,12 +20,21 @@ def loopback_env() -> dict[str, str]:
 def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 1024,
              runtime_env: dict | None = None):
     """Connect to (or start) Ray and return the context; idempotent."""
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        # Ray reads this once, when it is first imported, and otherwise binds its agents
+        # to the machine's external address: set it before the import (and in the
+        # constant, when something imported ray earlier). Only for a private cluster:
+        # a driver joining a real cluster must advertise its real address.
+        os.environ.update(loopback_env())
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    os.environ.update(loopback_env())
-    address = address or os.environ.get("RAY_ADDRESS", "")
+    if not address:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     env = {"env_vars": {**loopback_env(), **_passthrough_env()}}
     if runtime_env:
         env = {**runtime_env, "env_vars": {**env["env_vars"], **runtime_env.get("env_vars", {})}}
