@@ -280,7 +280,7 @@ class GradientDiagnostics:
         self._remove()
         self._capturing = None
         self._buffer, self._G, self._lora = None, {}, {}
-        self.stats.clear_history()
+        self.stats.close()
 
 
 # ----------------------------------------------------------------------------- the learner's seam
