@@ -21,16 +21,13 @@ and the maths itself (rl/gradstats.py).
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections import defaultdict, deque
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from rl import gradstats
 
-_SPECTRA_THREADS = min(8, (os.cpu_count() or 1) // 2)
 _LAYER_RE = re.compile(r"(?:^|\.)(layers\.\d+)\.")
 
 
@@ -49,33 +46,48 @@ class CrossStepHistory:
         self.sign_sum: torch.Tensor | None = None
 
     def update(self, flat: torch.Tensor) -> dict[str, float]:
-        """Statistics of ``flat`` (CPU, float32, 1-D) against the past, then remember it.
+        """Statistics of ``flat`` (float32, 1-D, a copy the caller gives up) against the past,
+        then remember it.
 
         The same statistics as ``gradstats.cosine``/``sign_agreement``, computed in float32
-        with cached norms and an int8 sign product: these run on every captured entry.
+        with cached norms and an int8 sign product. The past is stored on the host; when
+        ``flat`` is on an accelerator the arithmetic runs there and the past is copied in
+        for it (host CPU threads are what a launch-bound training loop needs most).
         """
+        dev = flat.device
         norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
         out = {}
         for k in range(1, len(self.past) + 1):
             past, past_norm = self.past[-k]
             denom = norm * past_norm
+            dot = float(torch.dot(flat, past.to(dev, non_blocking=True)))
             # clamped: float32 rounding can leave |cos| a hair above 1
-            out[f"cos_lag{k}"] = max(-1.0, min(1.0, float(torch.dot(flat, past)) / denom)) if denom > 0 else float("nan")
+            out[f"cos_lag{k}"] = max(-1.0, min(1.0, dot / denom)) if denom > 0 else float("nan")
         sign = torch.sign(flat).to(torch.int8)
         if self.signs:
-            prod = sign * self.signs[-1]  # 1: same sign, -1: opposite, 0: a zero in either
+            prod = sign * self.signs[-1].to(dev, non_blocking=True)  # 1: same sign, -1: opposite, 0: a zero
             both = int(torch.count_nonzero(prod))
             out["sign_agree"] = int(torch.count_nonzero(prod > 0)) / both if both else float("nan")
         if self.sign_sum is None:
-            self.sign_sum = torch.zeros(sign.shape, dtype=torch.int16)
+            self.sign_sum = _host(torch.zeros(sign.shape, dtype=torch.int16), dev)
+        sign_sum = self.sign_sum.to(dev, non_blocking=True)
         if len(self.signs) == self.signs.maxlen:
-            self.sign_sum -= self.signs[0]
-        self.signs.append(sign)
-        self.sign_sum += sign
+            sign_sum -= self.signs[0].to(dev, non_blocking=True)
+        sign_sum += sign
+        self.signs.append(_host(sign, dev))
         if len(self.signs) == self.signs.maxlen:  # only full windows: E|sum sign|/T depends on T
-            out["sign_consistency"] = gradstats.sign_consistency_from_sum(self.sign_sum, len(self.signs))
-        self.past.append((flat, norm))
+            out["sign_consistency"] = gradstats.sign_consistency_from_sum(sign_sum, len(self.signs))
+        if sign_sum is not self.sign_sum:
+            self.sign_sum.copy_(sign_sum)
+        self.past.append((_host(flat, dev), norm))
         return out
+
+
+def _host(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """``t`` kept on the host; pinned when it travels to and from an accelerator."""
+    if dev.type == "cpu":
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
 
 class CaptureStatistics:
@@ -87,7 +99,6 @@ class CaptureStatistics:
         self.series: dict[str, list[tuple[int, float]]] = defaultdict(list)
         self._layer_norm_sum: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.captures: list[int] = []
-        self._pool: ThreadPoolExecutor | None = None
 
     def add(self, step: int, G: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
             grams: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
@@ -115,17 +126,8 @@ class CaptureStatistics:
         return metrics
 
     def _spectra(self, mats: dict[str, torch.Tensor], are_grams: set[str]) -> dict[str, gradstats.Spectrum]:
-        """Spectra of many modules. LAPACK's eigensolver barely uses more than one core at
-        these sizes (576: 20 ms on 1 thread, 24 ms on 32), so modules run side by side."""
-        def one(item):
-            name, m = item
-            return name, gradstats.spectrum_from_gram(m) if name in are_grams else gradstats.spectrum(m, self.max_rank_dim)
-
-        if self._pool is None and _SPECTRA_THREADS > 1 and len(mats) > 1:
-            self._pool = ThreadPoolExecutor(_SPECTRA_THREADS, thread_name_prefix="grad-spectra")
-        if self._pool is None:
-            return dict(map(one, mats.items()))
-        return dict(self._pool.map(one, mats.items()))
+        return {n: gradstats.spectrum_from_gram(m) if n in are_grams else gradstats.spectrum(m, self.max_rank_dim)
+                for n, m in mats.items()}
 
     def _matrix_stats(self, kind: str, name: str, flat: torch.Tensor, sp: gradstats.Spectrum) -> dict[str, float]:
         stats = {"norm": math.sqrt(sp.fro_sq), "eff_rank": gradstats.effective_rank(sp),
@@ -133,10 +135,10 @@ class CaptureStatistics:
         hist = self._history.get((kind, name))
         if hist is None:
             hist = self._history[(kind, name)] = CrossStepHistory(self.lags, self.window)
-        flat_cpu = flat.detach().reshape(-1).to("cpu", dtype=torch.float32, copy=True)
+        flat = flat.detach().reshape(-1).to(dtype=torch.float32, copy=True)
         if kind == "lora":  # the norm of a LoRA gradient covers both factors
-            stats["norm"] = float(flat_cpu.double().norm())
-        stats.update(hist.update(flat_cpu))
+            stats["norm"] = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+        stats.update(hist.update(flat))
         return stats
 
     def _flatten(self, kind: str, mods: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -183,11 +185,8 @@ class CaptureStatistics:
         return {"captures": list(self.captures), "metrics": metrics, "importance_run": run_importance}
 
     def close(self) -> None:
-        """Drop the gradient history and the spectra threads (the series and summary stay)."""
+        """Drop the gradient history (the series and summary stay)."""
         self._history.clear()
-        if self._pool is not None:
-            self._pool.shutdown()
-            self._pool = None
 
 
 def _nanmean(vals: list[float]) -> float:
