@@ -12,6 +12,8 @@ Printed, all from this one run and one process tree:
       and both keep per-token logprobs. Each side is timed over several alternating rounds
       after a warm-up; the ratio uses the fastest round of each (the least disturbed by
       other work on the machine), and the medians are printed too.
+  fixed cost per call = the same comparison with one new token per completion (prefill,
+      Ray round trip, tokenization, conversion), so the overhead shows without decoding noise.
   hf engine tokens/s = generated tokens / wall time of the plain-transformers engine at
       GRPO batch sizes (prompts x group size).
 The prompts are GSM8K test questions in the chat template when $PLACERL_GSM8K_DIR is set
@@ -136,6 +138,13 @@ def main() -> None:
     for _ in range(args.rounds):
         raw_times.append(timed(raw_run))
         fw_times.append(timed(framework_run))
+    # The framework's fixed cost per call, nearly free of decoding: one new token each.
+    one = [SamplingParams(n=args.n, max_tokens=1, temperature=1.0, seed=i * args.n, logprobs=0)
+           for i in range(len(prompts))]
+    one_spec = SamplingSpec(n=args.n, max_new_tokens=1, temperature=1.0, seed=0)
+    raw_one = min(timed(lambda: raw.generate(prompts, one, lora_request=lora, use_tqdm=False)) for _ in range(5))
+    fw_one = min(timed(lambda: ray.get(worker.generate.remote(
+        tok(prompts, add_special_tokens=False)["input_ids"], one_spec))) for _ in range(5))
     ray.kill(worker)
     del raw
     shutil.rmtree(folder, ignore_errors=True)
@@ -151,6 +160,9 @@ def main() -> None:
     print(f"rollout overhead ratio (framework / raw, best rounds) = {ratio:.3f}  "
           f"[median rounds: {statistics.median(fw_times) / statistics.median(raw_times):.3f}]  goal <= 1.10: "
           f"{'met' if ratio <= 1.10 else 'NOT met'}")
+
+    print(f"fixed cost per call (1 new token, best of 5): raw {raw_one * 1e3:.0f} ms, framework "
+          f"{fw_one * 1e3:.0f} ms, difference {(fw_one - raw_one) * 1e3:.0f} ms")
 
     if args.hf_batches:
         from rl.rollout_hf import HFEngine

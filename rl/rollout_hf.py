@@ -129,10 +129,12 @@ class HFEngine:
         active = torch.ones(total, dtype=torch.bool, device=dev)
         for t in range(steps):
             tok, lp = pick_tokens(logits, spec, gen)
-            tokens[rows[active], t] = tok[active]
-            logprobs[rows[active], t] = lp[active]
+            # Rows that finished earlier get pad / 0 here, beyond their length: no masked
+            # indexing, so the step costs one device sync (the count below), not several.
+            tokens[rows, t] = torch.where(active, tok, self.pad_id)
+            logprobs[rows, t] = torch.where(active, lp, 0.0)
             hit = torch.isin(tok, self.stop_ids) & active
-            lengths[rows[hit]] = t + 1
+            lengths[rows] = torch.where(hit, t + 1, lengths[rows])
             active &= ~hit
             n_active = int(active.sum())
             if t + 1 == steps or n_active == 0:
