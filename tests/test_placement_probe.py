@@ -184,3 +184,17 @@ def test_nfn_matches_direct_computation(model, tok, rows):
     for name, v in direct.items():
         assert got[name] == pytest.approx(v, rel=1e-4), name
     assert len(set(round(v, 6) for v in got.values())) > 1  # the scores tell modules apart
+
+
+def test_probe_rows_are_validated_in_one_line(tok, rows):
+    with pytest.raises(ValueError, match="probe row 0 has no 'answer'"):
+        build_probe(tok, [{"prompt": "hi"}], "sft")
+    with pytest.raises(ValueError, match="needs 'completions' and as many 'rewards'"):
+        build_probe(tok, [{"prompt": "hi", "completions": ["a", "b"], "rewards": [1.0]}], "grpo")
+    with pytest.raises(ValueError, match="placement.probe_source='rl'"):
+        build_probe(tok, rows, "rl")
+    probe = build_probe(tok, rows, "sft", max_tokens=64)
+    assert all(len(s) <= 64 for s in probe.sequences) and probe.num_samples == len(rows)
+    assert [p.num_samples for p in probe.split(3)] == [1, 2, 1]
+    with pytest.raises(ValueError, match="cannot split a probe of 4 samples into 5 steps"):
+        probe.split(5)
