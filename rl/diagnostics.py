@@ -12,16 +12,20 @@
   weight were trainable; with ``all_reduce`` it is summed over data-parallel ranks and
   divided by the world size, matching DDP/FSDP's averaged gradients.
 
-What a capture's numbers are, and the bounded CPU history behind cross-step
+What a capture's numbers are, and the bounded host-side history behind cross-step
 statistics, is ``rl.diagnostics_stats.CaptureStatistics``; the maths is ``rl.gradstats``.
 
-Where the statistics run: in place (on G's device) when G lives on the CPU, so the
-numbers of a capture come back from its own ``end_step``. When G lives on an
-accelerator they run on a CPU worker thread (``background=True``, the default there):
-``end_step`` copies G to the host once and returns, and the metrics come back from a
-later ``end_step``/``poll``/``flush`` with ``diag/step`` naming the capture. On an H100
-with SmolLM2-135M, computing them in place took 0.6-1.2 s per capture against a 0.23 s
-training step, more than the whole budget for diagnostics.
+Where the statistics run: in place when G lives on the CPU, so a capture's numbers
+come back from its own ``end_step``. When G lives on an accelerator,
+``end_step`` only copies G on the device and forms its Gram matrices (milliseconds);
+a worker thread then does the rest on a side stream (eigenvalues, and the cross-step
+arithmetic against the history, which stays on the host) and the metrics come back
+from a later ``end_step``/``poll``/``flush``, with ``diag/step`` naming the capture
+(``background=False`` forces in place). On an H100 with SmolLM2-135M (a 0.2 s step,
+60 modules watched) the worker needs about 0.3 s per capture; in the training thread
+that alone would cost 15% at every=10. Host CPU threads doing that work in parallel
+were no better: they slowed the launch-bound training thread down more than they saved.
+At most one capture is in flight: a slow worker slows training instead of queueing.
 
 Hooks exist only during capture steps by default (register in ``begin_step``, remove
 in ``end_step``), so non-capture steps run the model untouched;

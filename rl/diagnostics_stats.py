@@ -5,6 +5,8 @@ watched module, and its LoRA gradients) into flat metrics, and keeps the only st
 that cross-step statistics need, on CPU and bounded: the last ``lags`` gradients
 (float32) for cosines, the last ``window`` sign tensors (int8) and their running sum
 (int16) for sign statistics, and one scalar per metric per capture for the summary.
+For SmolLM2-135M watching down_proj and v_proj in all 30 layers, the gradient history
+holds about 0.6 GB (pinned when an accelerator computes against it).
 
 Metric names: ``diag/<kind>/<module>/<stat>`` per module (kind ``G`` or ``lora``),
 ``diag/<kind>/<type>/<stat>_mean`` per module type (when several are watched),
