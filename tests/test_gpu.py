@@ -1,0 +1,262 @@
+"""The GPU path: FSDP2 over NCCL on two GPUs, the plain-transformers engine on CUDA, a GRPO run.
+
+Skipped where torch sees no GPU (CI); the 2-GPU test also needs a second one. On a
+GPU host: ``pytest tests/test_gpu.py -q`` (see docs/gpu.md for the environment).
+
+Tolerances, and why:
+- 1 vs 2 GPUs compares the full LoRA gradient (seeded random projections of every
+  LoRA gradient, read inside the learner after the last backward and before the
+  optimizer) and the update. fp32 on CUDA (TF32 off, torch's default) agrees to 1e-4
+  relative: only GEMM shapes (8 rows vs 4 per rank) and the NCCL sum reorder fp32
+  additions. With FSDP2's bf16 mixed precision each rank rounds its local gradient to
+  bf16 before the fp32 reduce-scatter, so the two sums differ by bf16 rounding
+  (2^-8 relative per element): 2e-2 of the gradient norm. The update itself goes
+  through AdamW, whose first step is lr * g / |g| = lr * sign(g): an element whose
+  gradient is within rounding of zero may take the opposite sign, so the update is
+  compared by relative Frobenius norm (fp32 1e-2, bf16 0.25), which such flips
+  barely move while a wrong shard, a missed reduction or a doubled gradient would
+  (a factor 2 on the gradient leaves Adam's update alone, which is why the gradient
+  and the grad-norm metric are checked first).
+- Engine logprobs vs a teacher-forced forward of the engine's own model: fp32 within
+  2e-3 (cached vs uncached attention kernels); bf16 within 0.1 mean and 0.05 median
+  (a bf16 logit of magnitude 20 carries about 0.04 of rounding). An off-by-one
+  position or a stale KV cache is off by nats, far outside both.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+if torch.cuda.device_count() < 1:
+    pytest.skip("no CUDA device: the GPU tests run on a GPU host", allow_module_level=True)
+
+import sys  # noqa: E402
+
+import ray.cloudpickle  # noqa: E402
+
+from rl.config import config_from_dict, load_config  # noqa: E402
+from rl.learner import LearnerGroup, TrainBatch  # noqa: E402
+
+# Some helpers below run inside Ray actors, which cannot import this test module: ship it by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+REPO = Path(__file__).resolve().parent.parent
+LORA = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj", "down_proj"]}
+QUESTIONS = ["Tom has 3 apples and buys 5 more. How many apples does he have?",
+             "A train travels 60 miles per hour for 2.5 hours. How far does it go?",
+             "What is 17 times 23, minus 91?",
+             "Sara reads 12 pages a day. How many days does she need for a 300-page book?"]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def make_batch(B: int, T: int = 48, seed: int = 0) -> TrainBatch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 2000, (B, T), generator=g)
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    attn = (torch.arange(T)[None] < lengths[:, None]).long()
+    resp = attn.float()
+    resp[:, :8] = 0  # an 8-token prompt
+    rollout_lp = torch.where(resp.bool(), -8.0 + 0.1 * torch.randn(B, T, generator=g), 0.0)
+    return TrainBatch(ids, attn, resp, torch.randn(B, generator=g), rollout_lp, max_tokens=T)
+
+
+def gradient_projections(peft_model, cfg):
+    """Diagnostics seam: after each update's last backward, every LoRA gradient (gathered,
+    a collective on every rank) projected on seeded random directions, and its norm."""
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+
+    def capture(step):
+        out, total = {}, 0.0
+        params = dict(peft_model.named_parameters())
+        for i, name in enumerate(names):
+            g = params[name].grad
+            g = g.full_tensor() if hasattr(g, "full_tensor") else g
+            g = g.detach().float().cpu()
+            gen = torch.Generator().manual_seed(i)
+            for j in range(2):
+                r = torch.randn(g.shape, generator=gen)
+                out[f"gradproj/{i}.{j}"] = float((g * r).sum() / r.norm())
+            total += float(g.square().sum())
+        out["gradproj/norm"] = math.sqrt(total)
+        return out
+
+    return [capture]
+
+
+def rank_placement(rank_self):
+    """Runs inside a learner actor: where this rank computes and how it talks to the others."""
+    import ray
+    import torch.distributed as dist
+
+    return {"device": str(rank_self.device), "backend": dist.get_backend(),
+            "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
+
+
+def run_learner(path: str, num_ranks: int, precision: str, batches: list[TrainBatch]) -> dict:
+    cfg = config_from_dict({
+        "model": {"name": path}, "trainer": {"steps": 10, "seed": 0}, "rollout": {"temperature": 1.0},
+        "learner": {"num_ranks": num_ranks, "micro_batch_size": 4, "lr": 1e-3, "mixed_precision": precision},
+        "cluster": {"gpus_per_learner_rank": 1.0}})
+    import ray
+
+    group = LearnerGroup(cfg, path, LORA, attach=gradient_projections)
+    try:
+        placement = ray.get([r.__ray_call__.remote(rank_placement) for r in group.ranks])
+        init = group.lora_state()
+        metrics = [group.train_step(b) for b in batches]
+        return {"placement": placement, "init": init, "metrics": metrics, "state": group.lora_state()}
+    finally:
+        group.shutdown()
+
+
+def relative_update_difference(a: dict, b: dict, init: dict) -> float:
+    diff = math.sqrt(sum(float((a[k] - b[k]).float().square().sum()) for k in init))
+    size = math.sqrt(sum(float((a[k] - init[k]).float().square().sum()) for k in init))
+    return diff / size
+
+
+# ----------------------------------------------------------------------------- 1 vs 2 GPUs
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("precision,tol_grad,tol_update", [("fp32", 1e-4, 1e-2), ("bf16", 2e-2, 0.25)])
+def test_two_gpu_update_matches_one_gpu(ray_local, tiny_model_path, precision, tol_grad, tol_update):
+    batches = [make_batch(8, seed=1), make_batch(7, seed=2)]  # 7: uneven over two ranks
+    one = run_learner(tiny_model_path, 1, precision, batches)
+    two = run_learner(tiny_model_path, 2, precision, batches)
+
+    assert [p["backend"] for p in one["placement"] + two["placement"]] == ["nccl"] * 3
+    assert all(p["device"].startswith("cuda") for p in one["placement"] + two["placement"])
+    gpus = [p["gpu_ids"] for p in two["placement"]]
+    assert all(len(g) == 1 for g in gpus) and gpus[0] != gpus[1], f"ranks not on two GPUs: {gpus}"
+
+    for m1, m2 in zip(one["metrics"], two["metrics"]):
+        scale = m1["gradproj/norm"]
+        assert scale > 0 and m1["skipped"] == 0 and m2["skipped"] == 0
+        worst = max(abs(m1[k] - m2[k]) for k in m1 if k.startswith("gradproj/")) / scale
+        print(f"{precision}: gradient difference / norm = {worst:.2e} (tolerance {tol_grad:g})")
+        assert worst < tol_grad
+        for k in ("grad_norm", "loss", "pg_loss"):
+            assert math.isclose(m1[k], m2[k], rel_tol=tol_grad, abs_tol=tol_grad * 1e-3), (k, m1[k], m2[k])
+        assert m1["tokens"] == m2["tokens"]
+    moved = max(float((one["state"][k] - one["init"][k]).abs().max()) for k in one["init"])
+    assert moved > 1e-4, "the update did not move the adapter"
+    rel = relative_update_difference(one["state"], two["state"], one["init"])
+    print(f"{precision}: update difference (relative Frobenius) = {rel:.2e} (tolerance {tol_update:g})")
+    assert rel < tol_update
+
+
+# ----------------------------------------------------------------------------- hf engine on CUDA
+
+def teacher_forced(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt + completion], device=device)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float()
+    logp = (logits / temperature).log_softmax(-1)
+    return logp.gather(1, torch.tensor(completion, device=device)[:, None]).squeeze(1).cpu()
+
+
+def random_adapter(model_path: str, version: int):
+    from peft import LoraConfig, get_peft_model
+
+    from rl.models import load_model
+    from rl.sync import make_payload
+
+    model = get_peft_model(load_model(model_path, "float32"), LoraConfig(**LORA))
+    gen = torch.Generator().manual_seed(version)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return make_payload(model, version)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_engine_on_cuda_samples_n_with_consistent_logprobs(smollm2_path, dtype):
+    from rl.config import RolloutConfig
+    from rl.models import load_tokenizer
+    from rl.rollout import SamplingSpec
+    from rl.rollout_hf import HFEngine
+
+    tok = load_tokenizer(smollm2_path)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=False) for q in QUESTIONS]
+    ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    engine = HFEngine(RolloutConfig(engine="hf", max_lora_rank=16, max_model_len=1024), smollm2_path, dtype, seed=0)
+    assert next(engine.model.parameters()).device.type == "cuda"
+    if dtype == "float32":  # the adapter path too: LoRA weights moved to the GPU and applied
+        engine.load_adapter(random_adapter(smollm2_path, 1))
+        assert engine.adapter_version() == 1
+        assert next(p for n, p in engine.model.named_parameters() if "lora_B" in n).device.type == "cuda"
+    n, T, max_new = 4, 0.8, 40
+    groups = engine.generate(ids, SamplingSpec(n=n, max_new_tokens=max_new, temperature=T, seed=123))
+    assert len(groups) == len(ids) and all(len(g) == n for g in groups)
+    diffs = []
+    for prompt, group in zip(ids, groups):
+        assert len({tuple(c.token_ids) for c in group}) > 1, "n samples of a prompt are all identical"
+        for c in group:
+            assert len(c.token_ids) == len(c.logprobs) >= 1 and c.finish_reason in ("stop", "length")
+            assert c.finish_reason == "stop" or len(c.token_ids) == max_new
+            ref = teacher_forced(engine.model, prompt, c.token_ids, T)
+            diffs.append((torch.tensor(c.logprobs) - ref).abs())
+    d = torch.cat(diffs)
+    print(f"{dtype}: |engine - teacher-forced| logprob mean {d.mean():.2e} median {d.median():.2e} "
+          f"max {d.max():.2e} over {d.numel()} tokens")
+    if dtype == "float32":
+        assert float(d.max()) < 2e-3
+    else:
+        assert float(d.mean()) < 0.1 and float(d.median()) < 0.05
+    # The same seed and the same batch give the same samples (a different batch draws differently).
+    again = engine.generate(ids, SamplingSpec(n=n, max_new_tokens=max_new, temperature=T, seed=123))
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+    greedy = engine.generate(ids[:2], SamplingSpec(n=3, max_new_tokens=16, temperature=0.0))
+    assert all(len({tuple(c.token_ids) for c in g}) == 1 for g in greedy)
+
+
+# ----------------------------------------------------------------------------- GRPO on one GPU
+
+def engine_device(worker_self):
+    return str(next(worker_self.engine.model.parameters()).device)
+
+
+@pytest.mark.slow
+def test_tiny_grpo_run_colocated_on_one_gpu(ray_local, tiny_model_path, tmp_path):
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    from rl.checkpoint import MARKER
+    from rl.metrics_log import read_metrics
+    from rl.trainer import Trainer
+
+    cfg = load_config(REPO / "launch" / "configs" / "tiny.yaml", [
+        f"logging.output_dir={tmp_path}", "logging.run_name=gpu", "logging.progress=false",
+        "logging.tensorboard=false", "rollout.engine=hf", "trainer.steps=3", "trainer.save_every=2",
+        "trainer.eval_size=4", "cluster.colocate=true", "cluster.gpus_per_learner_rank=0.5",
+        "cluster.gpus_per_rollout_worker=0.4"])
+    groups_before = set(ray.util.placement_group_table())
+    trainer = Trainer(cfg, tmp_path / "gpu")
+    try:
+        learner = ray.get(trainer.learner.ranks[0].__ray_call__.remote(rank_placement))
+        rollout = ray.get(trainer.rollout.workers[0].__ray_call__.remote(engine_device))
+        final = trainer.fit()
+    finally:
+        trainer.close()
+        # The run's placement group outlives the Trainer; free its GPU share for later tests.
+        for pg_id in set(ray.util.placement_group_table()) - groups_before:
+            ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pg_id)))
+    assert learner["device"].startswith("cuda") and learner["backend"] == "nccl"
+    assert rollout.startswith("cuda")
+    assert learner["gpu_ids"], "the learner rank was given no GPU by Ray"
+    metrics = read_metrics(tmp_path / "gpu")
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3]  # step 0: the evaluation before training
+    for m in metrics[1:]:
+        assert math.isfinite(m["learner/loss"]) and m["learner/skipped"] == 0
+        assert m["throughput/rollout_tokens_per_s"] > 0
+    assert set(final) >= {"accuracy_strict", "accuracy_flexible"}
+    ckpt = tmp_path / "gpu" / "checkpoints" / "step-000003"
+    assert (ckpt / MARKER).exists() and (ckpt / "learner" / "adapter_model.safetensors").exists()
