@@ -233,7 +233,7 @@ def parse_args(argv):
     ap.add_argument("--learner-group", type=int, default=8)
     ap.add_argument("--prompt-tokens", type=int, default=160)
     ap.add_argument("--response-tokens", type=int, default=256)
-    ap.add_argument("--micro-batch", type=int, default=16)
+    ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--learner-steps", type=int, default=3)
     ap.add_argument("--engine-batches", default="8x4,16x8,32x8", help="prompts x n, comma separated")
     ap.add_argument("--engine-adapters", default="none,uniform,page")

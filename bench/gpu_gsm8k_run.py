@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ def _read(path: Path, default=None):
 
 def _write(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".tmp{os.getpid()}")  # two calls may share --out (one GPU each)
     tmp.write_text(json.dumps(obj, indent=1))
     tmp.replace(path)
 
@@ -259,7 +260,7 @@ def parse_args(argv):
     ap.add_argument("--task", default="gsm8k", choices=["gsm8k", "synthetic"])
     ap.add_argument("--config", default=str(RECIPE))
     ap.add_argument("--seed", type=int, default=0, help="trainer, data and placement seed of both arms")
-    ap.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of this call")
+    ap.add_argument("--budget-s", type=float, default=510.0, help="wall-clock budget of this call")
     ap.add_argument("--eval-batch", type=int, default=0, help="sequences per greedy batch (0: all at once)")
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate only the first N test problems (0: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny model and sizes: checks the script on a CPU")
