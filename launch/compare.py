@@ -160,12 +160,14 @@ def run_one(args, label: str, scorer: str, policy: str, seed: int, out: Path):
                              module_types=info["modules"], last=args.last, run_dir=str(run_dir))
     except Exception as e:  # one run's failure is a row of the table, not the end of the comparison
         logging.getLogger("placerl").exception("compare: %s seed %d failed", label, seed)
-        _reset_ray()
         return cr.RunResult(label, seed, error=one_line(e), run_dir=str(run_dir))
+    finally:
+        _reset_ray()
 
 
 def _reset_ray() -> None:
-    """A failed run may leave actors behind; the next run starts a fresh local Ray."""
+    """Each run gets a fresh Ray: a finished run keeps its placement group reserved and a
+    failed one may leave actors behind, so runs sharing one Ray run out of CPUs by the third."""
     try:
         import ray
 
@@ -188,7 +190,7 @@ def setup_lines(args, argv: list[str], cfg, placements: list[str], seeds: list[i
             f"{r.group_size}; max new tokens {r.max_new_tokens}; learning rate {cfg.learner.lr}",
             f"evaluation: greedy on {cfg.trainer.eval_size} test problems, {r.eval_max_new_tokens} new tokens at most; "
             f"reward column: mean of the last {args.last} steps",
-            f"diagnostics: every {args.every or 1} step(s) on {', '.join(d.modules)} "
+            f"diagnostics: every {d.every} step(s) on {', '.join(d.modules)} "
             "(narrowed to the types a plan adapts)",
             "wall time includes scoring the placement"]
 

@@ -224,15 +224,15 @@ def _pct(v: float) -> str:
 
 def runs_table(results: list[RunResult]) -> str:
     lines = ["| placement | seed | status | acc. flexible | acc. strict | n | reward (last steps) | trainable params | "
-             "wall s | rank min-max | spread LoRA | spread G | corr(log r, shift) | slope |",
-             "|---" * 14 + "|"]
+             "wall s | rank min-max | spread LoRA | spread G | predicted LoRA spread at init | corr(log r, shift) | "
+             "slope |", "|---" * 15 + "|"]
     for r in results:
         status = "ok" if r.ok else f"FAILED: {r.error}"
         fit = r.fit or ShiftFit(0, float("nan"), float("nan"))
         lines.append(f"| {r.placement} | {r.seed} | {status} | {_pct(r.accuracy_flexible)} | {_pct(r.accuracy_strict)} | "
                      f"{r.eval_n} | {fmt(r.reward_last)} | {r.params:,} | {fmt(r.wall_s)} | "
                      f"{fmt(r.rank_min)}-{fmt(r.rank_max)} | {fmt(r.spread_lora)} | {fmt(r.spread_G)} | "
-                     f"{fmt(fit.pearson)} | {fmt(fit.slope)} |")
+                     f"{fmt(r.predicted_lora_spread)} | {fmt(fit.pearson)} | {fmt(fit.slope)} |")
     return "\n".join(lines)
 
 
@@ -298,7 +298,10 @@ def markdown(results: list[RunResult], *, title: str, setup: list[str], plots: l
            "interval on the pooled count. Spread: max/min of run-level layer importance (layer norms averaged "
            "over captures), on LoRA gradients and on the rank-free G of the same watched modules.", "",
            "## Does the sqrt(r) effect show?", "", *[f"- {s}" for s in sqrt_r_verdict(rows)], "",
-           "## Every run", "", runs_table(results), ""]
+           "## Every run", "", runs_table(results), "",
+           "Predicted LoRA spread at init: the gradrank scorer's expectation of max/min layer LoRA-gradient norm "
+           "from its probe, s^2 r / (3 d_in) ||G||^2 per module under the run's ranks and alpha policy. "
+           "corr and slope: log(I_lora / I_G) per layer against log r_l (NaN when every layer has the same rank).", ""]
     failed = [e for r in rows for e in (f"{r.placement} {x}" for x in r.errors)]
     if failed:
         out += ["## Failures", "", *[f"- {e}" for e in failed], ""]

@@ -125,19 +125,25 @@ def test_placement_specs_and_seeds():
 
 @pytest.mark.slow
 def test_compare_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
-    """uniform trains; gradrank's unequal ranks exceed a vLLM cap of 4 and fail alone, reported in the table."""
+    """uniform trains; a user's scorer that raises fails alone and is reported in the table."""
     from launch import compare
+    from placement import register_scorer
 
-    rc = compare.main(["--config", str(TINY), "--placements", "uniform,gradrank:proportional", "--seeds", "0",
-                       "--steps", "2", "--out", str(tmp_path / "runs"), "rollout.max_lora_rank=4",
-                       "trainer.eval_size=4", "logging.progress=false", "logging.tensorboard=false",
-                       "cluster.num_cpus=2", "trainer.save_every=100"])
+    @register_scorer("fails_on_purpose", needs_probe=False)
+    def fails_on_purpose(model, probe, budget, settings):
+        raise RuntimeError("this scorer fails on purpose")
+
+    reward = f'reward.functions=[{{name: "{REPO}/tests/data/reward_fns.py:with_bonus", weight: 1.0}}]'
+    rc = compare.main(["--config", str(TINY), "--placements", "fails_on_purpose,uniform", "--seeds", "0",
+                       "--steps", "2", "--out", str(tmp_path / "runs"), "trainer.eval_size=4", reward,
+                       "logging.progress=false", "logging.tensorboard=false", "trainer.save_every=100"])
     assert rc == 0
     results = {r["placement"]: r for r in json.loads((tmp_path / "runs" / "report" / "results.json").read_text())}
-    uni, grad = results["uniform"], results["gradrank:proportional"]
+    uni, bad = results["uniform"], results["fails_on_purpose"]
     assert uni["error"] == "" and uni["eval_n"] == 4 and uni["params"] > 0 and uni["wall_s"] > 0
-    assert uni["rank_min"] == uni["rank_max"] == 4
-    assert float(uni["spread_G"]) >= 1.0  # two layers of real G norms from the run's diagnostics
-    assert "max_lora_rank" in grad["error"]
+    assert uni["rank_min"] == uni["rank_max"] == 4 and math.isfinite(uni["reward_last"])
+    assert float(uni["spread_G"]) >= 1.0 and float(uni["spread_lora"]) >= 1.0  # real per-layer norms
+    assert bad["error"] == "RuntimeError: this scorer fails on purpose"
     md = (tmp_path / "runs" / "report" / "report.md").read_text()
-    assert "FAILED" in md and (tmp_path / "runs" / "report" / "compare_accuracy.png").exists()
+    assert "FAILED: RuntimeError: this scorer fails on purpose" in md
+    assert (tmp_path / "runs" / "report" / "compare_accuracy.png").exists()
