@@ -42,6 +42,8 @@ class SamplingSpec:
             raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
         if self.temperature < 0:
             raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if 0 < self.temperature < 1e-5:  # vLLM silently turns these greedy; say so instead
+            raise ValueError(f"sampling.temperature={self.temperature} is below 1e-5; use 0 for greedy")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
         return self

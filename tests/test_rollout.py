@@ -208,6 +208,8 @@ def test_bad_prompts_fail_in_one_line(engine):
         engine.generate([[1] * 250], SamplingSpec(max_new_tokens=10))
     with pytest.raises(ValueError, match="sampling.top_p"):
         engine.generate([[1, 2]], SamplingSpec(top_p=0))
+    with pytest.raises(ValueError, match="use 0 for greedy"):
+        engine.generate([[1, 2]], SamplingSpec(temperature=1e-7))
 
 
 def test_rollout_worker_actor(ray_local, tiny_model_path, base_model):
