@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -104,6 +105,8 @@ def evaluate(args, adapter_dir: str | None) -> dict:
                 "truncated_frac": sum(g[0].finish_reason == "length" for g in groups) / len(groups),
                 "peak_gpu_mb": _peak_mb(), "adapter": adapter_dir or "", "max_new_tokens": cfg.rollout.eval_max_new_tokens})
     del engine
+    if torch.cuda.is_available():  # hand the KV cache back before the next phase's actors start
+        torch.cuda.empty_cache()
     return out
 
 
@@ -221,6 +224,17 @@ def arm_summary(folder: Path) -> dict:
             "placement_scoring_s": next((c["scoring_s"] for c in calls if c.get("scoring_s")), None)}
 
 
+def change_vs_base(base: dict, after: dict) -> dict:
+    """Accuracy changes and twice their binomial standard error (unpaired, so conservative:
+    both evaluations grade the same problems): a change inside it is not evidence of learning."""
+    out = {}
+    for kind in ("strict", "flexible"):
+        p0, p1 = base[f"accuracy_{kind}"], after[f"accuracy_{kind}"]
+        se = math.sqrt(p0 * (1 - p0) / base["n"] + p1 * (1 - p1) / after["n"])
+        out[kind] = {"change": p1 - p0, "two_se": 2 * se, "beyond_two_se": abs(p1 - p0) > 2 * se}
+    return out
+
+
 def summarize(args, root: Path) -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     out = {"task": args.task, "device": device, "settings": args.settings, "phases": {}}
@@ -230,16 +244,21 @@ def summarize(args, root: Path) -> dict:
         if phase != "base":
             entry.update(arm_summary(folder))
         out["phases"][phase] = entry
-    _write(root / "summary.json", out)
     base = (out["phases"]["base"]["eval"] or {})
+    for phase in PHASES[1:]:
+        ev = out["phases"][phase]["eval"]
+        if ev and base:
+            out["phases"][phase]["change_vs_base"] = change_vs_base(base, ev)
+    _write(root / "summary.json", out)
     print(f"summary ({args.task}, {device}): {root / 'summary.json'}")
     for phase in PHASES:
         e = out["phases"][phase]
         ev = e["eval"] or {}
         line = f"  {phase:<8} strict {ev.get('accuracy_strict', float('nan')):.4f}  " \
                f"flexible {ev.get('accuracy_flexible', float('nan')):.4f}"
-        if phase != "base" and ev and base:
-            line += f"  (base {base['accuracy_strict']:.4f} / {base['accuracy_flexible']:.4f})"
+        if "change_vs_base" in e:
+            c = e["change_vs_base"]
+            line += "  change " + ", ".join(f"{k} {c[k]['change']:+.4f} (2 s.e. {c[k]['two_se']:.4f})" for k in c)
         if phase != "base":
             r = [x for x in e["reward_mean"] if x is not None]
             line += f"  steps {e['steps']}  reward {r[0] if r else float('nan'):.3f} -> " \
