@@ -21,6 +21,11 @@ ones fails in one line. Extra ``key=value`` arguments override the recipe for bo
 Evaluation runs one plain-transformers engine in this process (all test prompts in one
 greedy batch by default), after the run's actors are gone, for the base model and for
 each arm's final adapter alike.
+
+Expected on one H200 with the recipe's defaults (25 steps of 32 prompts x 8 x 256
+tokens; docs/gpu.md gives the assumptions): base about 1 min, page about 6 min,
+uniform 8-9 min (its rollouts decode through PEFT LoRA on every projection, about
+twice the operator calls per token), each arm's start-up 60-90 s of it.
 """
 from __future__ import annotations
 
