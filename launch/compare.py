@@ -165,13 +165,16 @@ def run_one(args, label: str, scorer: str, policy: str, seed: int, out: Path):
         _reset_ray()
 
 
+_RAY_WAS_UP: list[bool] = []  # whether a Ray was running before this command started one
+
+
 def _reset_ray() -> None:
-    """Each run gets a fresh Ray: a finished run keeps its placement group reserved and a
-    failed one may leave actors behind, so runs sharing one Ray run out of CPUs by the third."""
+    """Each run gets a fresh Ray (a failed run may leave actors behind), unless the Ray was
+    there before this command: then it belongs to the caller and stays up."""
     try:
         import ray
 
-        if ray.is_initialized():
+        if ray.is_initialized() and not _RAY_WAS_UP[0]:
             ray.shutdown()
     except Exception:  # noqa: BLE001 - cleanup must not mask the run's own error
         pass
@@ -239,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or Path(cfg.logging.output_dir) / f"compare-{Path(args.config).stem}")
+    import ray
+
+    _RAY_WAS_UP[:] = [ray.is_initialized()]
     results = []
     for label, scorer, policy in specs:
         for seed in seeds:

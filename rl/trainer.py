@@ -83,7 +83,7 @@ class Trainer:
 
         self.plan, lora_dict = make_plan(cfg, self.model_path, self.train_rows)
         self.plan.save(run_dir / "plan.json")
-        layout = reserve(cfg)
+        self.layout = layout = reserve(cfg)
         # The plan builds the PEFT model itself (seeded A, verified shapes, B masks); the
         # diagnostics hooks go on before FSDP2 wraps it.
         attach = None
@@ -236,6 +236,11 @@ class Trainer:
         if self.rollout is not None:
             self.rollout.shutdown()
         self.learner.shutdown()
+        # Give the bundles back, so that later runs in the same Ray (compare, regime,
+        # a notebook) find the resources free.
+        from ray.util import remove_placement_group
+
+        remove_placement_group(self.layout.placement_group)
 
 
 def train(cfg: Config, recipe: str = "run") -> Path:
