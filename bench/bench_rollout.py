@@ -1,7 +1,7 @@
 """Rollout overhead: the framework's rollout path against raw ``vllm.LLM.generate``.
 
     python -m bench.bench_rollout                      # SmolLM2-135M-Instruct, 8 prompts x n=4, 64 tokens
-    python -m bench.bench_rollout --hf-batches 8x4,16x8 --rounds 5
+    python -m bench.bench_rollout --parts hf --hf-batches 8x4,16x8    # the hf engine alone
 
 Printed, all from this one run and one process tree:
   overhead ratio = framework rollout time / raw vllm.LLM.generate time (goal <= 1.10)
@@ -76,35 +76,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--hf-batches", default="8x4,16x8", help="prompts x group size; '' skips the hf engine")
-    ap.add_argument("--hf-dtype", default="float32")
-    args = ap.parse_args()
-
+def bench_overhead(args, path: str, tok, payload) -> None:
     import ray
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
     from rl.cluster import init_ray
     from rl.config import RolloutConfig
-    from rl.models import load_tokenizer, resolve_model
     from rl.rollout import RolloutWorker, SamplingSpec
     from rl.rollout_vllm import served_rank_cap
-    from rl.sync import fold_scales_for_vllm, write_peft_adapter
+    from rl.sync import AdapterPayload, fold_scales_for_vllm, write_peft_adapter
 
-    path = resolve_model(args.model)
-    tok = load_tokenizer(path)
     prompts = render(tok, questions(args.prompts))
     cfg = RolloutConfig(engine="vllm", max_lora_rank=LORA["r"], max_model_len=1024, cpu_kv_cache_gb=0.5)
     spec = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=0)
-    payload = adapter_payload(path, version=1)
 
     # Raw vLLM, configured as the framework configures it, in this process.
     raw = LLM(model=path, dtype=args.dtype, seed=0, max_model_len=cfg.max_model_len, enforce_eager=True,
@@ -113,13 +98,17 @@ def main() -> None:
               disable_log_stats=True, kv_cache_memory_bytes=int(cfg.cpu_kv_cache_gb * 2**30))
     folder = tempfile.mkdtemp(prefix="bench-lora-")
     tensors, lcfg = fold_scales_for_vllm(payload.tensors, payload.peft_config)
-    write_peft_adapter(type(payload)(1, tensors, lcfg), folder)
+    write_peft_adapter(AdapterPayload(1, tensors, lcfg), folder)
     lora = LoRARequest("bench", 1, folder)
-    params = [SamplingParams(n=args.n, max_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
-                             seed=i * args.n, logprobs=0) for i in range(len(prompts))]
 
-    def raw_run():
-        outs = raw.generate(prompts, params, lora_request=lora, use_tqdm=False)
+    def params(max_tokens: int):
+        return [SamplingParams(n=args.n, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
+                               seed=i * args.n, logprobs=0) for i in range(len(prompts))]
+
+    full = params(args.max_new_tokens)
+
+    def raw_run(p=full):
+        outs = raw.generate(prompts, p, lora_request=lora, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
     # The framework: a RolloutWorker actor; tokenization, transfer and conversion included.
@@ -128,11 +117,13 @@ def main() -> None:
     ray.get(worker.ping.remote())
     ray.get(worker.load_adapter.remote(ray.put(payload)))
 
-    def framework_run():
+    def framework_run(s=spec):
         ids = tok(prompts, add_special_tokens=False)["input_ids"]
-        rows = ray.get(worker.generate.remote(ids, spec))
+        rows = ray.get(worker.generate.remote(ids, s))
         return sum(len(c.token_ids) for row in rows for c in row)
 
+    print(f"model={args.model} dtype={args.dtype} prompts={args.prompts} n={args.n} "
+          f"max_new_tokens={args.max_new_tokens} lora=r{LORA['r']} all-linear rounds={args.rounds}", flush=True)
     raw_tokens, fw_tokens = raw_run(), framework_run()  # warm-up (first-call kernel setup)
     raw_times, fw_times = [], []
     for i in range(args.rounds):
@@ -140,18 +131,13 @@ def main() -> None:
         fw_times.append(timed(framework_run))
         print(f"round {i + 1}: raw {raw_times[-1]:.2f} s, framework {fw_times[-1]:.2f} s", flush=True)
     # The framework's fixed cost per call, nearly free of decoding: one new token each.
-    one = [SamplingParams(n=args.n, max_tokens=1, temperature=1.0, seed=i * args.n, logprobs=0)
-           for i in range(len(prompts))]
-    one_spec = SamplingSpec(n=args.n, max_new_tokens=1, temperature=1.0, seed=0)
-    raw_one = min(timed(lambda: raw.generate(prompts, one, lora_request=lora, use_tqdm=False)) for _ in range(5))
-    fw_one = min(timed(lambda: ray.get(worker.generate.remote(
-        tok(prompts, add_special_tokens=False)["input_ids"], one_spec))) for _ in range(5))
+    one, one_spec = params(1), SamplingSpec(n=args.n, max_new_tokens=1, temperature=1.0, seed=0)
+    raw_one = min(timed(lambda: raw_run(one)) for _ in range(5))
+    fw_one = min(timed(lambda: framework_run(one_spec)) for _ in range(5))
     ray.kill(worker)
     del raw
     shutil.rmtree(folder, ignore_errors=True)
 
-    print(f"model={args.model} dtype={args.dtype} prompts={args.prompts} n={args.n} "
-          f"max_new_tokens={args.max_new_tokens} lora=r{LORA['r']} all-linear rounds={args.rounds}")
     print(f"raw vllm.LLM.generate   : best {min(raw_times):.3f} s  median {statistics.median(raw_times):.3f} s  "
           f"({raw_tokens} tokens, {raw_tokens / min(raw_times):.0f} tok/s)")
     print(f"framework RolloutWorker : best {min(fw_times):.3f} s  median {statistics.median(fw_times):.3f} s  "
@@ -160,26 +146,53 @@ def main() -> None:
     print(f"rollout overhead ratio (framework / raw, best rounds) = {ratio:.3f}  "
           f"[median rounds: {statistics.median(fw_times) / statistics.median(raw_times):.3f}]  goal <= 1.10: "
           f"{'met' if ratio <= 1.10 else 'NOT met'}")
-
     print(f"fixed cost per call (1 new token, best of 5): raw {raw_one * 1e3:.0f} ms, framework "
-          f"{fw_one * 1e3:.0f} ms, difference {(fw_one - raw_one) * 1e3:.0f} ms")
+          f"{fw_one * 1e3:.0f} ms, difference {(fw_one - raw_one) * 1e3:.0f} ms", flush=True)
 
-    if args.hf_batches:
-        from rl.rollout_hf import HFEngine
 
-        hf = HFEngine(RolloutConfig(engine="hf", max_lora_rank=LORA["r"], max_model_len=1024), path,
-                      args.hf_dtype, seed=0)
-        hf.load_adapter(payload)
-        for shape in args.hf_batches.split(","):
-            p, g = (int(x) for x in shape.split("x"))
-            ids = tok(render(tok, questions(p)), add_special_tokens=False)["input_ids"]
-            s = SamplingSpec(n=g, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
-            t = time.perf_counter()
-            rows = hf.generate(ids, s)
-            dt = time.perf_counter() - t
-            n_tok = sum(len(c.token_ids) for row in rows for c in row)
-            print(f"hf engine {p}x{g} ({p * g} sequences, {args.hf_dtype}, LoRA): {n_tok} tokens in "
-                  f"{dt:.2f} s = {n_tok / dt:.0f} tok/s")
+def bench_hf(args, path: str, tok, payload) -> None:
+    from rl.config import RolloutConfig
+    from rl.rollout import SamplingSpec
+    from rl.rollout_hf import HFEngine
+
+    hf = HFEngine(RolloutConfig(engine="hf", max_lora_rank=LORA["r"], max_model_len=1024), path,
+                  args.hf_dtype, seed=0)
+    hf.load_adapter(payload)
+    for shape in args.hf_batches.split(","):
+        p, g = (int(x) for x in shape.split("x"))
+        ids = tok(render(tok, questions(p)), add_special_tokens=False)["input_ids"]
+        s = SamplingSpec(n=g, max_new_tokens=args.max_new_tokens, temperature=1.0, seed=0)
+        t = time.perf_counter()
+        rows = hf.generate(ids, s)
+        dt = time.perf_counter() - t
+        n_tok = sum(len(c.token_ids) for row in rows for c in row)
+        print(f"hf engine {p}x{g} ({p * g} sequences, {args.hf_dtype}, LoRA r{LORA['r']}): {n_tok} tokens "
+              f"in {dt:.2f} s = {n_tok / dt:.0f} tok/s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--parts", default="overhead,hf", help="overhead (vLLM vs framework), hf (hf engine tokens/s)")
+    ap.add_argument("--hf-batches", default="8x4,16x8", help="prompts x group size for the hf engine")
+    ap.add_argument("--hf-dtype", default="float32")
+    args = ap.parse_args()
+
+    from rl.models import load_tokenizer, resolve_model
+
+    path = resolve_model(args.model)
+    tok = load_tokenizer(path)
+    payload = adapter_payload(path, version=1)
+    parts = set(args.parts.split(","))
+    if "overhead" in parts:
+        bench_overhead(args, path, tok, payload)
+    if "hf" in parts:
+        bench_hf(args, path, tok, payload)
 
 
 if __name__ == "__main__":
