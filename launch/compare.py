@@ -20,6 +20,10 @@ folder per (placement, seed), and ``report/`` with ``report.md``, ``results.json
 PNG plots (accuracy with Wilson intervals, importance spread on LoRA gradients and on
 G, assigned rank against importance shift).
 
+With ``--resume``, finished runs are read back and unfinished ones continue from their
+newest checkpoint (``trainer.save_every``) with their saved plan; the wall time of the
+failed attempts is added to theirs.
+
 Left out: running placements in parallel (the runs share the machine's cores) and
 statistical tests between placements.
 """
@@ -41,6 +45,7 @@ from rl.data import DataError
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
 DEFAULT_PLACEMENTS = "uniform,gradrank:proportional,gradrank:fixed,gradrank:rslora,page,plop,bmask,random"
 RUN_FILE = "compare_run.json"
+PARTIAL_FILE = "compare_partial.json"  # wall time spent by attempts that did not finish
 
 
 def parse_args(argv):
@@ -54,7 +59,8 @@ def parse_args(argv):
     ap.add_argument("--last", type=int, default=3, help="steps at the end whose mean reward is reported")
     ap.add_argument("--out", default="", help="folder for the runs (default <logging.output_dir>/compare-<recipe>)")
     ap.add_argument("--report", default="", help="folder for the report (default <out>/report)")
-    ap.add_argument("--reuse", action="store_true", help="reuse runs in --out that already finished")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse runs in --out that finished; resume unfinished ones from their newest checkpoint")
     ap.add_argument("overrides", nargs="*", help="dotted overrides applied to every run")
     return ap.parse_args(argv)
 
@@ -91,7 +97,7 @@ def run_name(label: str, seed: int) -> str:
 def run_overrides(args, scorer: str, policy: str, seed: int, out: Path, name: str) -> list[str]:
     extra = [f"placement.scorer={scorer}", f"trainer.seed={seed}", f"placement.seed={seed}",
              "diagnostics.enabled=true", f"logging.output_dir={out}", f"logging.run_name={name}",
-             "trainer.resume=never"]
+             f"trainer.resume={'auto' if args.resume else 'never'}"]
     if policy:
         extra.append(f"placement.alpha_policy={policy}")
     if args.steps is not None:
@@ -130,36 +136,47 @@ def one_line(e: BaseException) -> str:
 def run_one(args, label: str, scorer: str, policy: str, seed: int, out: Path):
     """Score, train and summarise one (placement, seed); errors come back in the result."""
     from rl import compare_report as cr
+    from rl import diag_records as dr
     from rl.metrics_log import read_metrics
     from rl.trainer import train
 
     name = run_name(label, seed)
     run_dir = out / name
-    done = run_dir / RUN_FILE
+    done, partial, scored = run_dir / RUN_FILE, run_dir / PARTIAL_FILE, run_dir / "scored_plan.json"
+    prior, t = 0.0, time.perf_counter()
     try:
-        if args.reuse and done.exists() and (run_dir / "final_eval.json").exists():
+        if args.resume and done.exists() and (run_dir / "final_eval.json").exists():
             info = json.loads(done.read_text())
         else:
-            if run_dir.exists():
-                if not (run_dir / "config.yaml").exists() and not (run_dir / "scored_plan.json").exists():
+            if run_dir.exists() and not args.resume:
+                if not (run_dir / "config.yaml").exists() and not scored.exists():
                     raise ValueError(f"--out: {run_dir} exists and is not a run folder; choose another --out")
                 shutil.rmtree(run_dir)  # metrics.jsonl appends: a stale run would mix in
+            if args.resume and partial.exists():
+                prior = json.loads(partial.read_text())["wall_s"]
             overrides = run_overrides(args, scorer, policy, seed, out, name)
             cfg = load_config(args.config, overrides)
-            t = time.perf_counter()
-            plan = score_plan(cfg, run_dir / "scored_plan.json")
+            if args.resume and scored.exists():  # an unfinished run: its plan, then its newest checkpoint
+                from placement import PlacementPlan
+
+                plan = PlacementPlan.load(scored)
+            else:
+                plan = score_plan(cfg, scored)
             modules = watched_types(list(cfg.diagnostics.modules), plan.module_names())
-            cfg = load_config(args.config, [*overrides, f"placement.plan={run_dir / 'scored_plan.json'}",
+            cfg = load_config(args.config, [*overrides, f"placement.plan={scored}",
                                             f"diagnostics.modules=[{','.join(modules)}]"])
             train(cfg, recipe=name)
-            info = {"wall_s": time.perf_counter() - t, "score_s": plan.seconds, "modules": modules}
+            info = {"wall_s": prior + time.perf_counter() - t, "score_s": plan.seconds, "modules": modules}
             done.write_text(json.dumps(info))
         plan = json.loads((run_dir / "plan.json").read_text())
         params = plan.get("trainable_params") or 0
-        return cr.run_result(label, seed, read_metrics(run_dir), plan, params=int(params), wall_s=info["wall_s"],
+        records = dr.last_per_step(read_metrics(run_dir))
+        return cr.run_result(label, seed, records, plan, params=int(params), wall_s=info["wall_s"],
                              module_types=info["modules"], last=args.last, run_dir=str(run_dir))
     except Exception as e:  # one run's failure is a row of the table, not the end of the comparison
         logging.getLogger("placerl").exception("compare: %s seed %d failed", label, seed)
+        if run_dir.exists():  # a resumed attempt adds its time to this one's
+            partial.write_text(json.dumps({"wall_s": prior + time.perf_counter() - t}))
         return cr.RunResult(label, seed, error=one_line(e), run_dir=str(run_dir))
     finally:
         _reset_ray()

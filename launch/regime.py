@@ -12,6 +12,10 @@ cross-step cosine, sign agreement and importance spread for the rank-free G and 
 the LoRA gradients, side by side, with the direction of each contrast stated against
 the papers' claims.
 
+With ``--resume`` a run that died (a lost Ray node, an out-of-memory kill) continues
+from its newest checkpoint (``trainer.save_every``); a step logged twice keeps its
+last record.
+
 Left out: several seeds per regime (run the command again with ``trainer.seed=N``),
 and GRPO variants beyond what overrides express.
 """
@@ -22,7 +26,6 @@ import json
 import logging
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from rl.config import ConfigError, load_config
@@ -40,7 +43,8 @@ def parse_args(argv):
                     help="capture gradients every k steps (default 1, or diagnostics.every when overridden)")
     ap.add_argument("--out", default="", help="folder for both runs (default <logging.output_dir>/regime-<recipe>)")
     ap.add_argument("--report", default="", help="folder for the report (default <out>/report)")
-    ap.add_argument("--reuse", action="store_true", help="reuse runs in --out that already finished")
+    ap.add_argument("--resume", action="store_true",
+                    help="reuse runs in --out that finished; resume unfinished ones from their newest checkpoint")
     ap.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs, e.g. rollout.group_size=4")
     return ap.parse_args(argv)
 
@@ -48,7 +52,7 @@ def parse_args(argv):
 def regime_overrides(args, loss: str, out: Path, plan: str = "") -> list[str]:
     """The user's overrides, then what makes the two runs a controlled pair (these win)."""
     extra = [f"algorithm.loss={loss}", "diagnostics.enabled=true", f"logging.output_dir={out}",
-             f"logging.run_name={loss}", "trainer.resume=never"]
+             f"logging.run_name={loss}", f"trainer.resume={'auto' if args.resume else 'never'}"]
     if args.steps is not None:
         extra.append(f"trainer.steps={args.steps}")
     user_every = any(o.startswith("diagnostics.every=") for o in args.overrides)
@@ -59,18 +63,19 @@ def regime_overrides(args, loss: str, out: Path, plan: str = "") -> list[str]:
     return [*args.overrides, *extra]
 
 
-def prepare_run_dir(run_dir: Path, reuse: bool) -> bool:
-    """True if a finished run can be reused; otherwise clears an earlier run of ours (metrics append)."""
-    if reuse and (run_dir / "final_eval.json").exists():
+def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
+    """True if a finished run can be reused. Without ``resume`` an earlier run of ours is
+    cleared (metrics.jsonl appends); with it, an unfinished run is left for the trainer to resume."""
+    if resume and (run_dir / "final_eval.json").exists():
         return True
-    if run_dir.exists():
+    if run_dir.exists() and not resume:
         if not (run_dir / "config.yaml").exists():
             raise ValueError(f"--out: {run_dir} exists and is not a run folder; choose another --out")
         shutil.rmtree(run_dir)
     return False
 
 
-def setup_lines(cfg, steps_wall: dict[str, float], argv: list[str]) -> list[str]:
+def setup_lines(cfg, step_time: dict[str, float], argv: list[str]) -> list[str]:
     p, r, d = cfg.placement, cfg.rollout, cfg.diagnostics
     return [f"command: `placerl regime {' '.join(argv)}`",
             f"model: {cfg.model.name}; task: {cfg.data.task}; seed {cfg.trainer.seed} (data order seed {cfg.data.seed})",
@@ -80,27 +85,29 @@ def setup_lines(cfg, steps_wall: dict[str, float], argv: list[str]) -> list[str]
             f"{p.budget or 'uniform baseline'}, modules {', '.join(p.target_modules)}; the same plan file for both runs",
             f"diagnostics: every {d.every} step(s) on modules {', '.join(d.modules)}; cosine lags {d.lags}, "
             f"sign window {d.window}",
-            "wall time: " + ", ".join(f"{k.upper()} " + (f"{v:.0f} s" if v == v else "reused from an earlier run")
-                                      for k, v in steps_wall.items())]
+            "training time (sum of logged step times, start-up excluded): "
+            + ", ".join(f"{k.upper()} {v:.0f} s" for k, v in step_time.items())]
 
 
-def write_report(out: Path, report: Path, cfg, wall: dict[str, float], argv: list[str]) -> list:
+def write_report(out: Path, report: Path, cfg, argv: list[str]) -> list:
+    from rl import diag_records as dr
     from rl import regime_report as rr
     from rl import report_plots
     from rl.metrics_log import read_metrics
 
-    sft, grpo = read_metrics(out / "sft"), read_metrics(out / "grpo")
+    sft, grpo = (dr.last_per_step(read_metrics(out / regime)) for regime in REGIMES)
     contrasts = rr.regime_contrasts(sft, grpo)
+    step_time = {regime: sum(r.get("time/step_s", 0.0) for r in recs) for regime, recs in zip(REGIMES, (sft, grpo))}
     report.mkdir(parents=True, exist_ok=True)
     plots = [report_plots.regime_statistics(sft, grpo, report), report_plots.regime_importance(sft, grpo, report)]
     title = f"Gradient regimes: SFT vs GRPO on {cfg.model.name} ({cfg.data.task}, {cfg.trainer.steps} steps)"
     (report / "report.md").write_text(rr.markdown(contrasts, sft, grpo, title=title,
-                                                  setup=setup_lines(cfg, wall, argv), plots=plots))
+                                                  setup=setup_lines(cfg, step_time, argv), plots=plots))
     summary = [{"statistic": c.statistic.key, "gradient": c.kind, "sft": c.sft, "grpo": c.grpo,
                 "captures": [c.n_sft, c.n_grpo], "papers_higher": c.statistic.papers_higher, "went": c.went,
                 "agrees": c.agrees, "sentence": c.sentence} for c in contrasts]
     (report / "contrasts.json").write_text(json.dumps({"contrasts": summary, "tally": rr.tally(contrasts),
-                                                       "wall_s": wall}, indent=1, default=str))
+                                                       "step_time_s": step_time}, indent=1, default=str))
     return contrasts
 
 
@@ -123,24 +130,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from rl.trainer import train
 
-    wall: dict[str, float] = {}
     for loss in REGIMES:
         try:
             if loss == "grpo":  # the SFT run's plan: the same adapters, ranks and A initialisation
                 cfgs["grpo"] = load_config(args.config, regime_overrides(args, "grpo", out, str(out / "sft" / "plan.json")))
             run_dir = out / loss
-            if prepare_run_dir(run_dir, args.reuse):
-                wall[loss] = float("nan")
+            if prepare_run_dir(run_dir, args.resume):
                 print(f"{loss}: reusing {run_dir}")
                 continue
-            t = time.perf_counter()
             train(cfgs[loss], recipe=loss)
-            wall[loss] = time.perf_counter() - t
         except (ConfigError, DataError, ValueError) as e:
             print(f"error: {loss} run: {e}", file=sys.stderr)
             return 2
     report = Path(args.report) if args.report else out / "report"
-    contrasts = write_report(out, report, cfgs["grpo"], wall, argv)
+    contrasts = write_report(out, report, cfgs["grpo"], argv)
     print(f"runs:   {out / 'sft'}  {out / 'grpo'}")
     print(f"report: {report / 'report.md'}")
     for c in contrasts:

@@ -55,6 +55,15 @@ def diag_values(record: dict) -> dict[str, float]:
     return out
 
 
+def last_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, the last one logged, in step order: a resumed run re-logs the
+    steps between its checkpoint and the crash."""
+    by_step: dict[int, dict] = {}
+    for r in records:
+        by_step[int(r.get("step", -1))] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def layer_of(module: str) -> str:
     """``layers.3.mlp.down_proj`` -> ``layers.3``; a name without a layer index is its own layer."""
     m = _LAYER_RE.search(module + ".")

@@ -88,6 +88,12 @@ def test_records_parse_prefixes_strings_and_skip_zero_captures():
     assert dr.zero_captures([rec, zero], "G") == 1 and dr.module_norms([zero], "G") == []
 
 
+def test_a_resumed_run_keeps_the_last_record_of_each_step():
+    recs = [{"step": 0, "eval/n": 4.0}, {"step": 1, "a": 1.0}, {"step": 2, "a": 2.0}, {"step": 2, "a": 2.5},
+            {"step": 3, "a": 3.0}]
+    assert [r.get("a") for r in dr.last_per_step(recs)] == [None, 1.0, 2.5, 3.0]
+
+
 def test_run_importance_from_module_norms():
     # Layer 0: two modules 3 and 4 -> N = 5; layer 1: 5 -> N = 5 then 15 -> mean 10; layer 2: 1.
     recs = [capture(1, {"G": {"layers.0.mlp.down_proj/norm": 3.0, "layers.0.self_attn.v_proj/norm": 4.0,
