@@ -43,6 +43,7 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 1024,
         return ray.init(address=address, runtime_env=env if runtime_env else None,
                         log_to_driver=True)
     return ray.init(
+        address="local",  # a private cluster even when another Ray runs on this machine
         num_cpus=num_cpus or os.cpu_count(),
         object_store_memory=object_store_mb * 1024 * 1024,
         include_dashboard=False,

@@ -24,11 +24,14 @@ TINY = REPO / "launch" / "configs" / "tiny.yaml"
 pytestmark = pytest.mark.slow
 
 # Ports of our own head, away from Ray's defaults so that it cannot meet another cluster.
-GCS, DASH, CLIENT, AGENT_HTTP, AGENT_GRPC, METRICS = 6391, 8275, 10011, 52375, 52376, 52377
+GCS, DASH, CLIENT, AGENT_HTTP, AGENT_GRPC, METRICS = 6391, 8275, 9011, 52375, 52376, 52377
 
 
 def _ray_env() -> dict:
-    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    # A loopback-only head: Ray 2.60's default token auth would need the token passed to
+    # every client, which buys nothing when only this machine can reach the head.
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE="disabled")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
     env.pop("RAY_ADDRESS", None)
     return env

@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 config=${1:?usage: submit_local.sh CONFIG [key=value ...]}; shift
-export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
+# Loopback only, so Ray 2.60's token auth (on by default) is switched off here.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled
 started=0
 if ! ray status --address 127.0.0.1:6380 >/dev/null 2>&1; then
   bash launch/scripts/ray_start.sh >/dev/null
