@@ -58,4 +58,9 @@ def plan_from_config(placement_cfg, model_path: str, probe_rows: list[dict] | No
             raise ValueError(f"placement.scorer={placement_cfg.scorer} needs probe rows; "
                              "pass prompts with gold answers (probe_source=sft) or rollouts (grpo)")
         probe = build_probe(load_tokenizer(model_path), rows, placement_cfg.probe_source, max_tokens)
-    return score_model(placement_cfg.scorer, model, probe, budget, settings, model_name=model_path)
+    plan = score_model(placement_cfg.scorer, model, probe, budget, settings, model_name=model_path)
+    if model.device.type == "cuda":
+        # The caller (a training driver) shares the GPU with rollout and learner actors next.
+        del model
+        torch.cuda.empty_cache()
+    return plan
