@@ -219,8 +219,12 @@ def arm_summary(folder: Path) -> dict:
         vals = [m[key] for m in steps if isinstance(m.get(key), (int, float))]
         return sum(vals) / len(vals) if vals else None
 
-    return {"steps": len(steps), "reward_mean": curve("reward/mean"), "accuracy_reward": curve("reward/gsm8k_flexible"),
-            "format_reward": curve("reward/format_hash"), "response_tokens": curve("rollout/response_tokens_mean"),
+    # One curve per reward function, as the reward runner names them (reward/<name>/mean).
+    names = sorted({k[len("reward/"):-len("/mean")] for m in steps for k in m
+                    if k.startswith("reward/") and k.endswith("/mean") and k.count("/") == 2} - {"total"})
+    return {"steps": len(steps), "reward_mean": curve("reward/mean"),
+            "reward_per_function": {n: curve(f"reward/{n}/mean") for n in names},
+            "response_tokens": curve("rollout/response_tokens_mean"),
             "train_wall_s": sum(c["wall_s"] for c in calls), "startup_s": [c["start_s"] for c in calls],
             "step_s_mean": mean("time/step_s"), "rollout_s_mean": mean("time/rollout_s"),
             "learner_s_mean": mean("time/learner_s"), "rollout_tokens_per_s": mean("throughput/rollout_tokens_per_s"),
@@ -240,6 +244,29 @@ def change_vs_base(base: dict, after: dict) -> dict:
     return out
 
 
+def plot_curves(summary: dict, path: Path) -> None:
+    """Mean reward and response length per step, one line per arm (a PNG beside summary.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for arm in PHASES[1:]:
+        e = summary["phases"][arm]
+        for ax, key in zip(axes, ("reward_mean", "response_tokens")):
+            ys = e.get(key) or []
+            ax.plot(range(1, len(ys) + 1), ys, marker=".", label=arm)
+    for ax, title in zip(axes, ("mean reward per step", "mean response tokens per step")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.suptitle(f"{summary['task']} GRPO, SmolLM2-135M-Instruct ({summary['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def summarize(args, root: Path) -> dict:
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
     out = {"task": args.task, "device": device, "settings": args.settings, "phases": {}}
@@ -255,6 +282,7 @@ def summarize(args, root: Path) -> dict:
         if ev and base:
             out["phases"][phase]["change_vs_base"] = change_vs_base(base, ev)
     _write(root / "summary.json", out)
+    plot_curves(out, root / "reward_curves.png")
     print(f"summary ({args.task}, {device}): {root / 'summary.json'}")
     for phase in PHASES:
         e = out["phases"][phase]

@@ -9,6 +9,7 @@ Prints strict and flexible accuracy and writes them as JSON when ``--out`` is gi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -45,6 +46,7 @@ def main(argv: list[str]) -> int:
         from rl.evaluate import accuracy, eval_runner
         from rl.models import load_tokenizer, resolve_model
         from rl.rollout import SamplingSpec, make_engine
+        from rl.sync import module_ranks
 
         path = resolve_model(cfg.model.name, cfg.model.cache_dir)
         tok = load_tokenizer(path)
@@ -55,7 +57,13 @@ def main(argv: list[str]) -> int:
         return 2
     dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else (
         "bfloat16" if torch.cuda.is_available() else cfg.model.dtype)
-    engine = make_engine(cfg.rollout, path, dtype, cfg.trainer.seed)
+    rollout_cfg = cfg.rollout
+    if payload is not None:
+        # vLLM pads every adapter to its max_lora_rank (rl/trainer.py says what that costs):
+        # serve at the adapter's own largest rank; one above the configured cap still fails below.
+        rank = max(module_ranks(payload.tensors).values(), default=cfg.rollout.max_lora_rank)
+        rollout_cfg = dataclasses.replace(cfg.rollout, max_lora_rank=min(rank, cfg.rollout.max_lora_rank))
+    engine = make_engine(rollout_cfg, path, dtype, cfg.trainer.seed)
     if payload is not None:
         engine.load_adapter(payload)
     t = time.perf_counter()

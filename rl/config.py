@@ -246,8 +246,12 @@ class ClusterConfig:
     colocate: bool = True  # rollout and learner share the same devices
     gpus_per_rollout_worker: float = 0.0
     gpus_per_learner_rank: float = 0.0
+    # Threads of each CPU actor; 0: the host's cores shared among the actors of one kind
+    # (rollout workers and learner ranks take turns, so each kind may use every core).
+    cpu_threads: int = 0
 
     def validate(self, p: str) -> None:
+        _check(self.cpu_threads >= 0, f"{p}.cpu_threads", self.cpu_threads, "must be >= 0 (0: automatic)")
         _check(self.object_store_mb >= 64, f"{p}.object_store_mb", self.object_store_mb, "must be >= 64")
         _check(self.gpus_per_rollout_worker >= 0, f"{p}.gpus_per_rollout_worker",
                self.gpus_per_rollout_worker, "must be >= 0")

@@ -118,7 +118,13 @@ class LearnerRank:
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
-        elif addr == LOOPBACK:
+        else:
+            # Ray set one thread for this fractional-CPU actor; learner ranks compute while
+            # the rollout workers wait, so they share the host's cores (rl/resources.py).
+            from rl.resources import cpu_threads
+
+            torch.set_num_threads(cpu_threads(cfg.cluster.cpu_threads, cfg.learner.num_ranks))
+        if not cuda and addr == LOOPBACK:
             # Gloo binds its pair sockets to the address the hostname resolves to, which may be an
             # external interface even when the store is on loopback.
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")

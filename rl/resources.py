@@ -7,6 +7,7 @@ or fails at start, instead of deadlocking half-placed.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -28,6 +29,20 @@ def plan_bundles(num_ranks: int, num_workers: int, colocate: bool, gpus_learner:
     bundles = [{"CPU": 1.0, **({"GPU": gpus_learner} if gpus_learner else {})} for _ in range(num_ranks)]
     bundles += [{"CPU": 1.0, **({"GPU": gpus_rollout} if gpus_rollout else {})} for _ in range(num_workers)]
     return bundles, list(range(num_ranks)), list(range(num_ranks, num_ranks + num_workers))
+
+
+def cpu_threads(configured: int, actors: int, host_cores: int | None = None) -> int:
+    """Threads for one of ``actors`` CPU actors of a kind on a host (pure but for the core count).
+
+    Ray gives an actor with a fraction of a CPU one thread. A step rolls out, then updates:
+    rollout workers and learner ranks never compute at the same time, so the actors of
+    each kind may share all the host's cores (on two cores: a SmolLM2 step 79 s -> 52 s).
+    """
+    if configured:
+        return configured
+    if host_cores is None:
+        host_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, host_cores // max(1, actors))
 
 
 def reserve(cfg, timeout_s: float = 120.0) -> ActorLayout:

@@ -95,9 +95,25 @@ def make_engine(rollout_cfg, model_path: str, dtype: str, seed: int) -> RolloutE
 class LocalRolloutWorker:
     """One engine and its adapter state; :data:`RolloutWorker` runs it as a Ray actor in its own process."""
 
-    def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int):
+    def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int, cpu_threads: int = 0,
+                 index: int = 0):
+        """``cpu_threads``: cluster.cpu_threads (0: automatic, rl/resources.py); ``index``:
+        this worker's place among the pool's workers, which picks the cores it binds."""
+        from rl.resources import cpu_threads as threads_for
+
         # In-process vLLM: a fast start, and no child processes left behind when the actor dies.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        n = threads_for(cpu_threads, rollout_cfg.num_workers)
+        cores = os.cpu_count() or 1
+        first = (index * n) % cores
+        # Ray set one thread for this fractional-CPU actor. vLLM's CPU backend binds its
+        # threads itself and, left to "auto", keeps a core back for a scheduler process
+        # that the in-process engine does not have: name the cores instead.
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{min(first + n, cores) - 1}")
+        import torch
+
+        torch.set_num_threads(n)
         self.engine = make_engine(rollout_cfg, model_path, dtype, seed)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:

@@ -25,7 +25,7 @@ class RolloutPool:
         from rl.rollout import RolloutWorker
 
         self._cls, self._cfg, self._path, self._dtype, self._seed = RolloutWorker, rollout_cfg, model_path, dtype, seed
-        self._layout, self._gpus = layout, cluster_cfg.gpus_per_rollout_worker
+        self._layout, self._gpus, self._threads = layout, cluster_cfg.gpus_per_rollout_worker, cluster_cfg.cpu_threads
         self._adapter = None  # ObjectRef of the newest AdapterPayload
         self.restarts = 0
         self.workers = [self._start(i) for i in range(rollout_cfg.num_workers)]
@@ -35,7 +35,8 @@ class RolloutPool:
         strategy = PlacementGroupSchedulingStrategy(
             self._layout.placement_group, placement_group_bundle_index=self._layout.rollout_bundles[i])
         return self._cls.options(num_cpus=0.5, num_gpus=self._gpus, scheduling_strategy=strategy,
-                                 max_concurrency=1).remote(self._cfg, self._path, self._dtype, self._seed + 7919 * i)
+                                 max_concurrency=1).remote(self._cfg, self._path, self._dtype, self._seed + 7919 * i,
+                                                           self._threads, i)
 
     def _restart(self, i: int) -> None:
         log.warning("rollout worker %d died; restarting it and re-syncing the adapter", i)
