@@ -118,7 +118,7 @@ def bench_overhead(args, path: str, tok, payload) -> None:
     os.environ.setdefault("RAY_worker_niceness", "0")
     threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND") if k in os.environ}
     init_ray(num_cpus=os.cpu_count(), object_store_mb=512, runtime_env={"env_vars": threads})
-    worker = RolloutWorker.options(num_cpus=args.threads or os.cpu_count()).remote(cfg, path, args.dtype, 0)
+    worker = RolloutWorker.options(num_cpus=args.threads or os.cpu_count()).remote(cfg, path, args.dtype, 0, args.threads)
     ray.get(worker.ping.remote())
     ray.get(worker.load_adapter.remote(ray.put(payload)))
 
@@ -193,9 +193,10 @@ def main() -> None:
     args = ap.parse_args()
     # Set before torch or vLLM start their thread pools, here and (through Ray) in the actor,
     # so that both sides run the same threads: Ray would otherwise set its own count there.
-    os.environ["OMP_NUM_THREADS"] = str(args.threads or os.cpu_count())
-    if args.threads:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{args.threads - 1}"
+    # Name the cores for vLLM too: left to "auto" it keeps one back (rl/rollout.py says why).
+    threads = args.threads or os.cpu_count()
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
 
     from rl.models import load_tokenizer, resolve_model
 
