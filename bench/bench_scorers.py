@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scorers", default=",".join(DEFAULT_BUDGETS))
     ap.add_argument("--probe-samples", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--device", default="", help="cpu or cuda (default: cuda when there is a GPU)")
     ap.add_argument("--run-seconds", type=float, default=0.0, help="wall time of a 100-step GRPO run, same model")
     args = ap.parse_args(argv)
 
@@ -41,10 +42,11 @@ def main(argv: list[str] | None = None) -> int:
 
     path = resolve_model(args.model)
     tok = load_tokenizer(path)
-    model = load_model(path, "float32")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(path, "float32").to(device)
     probe = build_probe(tok, render_rows(read_jsonl(args.data), tok, args.probe_samples, 0), "sft", args.max_tokens)
     print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
-          f"probe {probe.num_samples} samples, {probe.num_tokens} tokens; torch threads {torch.get_num_threads()}")
+          f"probe {probe.num_samples} samples, {probe.num_tokens} tokens; device {device}, torch threads {torch.get_num_threads()}")
     header = f"{'scorer':<14}{'budget':<16}{'wall s':>9}{'cpu s':>9}{'load avg':>10}"
     if args.run_seconds:
         header += f"{'% of run':>10}"
