@@ -5,7 +5,7 @@ import torch
 
 from rl.batch import grpo_batch, pad_sequences, sft_batch
 from rl.evaluate import split_evenly
-from rl.resources import plan_bundles
+from rl.resources import cpu_threads, plan_bundles
 
 
 def test_pad_sequences_aligns_masks_and_logprobs():
@@ -41,6 +41,13 @@ def test_bundles_colocated_and_separate():
     assert len(bundles) == 4 and rb == [2, 3] and all(b["GPU"] == 1 for b in bundles)
     cpu_only, _, _ = plan_bundles(1, 1, colocate=True, gpus_learner=0, gpus_rollout=0)
     assert cpu_only == [{"CPU": 1.0}]
+
+
+def test_cpu_threads_share_the_host_among_one_kind_of_actor():
+    assert cpu_threads(0, 1, host_cores=2) == 2  # one learner rank (or rollout worker): every core
+    assert cpu_threads(0, 2, host_cores=2) == 1  # two gloo ranks computing at once
+    assert cpu_threads(0, 3, host_cores=2) == 1  # never zero
+    assert cpu_threads(3, 2, host_cores=2) == 3  # cluster.cpu_threads wins
 
 
 def test_split_evenly_keeps_order():
