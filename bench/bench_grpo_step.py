@@ -32,7 +32,7 @@ def placerl_steps(args, out: Path) -> list[dict]:
 
     cfg = load_config(REPO / "launch/configs/gsm8k_grpo.yaml", [
         f"trainer.steps={args.steps}", f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
-        f"rollout.max_new_tokens={args.tokens}", f"learner.micro_batch_size={args.prompts * args.group}",
+        f"rollout.max_new_tokens={args.tokens}", f"learner.micro_batch_size={args.micro_batch}",
         "trainer.eval_size=0", f"trainer.save_every={args.steps + 1}", "logging.run_name=bench", f"logging.output_dir={out}",
         "logging.tensorboard=false", "logging.progress=false", "reward.functions=[{name: gsm8k_flexible}]",
         f"placement.rank={args.rank}", f"placement.alpha={2 * args.rank}"])
@@ -67,10 +67,13 @@ def trl_step_times(args) -> list[float]:
     def reward(prompts, completions, **cols):
         return gsm8k_flexible(prompts, completions, **cols)
 
-    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.group,
+    # The same micro-batches as placerl's learner: TRL generates for the whole step
+    # (micro-batch x accumulation steps = prompts x group) and trains micro-batch by micro-batch.
+    accumulate = args.prompts * args.group // args.micro_batch
+    cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.micro_batch,
                      num_generations=args.group, max_completion_length=args.tokens, max_steps=args.steps,
                      learning_rate=2e-5, use_vllm=False, use_cpu=True, report_to=[], logging_steps=1,
-                     save_strategy="no", bf16=False, gradient_accumulation_steps=1, temperature=1.0, beta=0.0,
+                     save_strategy="no", bf16=False, gradient_accumulation_steps=accumulate, temperature=1.0, beta=0.0,
                      epsilon_high=0.28, dataloader_num_workers=0, seed=0)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -87,8 +90,13 @@ def main() -> int:
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--micro-batch", type=int, default=8,
+                    help="sequences per forward/backward on both sides (a whole 32-sequence batch "
+                         "of SmolLM2 logits needs about 20 GB)")
     ap.add_argument("--skip-trl", action="store_true")
     args = ap.parse_args()
+    if (args.prompts * args.group) % args.micro_batch:
+        ap.error(f"--micro-batch={args.micro_batch} must divide prompts x group = {args.prompts * args.group}")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(tempfile.mkdtemp(prefix="placerl-bench-"))
