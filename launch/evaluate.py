@@ -9,7 +9,6 @@ Prints strict and flexible accuracy and writes them as JSON when ``--out`` is gi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -45,7 +44,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, args.overrides)
         from rl.evaluate import accuracy, eval_runner
         from rl.models import load_tokenizer, resolve_model
-        from rl.rollout import SamplingSpec, make_engine
+        from rl.rollout import SamplingSpec, make_engine, served_config
         from rl.sync import module_ranks
 
         path = resolve_model(cfg.model.name, cfg.model.cache_dir)
@@ -58,11 +57,9 @@ def main(argv: list[str]) -> int:
     dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else (
         "bfloat16" if torch.cuda.is_available() else cfg.model.dtype)
     rollout_cfg = cfg.rollout
-    if payload is not None:
-        # vLLM pads every adapter to its max_lora_rank (rl/trainer.py says what that costs):
-        # serve at the adapter's own largest rank; one above the configured cap still fails below.
-        rank = max(module_ranks(payload.tensors).values(), default=cfg.rollout.max_lora_rank)
-        rollout_cfg = dataclasses.replace(cfg.rollout, max_lora_rank=min(rank, cfg.rollout.max_lora_rank))
+    if payload is not None:  # serve at the adapter's own largest rank (rl/rollout.py says why)
+        rollout_cfg = served_config(cfg.rollout, max(module_ranks(payload.tensors).values(),
+                                                     default=cfg.rollout.max_lora_rank))
     engine = make_engine(rollout_cfg, path, dtype, cfg.trainer.seed)
     if payload is not None:
         engine.load_adapter(payload)

@@ -40,9 +40,12 @@ def cpu_threads(configured: int, actors: int, host_cores: int | None = None) -> 
     """
     if configured:
         return configured
-    if host_cores is None:
-        host_cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, host_cores // max(1, actors))
+    return max(1, (host_cores or usable_cores()) // max(1, actors))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def reserve(cfg, timeout_s: float = 120.0) -> ActorLayout:

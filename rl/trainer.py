@@ -18,7 +18,6 @@ does, and multi-turn / tool-use rollouts.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
@@ -34,6 +33,7 @@ from rl.evaluate import accuracy, eval_runner
 from rl.grpo import group_advantages, zero_variance_groups
 from rl.metrics_log import MetricsLog
 from rl.models import load_tokenizer, resolve_model
+from rl.rollout import served_config
 
 log = logging.getLogger("placerl")
 
@@ -93,10 +93,8 @@ class Trainer:
         self.learner = LearnerGroup(cfg, self.model_path, lora_dict, plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
-        # vLLM computes every adapter padded to its max_lora_rank: rank-8 adapters served
-        # under a cap of 64 made CPU rollouts 5x slower. The plan never changes during a run,
-        # so serve at its largest rank (already checked against rollout.max_lora_rank).
-        served = dataclasses.replace(cfg.rollout, max_lora_rank=self.plan.max_rank())
+        # The plan never changes during a run: serve at its largest rank (rl/rollout.py says why).
+        served = served_config(cfg.rollout, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster) if needs_rollout else None
         self.rewards = RewardRunner.from_config(cfg.reward, group_size=cfg.rollout.group_size)
