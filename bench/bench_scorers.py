@@ -1,11 +1,18 @@
 """Time every placement scorer on one model and probe, and as a fraction of a training run.
 
-    python bench/bench_scorers.py [--model smollm2-135m-instruct] [--run-seconds S]
+    python bench/bench_scorers.py [--model smollm2-135m-instruct] [--run-steps 3] [--dtype float32]
 
-Each scorer runs once on the same probe (32 GSM8K training samples by default, rendered
-with the chat template); the wall time includes the probe's forward/backward passes.
-``--run-seconds`` is the wall time of a 100-step GRPO run with the same model (from the
-system benchmark); the script then prints each scorer's time as a fraction of it.
+Each scorer runs once, cold, on the same probe (32 GSM8K training samples by default,
+rendered with the chat template), as it would at the start of a run; the wall time
+includes the probe's forward/backward passes.
+
+``--run-steps N`` then runs N steps of the GSM8K GRPO recipe (launch/configs/gsm8k_grpo.yaml,
+the same model, evaluation off) in this same invocation, so that the fraction compares
+times taken on the same (noisy) machine. A 100-step run's time is estimated as the
+measured run (start-up included) plus the remaining steps at the mean time of steps
+2..N. Checkpoint saves and evaluation are left out, which makes the run shorter and the
+printed fractions an upper bound. ``--run-seconds`` gives the run's time instead.
+
 CPU time and the machine's load average are printed too: on a shared machine wall time
 alone overstates the cost.
 """
@@ -13,14 +20,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 DEFAULT_BUDGETS = {"uniform": "", "random": "", "page": "", "plop": "", "bmask": "fraction=0.05",
                    "bmask_random": "fraction=0.05", "gradrank": ""}
+RUN_STEPS = 100
+
+
+def hundred_step_run_seconds(model: str, steps: int) -> tuple[float, list[float]]:
+    """(estimated wall time of a 100-step run of the GSM8K recipe, the measured step times)."""
+    from rl.config import load_config
+    from rl.metrics_log import read_metrics
+    from rl.trainer import train
+
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = Path(tempfile.mkdtemp(prefix="placerl-bench-run-"))
+    cfg = load_config(REPO / "launch/configs/gsm8k_grpo.yaml", [
+        f"model.name={model}", f"trainer.steps={steps}", "trainer.eval_size=0", f"trainer.save_every={steps}",
+        "logging.run_name=bench", f"logging.output_dir={out}", "logging.tensorboard=false", "logging.progress=false"])
+    start = time.perf_counter()
+    train(cfg, "bench")
+    wall = time.perf_counter() - start
+    step_s = [m["time/step_s"] for m in read_metrics(out / "bench") if "time/step_s" in m]
+    steady = statistics.mean(step_s[1:] or step_s)  # the first step carries engine warm-up
+    return wall + (RUN_STEPS - len(step_s)) * steady, step_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scorers", default=",".join(DEFAULT_BUDGETS))
     ap.add_argument("--probe-samples", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=512)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="placement.probe_dtype")
     ap.add_argument("--device", default="", help="cpu or cuda (default: cuda when there is a GPU)")
+    ap.add_argument("--run-steps", type=int, default=0, help="measure the GRPO run now, from this many steps (>= 2)")
     ap.add_argument("--run-seconds", type=float, default=0.0, help="wall time of a 100-step GRPO run, same model")
     args = ap.parse_args(argv)
+    if args.run_steps == 1:
+        ap.error("--run-steps needs at least 2 steps: the first one carries warm-up")
 
     import torch
 
@@ -43,25 +78,31 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_model(args.model)
     tok = load_tokenizer(path)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path, "float32").to(device)
+    model = load_model(path, args.dtype).to(device)
     probe = build_probe(tok, render_rows(read_jsonl(args.data), tok, args.probe_samples, 0), "sft", args.max_tokens)
-    print(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
-          f"probe {probe.num_samples} samples, {probe.num_tokens} tokens; device {device}, torch threads {torch.get_num_threads()}")
-    header = f"{'scorer':<14}{'budget':<16}{'wall s':>9}{'cpu s':>9}{'load avg':>10}"
-    if args.run_seconds:
-        header += f"{'% of run':>10}"
-    print(header)
+    print(f"model {args.model} ({args.dtype}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
+          f"probe {probe.num_samples} samples, {probe.num_tokens} tokens; device {device}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'scorer':<14}{'budget':<16}{'wall s':>9}{'cpu s':>9}{'load avg':>10}")
+    seconds = {}
     for name in [s for s in args.scorers.split(",") if s]:
         budget = DEFAULT_BUDGETS.get(name, "")
         cpu0 = time.process_time()
         plan = score_model(name, model, probe, Budget.parse(budget), ScorerSettings())
         cpu = time.process_time() - cpu0
-        line = f"{name:<14}{budget or '-':<16}{plan.seconds:>9.2f}{cpu:>9.2f}{os.getloadavg()[0]:>10.2f}"
-        if args.run_seconds:
-            line += f"{100 * plan.seconds / args.run_seconds:>9.3f}%"
-        print(line, flush=True)
-    if args.run_seconds:
-        print(f"run: {args.run_seconds:.1f} s for 100 GRPO steps; goal for bmask and page: under 0.5%")
+        seconds[name] = plan.seconds
+        print(f"{name:<14}{budget or '-':<16}{plan.seconds:>9.2f}{cpu:>9.2f}{os.getloadavg()[0]:>10.2f}", flush=True)
+    del model
+
+    run_s = args.run_seconds
+    if args.run_steps:
+        run_s, step_s = hundred_step_run_seconds(args.model, args.run_steps)
+        print(f"GRPO run ({args.run_steps} steps of launch/configs/gsm8k_grpo.yaml, load avg "
+              f"{os.getloadavg()[0]:.2f}): steps {', '.join(f'{s:.1f}' for s in step_s)} s")
+    if run_s:
+        print(f"a {RUN_STEPS}-step run: {run_s:.0f} s; each scorer as a fraction of it (goal for bmask and page: < 0.5%)")
+        for name, s in seconds.items():
+            print(f"  {name:<14}{100 * s / run_s:>8.3f}%")
     return 0
 
 

@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-samples", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=512, help="prompt + answer tokens per probe sample")
     p.add_argument("--steps", type=int, default=4, help="probe steps for bmask and gradrank")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="dtype of the forward/backward passes (scores accumulate in float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder (default runs/placement/<model>-<scorer>)")
     p.add_argument("--name", default="", help="file name of the report and heatmap (default: the scorer)")
@@ -76,9 +78,9 @@ def main(argv: list[str]) -> int:
         from placement.probe import build_probe
         from placement.report import write_report
         from placement.scorers import get_scorer
-        from placement.scoring import score_model, scoring_device
+        from placement.scoring import load_scoring_model, score_model
         from placement.settings import ScorerSettings
-        from rl.models import load_model, load_tokenizer, resolve_model
+        from rl.models import load_tokenizer, resolve_model
 
         budget = Budget.parse(args.budget)
         settings = ScorerSettings(rank=args.rank, alpha=args.alpha, alpha_policy=args.alpha_policy,
@@ -87,7 +89,7 @@ def main(argv: list[str]) -> int:
         scorer = get_scorer(args.scorer)
         path = resolve_model(args.model)
         tokenizer = load_tokenizer(path)
-        model = load_model(path, "float32").to(scoring_device())
+        model = load_scoring_model(path, args.dtype)
         probe = None
         if scorer.needs_probe:
             rows = render_rows(read_jsonl(args.data), tokenizer, args.probe_samples, args.seed)

@@ -41,6 +41,21 @@ class MicroBatch:
         return MicroBatch(self.input_ids.to(device), self.attention_mask.to(device), self.weights.to(device),
                           self.sample_ids.to(device), self.samples)
 
+    @property
+    def single_row(self) -> bool:
+        """One sequence, so no padding: every position is that one sample's."""
+        return self.attention_mask.shape[0] == 1
+
+
+def default_microbatch(device: torch.device) -> int:
+    """Sequences per probe micro-batch when the scorer is not told.
+
+    On a CPU one sequence at a time is fastest: nothing is padded and attention takes
+    its unmasked path (SmolLM2, 32 GSM8K samples, forward + backward: 43 s at 1 row,
+    48 s at 4 length-sorted rows, 63 s at 4 unsorted rows). A GPU wants the wider batch.
+    """
+    return 1 if device.type == "cpu" else 4
+
 
 @dataclass
 class ProbeBatch:
@@ -74,12 +89,16 @@ class ProbeBatch:
         return out
 
     def microbatches(self, max_sequences: int = 4) -> Iterator[MicroBatch]:
-        """Micro-batches of whole samples (a sample's sequences never straddle two)."""
+        """Micro-batches of whole samples (a sample's sequences never straddle two), shortest first."""
         groups: dict[int, list[int]] = {}
         for i, s in enumerate(self.sample_ids):
             groups.setdefault(s, []).append(i)
+        # Samples in order of their longest sequence: rows of similar length share a micro-batch,
+        # so little compute goes to padding (unsorted GSM8K wastes a third of it at 4 rows).
+        # Order is otherwise free: samples do not interact and every consumer sums over them.
+        order = sorted(groups, key=lambda s: (max(len(self.sequences[i]) for i in groups[s]), s))
         batch: list[int] = []
-        for s in sorted(groups):
+        for s in order:
             if batch and len(batch) + len(groups[s]) > max_sequences:
                 yield self._collate(batch)
                 batch = []
@@ -187,8 +206,11 @@ def probe_loss(model: nn.Module, mb: MicroBatch) -> torch.Tensor:
 
 
 def run_hooks(model: nn.Module, probe: ProbeBatch, names: list[str], *, on_grad: GradFn | None = None,
-              on_forward: ForwardFn | None = None, microbatch: int = 4) -> None:
-    """Run the probe, calling ``on_forward(name, x, y, mb)`` and/or ``on_grad(name, x, dL/dy, mb)``."""
+              on_forward: ForwardFn | None = None, microbatch: int | None = None) -> None:
+    """Run the probe, calling ``on_forward(name, x, y, mb)`` and/or ``on_grad(name, x, dL/dy, mb)``.
+
+    ``microbatch`` is the number of sequences per forward pass (None: ``default_microbatch``).
+    """
     modules = dict(model.named_modules())
     missing = [n for n in names if n not in modules]
     if missing:
@@ -217,7 +239,7 @@ def run_hooks(model: nn.Module, probe: ProbeBatch, names: list[str], *, on_grad:
     model.eval()  # dropout off: the probe measures the model, not a random sub-network
     try:
         with _frozen(model):
-            for mb in probe.microbatches(microbatch):
+            for mb in probe.microbatches(microbatch or default_microbatch(device)):
                 mb = mb.to(device)
                 mb_box[:] = [mb]
                 if on_grad is None:
@@ -234,13 +256,15 @@ def run_hooks(model: nn.Module, probe: ProbeBatch, names: list[str], *, on_grad:
 
 def _sample_tokens(x: torch.Tensor, g: torch.Tensor, mb: MicroBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """All real tokens of local sample n: inputs (T, d_in) and output grads (T, d_out)."""
+    if mb.single_row:  # a view, not a copy: this runs for every module and sample
+        return x.flatten(0, 1).float(), g.flatten(0, 1).float()
     rows = mb.sample_ids == n
     keep = mb.attention_mask[rows].bool()
     return x[rows][keep].float(), g[rows][keep].float()
 
 
 def per_sample_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
-                         microbatch: int = 4) -> dict[str, torch.Tensor]:
+                         microbatch: int | None = None) -> dict[str, torch.Tensor]:
     """G_n = dL_n/dW for every sample n and module: {name: (N, d_out, d_in)}. Memory-hungry; for tests and small sets."""
     out: dict[str, torch.Tensor] = {}
     index = {s: i for i, s in enumerate(sorted(set(probe.sample_ids)))}
@@ -257,7 +281,7 @@ def per_sample_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
 
 
 def per_sample_sq_norms(model: nn.Module, probe: ProbeBatch, names: list[str],
-                        microbatch: int = 4) -> dict[str, torch.Tensor]:
+                        microbatch: int | None = None) -> dict[str, torch.Tensor]:
     """||G_n||_F^2 for every sample n and module: {name: (N,)}, without keeping any G_n."""
     out: dict[str, torch.Tensor] = {}
     index = {s: i for i, s in enumerate(sorted(set(probe.sample_ids)))}
@@ -278,7 +302,7 @@ def per_sample_sq_norms(model: nn.Module, probe: ProbeBatch, names: list[str],
 
 
 def batch_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
-                    project: dict[str, torch.Tensor] | None = None, microbatch: int = 4) -> dict[str, torch.Tensor]:
+                    project: dict[str, torch.Tensor] | None = None, microbatch: int | None = None) -> dict[str, torch.Tensor]:
     """dL/dW of the whole probe's summed loss per module, or (dL/dW) P^T for modules in ``project``.
 
     Results stay on the model's device (a full G per module can be large to move).
@@ -290,8 +314,11 @@ def batch_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
     out: dict[str, torch.Tensor] = {}
 
     def on_grad(name, x, g, mb):
-        keep = mb.attention_mask.bool()
-        xs, gs = x[keep].float(), g[keep].float()
+        if mb.single_row:  # a view, not a copy
+            xs, gs = x.flatten(0, 1).float(), g.flatten(0, 1).float()
+        else:
+            keep = mb.attention_mask.bool()
+            xs, gs = x[keep].float(), g[keep].float()
         if name in project:
             xs = xs @ project[name].T.to(xs)
         contrib = gs.T @ xs

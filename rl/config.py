@@ -189,6 +189,7 @@ class PlacementConfig:
     probe_samples: int = 32
     probe_source: str = "sft"  # sft (gold solutions) | grpo (rollouts)
     probe_steps: int = 4  # probe batches for bmask (sign consistency) and gradrank
+    probe_dtype: str = "float32"  # bfloat16 halves scoring memory; see placement.scoring.PROBE_DTYPES
     dropout: float = 0.0
     seed: int = 0
 
@@ -202,6 +203,7 @@ class PlacementConfig:
         _check(self.probe_samples >= 1, f"{p}.probe_samples", self.probe_samples, "must be >= 1")
         _one_of(f"{p}.probe_source", self.probe_source, ["sft", "grpo"])
         _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
+        _one_of(f"{p}.probe_dtype", self.probe_dtype, ["float32", "bfloat16"])
         _check(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "must be in [0, 1)")
         if self.budget:
             kind, _, num = self.budget.partition("=")

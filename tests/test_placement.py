@@ -294,3 +294,22 @@ def test_score_command_writes_plan_and_report(tiny_model_path, gsm8k_dir, tmp_pa
     assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
     assert main(common + ["--scorer", "page", "--budget", "tokens=3"]) == 2
     assert "placement.budget='tokens=3'" in capsys.readouterr().err
+
+
+def test_bfloat16_probe_scores_like_float32(tiny_model_path, tok, rows):
+    from placement.scoring import load_scoring_model
+    from rl.config import PlacementConfig
+
+    probe = build_probe(tok, rows, "sft", max_tokens=128)
+    settings = ScorerSettings(rank=4, alpha=8.0, options={"steps": 2})
+    plans = {dt: {name: score_model(name, load_scoring_model(tiny_model_path, dt), probe, Budget.parse(BUDGETS[name]),
+                                    settings) for name in ("page", "plop", "gradrank", "bmask")}
+             for dt in ("float32", "bfloat16")}
+    for name, plan in plans["bfloat16"].items():
+        assert plan.details["probe_dtype"] == "bfloat16" and plans["float32"][name].details["probe_dtype"] == "float32"
+    for name in ("page", "plop", "gradrank"):  # bmask's scores count the entries it chose
+        a, b = plans["float32"][name].scores, plans["bfloat16"][name].scores
+        rel = sorted(abs(b[m] - a[m]) / abs(a[m]) for m in a)
+        assert rel[len(rel) // 2] < 0.01 and rel[-1] < 0.05, (name, rel[len(rel) // 2], rel[-1])
+    with pytest.raises(ValueError, match="placement.probe_dtype='float16'"):
+        PlacementConfig(probe_dtype="float16").validate("placement")

@@ -105,12 +105,32 @@ def test_per_sample_gradients_match_autograd_loop_grpo(model, tok, rows):
 
 
 @pytest.mark.parametrize("max_tokens", [40, 200])  # short rows take the Gram path, long ones form G
-def test_sq_norms_equal_norms_of_per_sample_gradients(model, tok, rows, max_tokens):
+@pytest.mark.parametrize("microbatch", [1, 3])  # one unpadded row (views), or padded rows (masked copies)
+def test_sq_norms_equal_norms_of_per_sample_gradients(model, tok, rows, max_tokens, microbatch):
     probe = build_probe(tok, rows[:3], "sft", max_tokens=max_tokens)
-    full = per_sample_gradients(model, probe, MODULES)
-    sq = per_sample_sq_norms(model, probe, MODULES)
+    full = per_sample_gradients(model, probe, MODULES, microbatch=2)
+    sq = per_sample_sq_norms(model, probe, MODULES, microbatch=microbatch)
     for m in MODULES:
         torch.testing.assert_close(sq[m].float(), full[m].square().sum((1, 2)), rtol=1e-4, atol=0)
+
+
+def test_microbatches_group_samples_of_similar_length(tok, rows):
+    probe = build_probe(tok, rows, "sft", max_tokens=400)
+    lens = sorted(len(s) for s in probe.sequences)
+    assert len(set(lens)) > 1  # the rows differ in length, or the test shows nothing
+    batches = list(probe.microbatches(2))
+    assert sorted(s for mb in batches for s in mb.samples) == list(range(len(rows)))
+    # Sorted by length, each pair pads only to its own longer row.
+    assert sum(mb.input_ids.numel() for mb in batches) == sum(2 * lens[i + 1] for i in range(0, len(lens), 2))
+    assert all(mb.single_row for mb in probe.microbatches(1))
+
+
+def test_batch_gradients_do_not_depend_on_microbatch_size(model, tok, rows):
+    probe = build_probe(tok, rows, "sft", max_tokens=200)
+    one = batch_gradients(model, probe, MODULES, microbatch=1)
+    three = batch_gradients(model, probe, MODULES, microbatch=3)
+    for m in MODULES:
+        torch.testing.assert_close(one[m], three[m], rtol=1e-4, atol=1e-7)
 
 
 def test_projected_batch_gradient_is_peft_lora_b_gradient(model, tok, rows, tiny_model_path):

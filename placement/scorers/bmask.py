@@ -81,7 +81,7 @@ def score(model, probe, budget, settings):
     a = {m.name: lora_a_init(m.name, settings.rank, m.d_in, settings.seed) for m in cands}
     grads: dict[str, list[torch.Tensor]] = {m.name: [] for m in cands}
     for part in probe.split(steps):
-        g = batch_gradients(model, part, list(a), project=a, microbatch=settings.option("microbatch", 4))
+        g = batch_gradients(model, part, list(a), project=a, microbatch=settings.option("microbatch", None))
         for n in grads:
             grads[n].append(scale * g[n])
     keys = {n: consistency_keys(v) for n, v in grads.items()}

@@ -38,7 +38,7 @@ def score(model, probe, budget, settings):
     sq = {m.name: 0.0 for m in cands}  # mean over steps of ||G_t,m||^2
     layer_norm = {l: 0.0 for l in layers}
     for part in probe.split(steps):
-        g = batch_gradients(model, part, [m.name for m in cands], microbatch=settings.option("microbatch", 4))
+        g = batch_gradients(model, part, [m.name for m in cands], microbatch=settings.option("microbatch", None))
         step_sq = {n: float(t.square().sum()) for n, t in g.items()}
         del g
         for m in cands:

@@ -43,7 +43,7 @@ def page_shares(scores: dict[str, float], kinds: dict[str, str]) -> dict:
 @register_scorer("page")
 def score(model, probe, budget, settings):
     cands = candidate_modules(model, settings.target_modules)
-    sq = per_sample_sq_norms(model, probe, [m.name for m in cands], microbatch=settings.option("microbatch", 4))
+    sq = per_sample_sq_norms(model, probe, [m.name for m in cands], microbatch=settings.option("microbatch", None))
     scale = settings.scale_for(settings.rank)
     scores = {m.name: page_closed_form(float(sq[m.name].mean()), m.d_in, settings.rank, scale) for m in cands}
     order = sorted(cands, key=lambda m: scores[m.name], reverse=True)

@@ -35,7 +35,7 @@ def nfn_from_sums(weight: torch.Tensor, ratio_sum: float, tokens: int, xi: torch
     return num / den
 
 
-def module_nfn(model, probe, cands, seed: int, microbatch: int = 4) -> dict[str, float]:
+def module_nfn(model, probe, cands, seed: int, microbatch: int | None = None) -> dict[str, float]:
     mods = dict(model.named_modules())
     sums: dict[str, float] = {}
     count: dict[str, int] = {}
@@ -60,7 +60,7 @@ def module_nfn(model, probe, cands, seed: int, microbatch: int = 4) -> dict[str,
 @register_scorer("plop")
 def score(model, probe, budget, settings):
     cands = candidate_modules(model, settings.target_modules)
-    scores = module_nfn(model, probe, cands, settings.seed, settings.option("microbatch", 4))
+    scores = module_nfn(model, probe, cands, settings.seed, settings.option("microbatch", None))
     kinds = kinds_in_order(cands)
     type_nfn = {k: sum(scores[m.name] for m in cands if m.kind == k) / sum(1 for m in cands if m.kind == k)
                 for k in kinds}
