@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # Tests never reach a hub, and vLLM runs in-process (fast start, no leaked shm).
@@ -50,3 +51,14 @@ def ray_local():
     init_ray(num_cpus=4, object_store_mb=512)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def numpy_ranks():
+    """(effective rank, stable rank) of a matrix by numpy's SVD: the reference for rl.gradstats."""
+    def ranks(m) -> tuple[float, float]:
+        s = np.linalg.svd(m.double().numpy(), compute_uv=False)
+        p = s / s.sum()
+        p = p[p > 0]
+        return float(np.exp(-(p * np.log(p)).sum())), float((s ** 2).sum() / s[0] ** 2)
+    return ranks

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from placement.apply import apply_plan
 from placement.plan import AdapterSpec, PlacementPlan
-from placement.probe import batch_gradients, build_probe, per_sample_gradients, per_sample_sq_norms
+from placement.probe import (batch_gradients, build_probe, per_sample_gradients, per_sample_sq_norms,
+                             sq_frobenius_of_product)
 from placement.scorers.page import page_closed_form
 from placement.scorers.plop import NUM_XI, module_nfn, random_unit_vectors
 from placement.modules import candidate_modules
@@ -112,6 +113,15 @@ def test_sq_norms_equal_norms_of_per_sample_gradients(model, tok, rows, max_toke
     sq = per_sample_sq_norms(model, probe, MODULES, microbatch=microbatch)
     for m in MODULES:
         torch.testing.assert_close(sq[m].float(), full[m].square().sum((1, 2)), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [3, 40, 400])  # Gram route, either route by shape, direct route
+@pytest.mark.parametrize("d_in,d_out", [(64, 16), (48, 96)])
+def test_sq_frobenius_of_product_on_both_routes(tokens, d_in, d_out):
+    gen = torch.Generator().manual_seed(tokens)
+    x, g = torch.randn(tokens, d_in, generator=gen), torch.randn(tokens, d_out, generator=gen)
+    want = (g.double().T @ x.double()).square().sum()
+    torch.testing.assert_close(sq_frobenius_of_product(g, x).double(), want, rtol=1e-5, atol=0)
 
 
 def test_microbatches_group_samples_of_similar_length(tok, rows):
