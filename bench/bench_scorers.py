@@ -6,8 +6,8 @@ Each scorer runs once, cold, on the same probe (32 GSM8K training samples by def
 rendered with the chat template), as it would at the start of a run; the wall time
 includes the probe's forward/backward passes.
 
-``--run-steps N`` then runs N steps of the GSM8K GRPO recipe (launch/configs/gsm8k_grpo.yaml,
-the same model, evaluation off) in this same invocation, so that the fraction compares
+``--run-steps N`` then runs N steps of the GSM8K GRPO recipe (``--run-config``, by default
+launch/configs/gsm8k_grpo.yaml; the same model, evaluation off) in this same invocation, so that the fraction compares
 times taken on the same (noisy) machine. A 100-step run's time is estimated as the
 measured run (start-up included) plus the remaining steps at the mean time of steps
 2..N. Checkpoint saves and evaluation are left out, which makes the run shorter and the
@@ -34,8 +34,8 @@ DEFAULT_BUDGETS = {"uniform": "", "random": "", "page": "", "plop": "", "bmask":
 RUN_STEPS = 100
 
 
-def hundred_step_run_seconds(model: str, steps: int) -> tuple[float, list[float]]:
-    """(estimated wall time of a 100-step run of the GSM8K recipe, the measured step times)."""
+def hundred_step_run_seconds(recipe: str, model: str, steps: int) -> tuple[float, list[float]]:
+    """(estimated wall time of a 100-step run of the recipe, the measured step times)."""
     from rl.config import load_config
     from rl.metrics_log import read_metrics
     from rl.trainer import train
@@ -43,7 +43,7 @@ def hundred_step_run_seconds(model: str, steps: int) -> tuple[float, list[float]
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(tempfile.mkdtemp(prefix="placerl-bench-run-"))
-    cfg = load_config(REPO / "launch/configs/gsm8k_grpo.yaml", [
+    cfg = load_config(REPO / recipe, [
         f"model.name={model}", f"trainer.steps={steps}", "trainer.eval_size=0", f"trainer.save_every={steps}",
         "logging.run_name=bench", f"logging.output_dir={out}", "logging.tensorboard=false", "logging.progress=false"])
     start = time.perf_counter()
@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="placement.probe_dtype")
     ap.add_argument("--device", default="", help="cpu or cuda (default: cuda when there is a GPU)")
     ap.add_argument("--run-steps", type=int, default=0, help="measure the GRPO run now, from this many steps (>= 2)")
+    ap.add_argument("--run-config", default="launch/configs/gsm8k_grpo.yaml", help="the recipe --run-steps runs")
     ap.add_argument("--run-seconds", type=float, default=0.0, help="wall time of a 100-step GRPO run, same model")
     args = ap.parse_args(argv)
     if args.run_steps == 1:
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_s = args.run_seconds
     if args.run_steps:
-        run_s, step_s = hundred_step_run_seconds(args.model, args.run_steps)
-        print(f"GRPO run ({args.run_steps} steps of launch/configs/gsm8k_grpo.yaml, load avg "
+        run_s, step_s = hundred_step_run_seconds(args.run_config, args.model, args.run_steps)
+        print(f"GRPO run ({args.run_steps} steps of {args.run_config}, load avg "
               f"{os.getloadavg()[0]:.2f}): steps {', '.join(f'{s:.1f}' for s in step_s)} s")
     if run_s:
         print(f"a {RUN_STEPS}-step run: {run_s:.0f} s; each scorer as a fraction of it (goal for bmask and page: < 0.5%)")
