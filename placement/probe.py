@@ -301,7 +301,6 @@ def per_sample_sq_norms(model: nn.Module, probe: ProbeBatch, names: list[str],
 
     def on_grad(name, x, g, mb):
         vec = out.setdefault(name, torch.zeros(len(index), dtype=torch.float64, device=g.device))
-        d_in, d_out = x.shape[-1], g.shape[-1]
         for n, s in enumerate(mb.samples):
             xs, gs = _sample_tokens(x, g, mb, n)
             vec[index[s]] += sq_frobenius_of_product(gs, xs).double()

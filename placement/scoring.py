@@ -23,7 +23,8 @@ from placement.settings import ScorerSettings
 # The dtype the model is loaded in for scoring. Hooks and losses always accumulate in
 # float32; bfloat16 only changes the forward/backward passes. On SmolLM2 + 32 GSM8K
 # samples it picked the same top module and the same top-10 order as float32, PAGE
-# scores within 3% (median 0.5%), and scored about 1.3x faster on a CPU with bf16 units.
+# scores within 3% (median 0.5%). It scored 1.2-1.4x faster on a CPU with bf16 units,
+# and slower on an H100, where what it saves is memory.
 PROBE_DTYPES = ("float32", "bfloat16")
 
 
