@@ -16,6 +16,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 GSM8K_DIR = Path(os.environ.get("PLACERL_GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
+# The first 32 train and 16 test rows of GSM8K (MIT, LICENSE beside them): tests that need
+# GSM8K's format but not its size run on these wherever the full dataset is absent.
+GSM8K_SAMPLE = REPO / "tests" / "data" / "gsm8k"
 if (GSM8K_DIR / "train.jsonl").exists():  # seen by subprocesses and Ray jobs too
     os.environ.setdefault("PLACERL_GSM8K_DIR", str(GSM8K_DIR))
 
@@ -36,8 +39,15 @@ def tiny_model_path(smollm2_path) -> str:
 
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
+    """A folder with GSM8K's train.jsonl and test.jsonl: the full dataset, else the shipped sample."""
+    return GSM8K_DIR if (GSM8K_DIR / "train.jsonl").exists() else GSM8K_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def gsm8k_full_dir() -> Path:
+    """The full dataset, for tests about its size."""
     if not (GSM8K_DIR / "train.jsonl").exists():
-        pytest.skip(f"GSM8K jsonl not found at {GSM8K_DIR}; set PLACERL_GSM8K_DIR")
+        pytest.skip(f"the full GSM8K is not at {GSM8K_DIR}; set PLACERL_GSM8K_DIR")
     return GSM8K_DIR
 
 
