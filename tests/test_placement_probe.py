@@ -115,7 +115,7 @@ def test_sq_norms_equal_norms_of_per_sample_gradients(model, tok, rows, max_toke
         torch.testing.assert_close(sq[m].float(), full[m].square().sum((1, 2)), rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("tokens", [3, 40, 400])  # Gram route, either route by shape, direct route
+@pytest.mark.parametrize("tokens", [3, 20, 400])  # Gram route; direct at (64, 16), Gram at (48, 96); direct
 @pytest.mark.parametrize("d_in,d_out", [(64, 16), (48, 96)])
 def test_sq_frobenius_of_product_on_both_routes(tokens, d_in, d_out):
     gen = torch.Generator().manual_seed(tokens)
