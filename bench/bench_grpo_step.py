@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -25,19 +24,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def placerl_steps(args, out: Path) -> list[dict]:
-    from rl.config import load_config
-    from rl.metrics_log import read_metrics
-    from rl.trainer import train
+def placerl_steps(args) -> list[dict]:
+    from bench.recipe_steps import recipe_step_metrics
 
-    cfg = load_config(REPO / "launch/configs/gsm8k_grpo.yaml", [
+    return recipe_step_metrics("launch/configs/gsm8k_grpo.yaml", [
         f"trainer.steps={args.steps}", f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
         f"rollout.max_new_tokens={args.tokens}", f"learner.micro_batch_size={args.micro_batch}",
-        "trainer.eval_size=0", f"trainer.save_every={args.steps + 1}", "logging.run_name=bench", f"logging.output_dir={out}",
-        "logging.tensorboard=false", "logging.progress=false", "reward.functions=[{name: gsm8k_flexible}]",
+        f"trainer.save_every={args.steps + 1}", "reward.functions=[{name: gsm8k_flexible}]",
         f"placement.rank={args.rank}", f"placement.alpha={2 * args.rank}"])
-    train(cfg, "bench")
-    return [m for m in read_metrics(out / "bench") if "time/step_s" in m]
 
 
 def trl_step_times(args) -> list[float]:
@@ -97,10 +91,7 @@ def main() -> int:
     args = ap.parse_args()
     if (args.prompts * args.group) % args.micro_batch:
         ap.error(f"--micro-batch={args.micro_batch} must divide prompts x group = {args.prompts * args.group}")
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    out = Path(tempfile.mkdtemp(prefix="placerl-bench-"))
-    steps = placerl_steps(args, out)[1:]
+    steps = placerl_steps(args)[1:]
     ours = statistics.mean(m["time/step_s"] for m in steps)
     sync = statistics.mean(m["time/sync_s"] for m in steps)
     parts = {k: statistics.mean(m.get(k, 0.0) for m in steps)

@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,20 +35,12 @@ RUN_STEPS = 100
 
 def hundred_step_run_seconds(recipe: str, model: str, steps: int) -> tuple[float, list[float]]:
     """(estimated wall time of a 100-step run of the recipe, the measured step times)."""
-    from rl.config import load_config
-    from rl.metrics_log import read_metrics
-    from rl.trainer import train
+    from bench.recipe_steps import recipe_step_metrics
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    out = Path(tempfile.mkdtemp(prefix="placerl-bench-run-"))
-    cfg = load_config(REPO / recipe, [
-        f"model.name={model}", f"trainer.steps={steps}", "trainer.eval_size=0", f"trainer.save_every={steps}",
-        "logging.run_name=bench", f"logging.output_dir={out}", "logging.tensorboard=false", "logging.progress=false"])
     start = time.perf_counter()
-    train(cfg, "bench")
+    rows = recipe_step_metrics(recipe, [f"model.name={model}", f"trainer.steps={steps}", f"trainer.save_every={steps}"])
     wall = time.perf_counter() - start
-    step_s = [m["time/step_s"] for m in read_metrics(out / "bench") if "time/step_s" in m]
+    step_s = [m["time/step_s"] for m in rows]
     steady = statistics.mean(step_s[1:] or step_s)  # the first step carries engine warm-up
     return wall + (RUN_STEPS - len(step_s)) * steady, step_s
 
@@ -74,12 +65,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from launch.score import read_jsonl, render_rows
     from placement import Budget, ScorerSettings, build_probe, score_model
-    from rl.models import load_model, load_tokenizer, resolve_model
+    from placement.scoring import load_scoring_model
+    from rl.models import load_tokenizer, resolve_model
 
     path = resolve_model(args.model)
     tok = load_tokenizer(path)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(path, args.dtype).to(device)
+    model = load_scoring_model(path, args.dtype, args.device or None)
+    device = next(model.parameters()).device
     probe = build_probe(tok, render_rows(read_jsonl(args.data), tok, args.probe_samples, 0), "sft", args.max_tokens)
     print(f"model {args.model} ({args.dtype}): {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters; "
           f"probe {probe.num_samples} samples, {probe.num_tokens} tokens; device {device}, "

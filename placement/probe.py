@@ -254,13 +254,16 @@ def run_hooks(model: nn.Module, probe: ProbeBatch, names: list[str], *, on_grad:
         model.train(was_training)
 
 
-def _sample_tokens(x: torch.Tensor, g: torch.Tensor, mb: MicroBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All real tokens of local sample n: inputs (T, d_in) and output grads (T, d_out)."""
+def real_tokens(x: torch.Tensor, y: torch.Tensor, mb: MicroBatch,
+                sample: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unpadded positions of two (S, L, d) tensors as (T, d) float tensors: those of local
+    sample ``sample``, or of the whole micro-batch when it is None."""
     if mb.single_row:  # a view, not a copy: this runs for every module and sample
-        return x.flatten(0, 1).float(), g.flatten(0, 1).float()
-    rows = mb.sample_ids == n
-    keep = mb.attention_mask[rows].bool()
-    return x[rows][keep].float(), g[rows][keep].float()
+        return x.flatten(0, 1).float(), y.flatten(0, 1).float()
+    keep = mb.attention_mask.bool()
+    if sample is not None:
+        keep = keep & (mb.sample_ids == sample)[:, None]
+    return x[keep].float(), y[keep].float()
 
 
 def sq_frobenius_of_product(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -286,7 +289,7 @@ def per_sample_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
         if name not in out:
             out[name] = torch.zeros(len(index), g.shape[-1], x.shape[-1], device=g.device)
         for n, s in enumerate(mb.samples):
-            xs, gs = _sample_tokens(x, g, mb, n)
+            xs, gs = real_tokens(x, g, mb, n)
             out[name][index[s]] += gs.T @ xs
 
     run_hooks(model, probe, names, on_grad=on_grad, microbatch=microbatch)
@@ -302,7 +305,7 @@ def per_sample_sq_norms(model: nn.Module, probe: ProbeBatch, names: list[str],
     def on_grad(name, x, g, mb):
         vec = out.setdefault(name, torch.zeros(len(index), dtype=torch.float64, device=g.device))
         for n, s in enumerate(mb.samples):
-            xs, gs = _sample_tokens(x, g, mb, n)
+            xs, gs = real_tokens(x, g, mb, n)
             vec[index[s]] += sq_frobenius_of_product(gs, xs).double()
 
     run_hooks(model, probe, names, on_grad=on_grad, microbatch=microbatch)
@@ -322,11 +325,7 @@ def batch_gradients(model: nn.Module, probe: ProbeBatch, names: list[str],
     out: dict[str, torch.Tensor] = {}
 
     def on_grad(name, x, g, mb):
-        if mb.single_row:  # a view, not a copy
-            xs, gs = x.flatten(0, 1).float(), g.flatten(0, 1).float()
-        else:
-            keep = mb.attention_mask.bool()
-            xs, gs = x[keep].float(), g[keep].float()
+        xs, gs = real_tokens(x, g, mb)
         if name in project:
             xs = xs @ project[name].T.to(xs)
         contrib = gs.T @ xs

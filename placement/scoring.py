@@ -33,12 +33,13 @@ def scoring_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_scoring_model(model_path: str, dtype: str = "float32") -> torch.nn.Module:
+def load_scoring_model(model_path: str, dtype: str = "float32", device: str | None = None) -> torch.nn.Module:
+    """The model a scorer probes, in ``dtype``, on ``device`` (default: ``scoring_device()``)."""
     from rl.models import load_model
 
     if dtype not in PROBE_DTYPES:
         raise ValueError(f"placement.probe_dtype={dtype!r} is not one of {', '.join(PROBE_DTYPES)}")
-    return load_model(model_path, dtype).to(scoring_device())
+    return load_model(model_path, dtype).to(device or scoring_device())
 
 
 def score_model(scorer_name: str, model: torch.nn.Module, probe: ProbeBatch | None, budget: Budget,

@@ -14,7 +14,7 @@ import torch
 
 from placement.assemble import dense_spec, new_plan, select_units
 from placement.modules import candidate_modules, kinds_in_order
-from placement.probe import run_hooks
+from placement.probe import real_tokens, run_hooks
 from placement.scorers import register_scorer
 
 NUM_XI = 256
@@ -41,8 +41,7 @@ def module_nfn(model, probe, cands, seed: int, microbatch: int | None = None) ->
     count: dict[str, int] = {}
 
     def on_forward(name, x, y, mb):
-        keep = mb.attention_mask.bool()
-        z, wz = x[keep].float(), y[keep].float()
+        z, wz = real_tokens(x, y, mb)
         bias = mods[name].bias
         if bias is not None:
             wz = wz - bias.float()
