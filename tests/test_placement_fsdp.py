@@ -57,6 +57,9 @@ def _worker(rank: int, world: int, port: int, model_path: str, plan_json: str, o
         uneven = holder.lora_B.grad.full_tensor()
         if rank == 0:
             torch.save({"full": full, "uneven": uneven, "want": grad.masked_fill(~mask, 0)}, out)
+        # Both ranks reach teardown together: a rank that tears gloo down while its peer
+        # still holds the pair connection can abort the peer ("terminate called ...", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

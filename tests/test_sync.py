@@ -181,6 +181,9 @@ def _fsdp_gather(rank: int, world: int, init_file: str, model_path: str, out: st
         got = gather_lora_state(model)
         if rank == 0:
             torch.save({"expected": expected, "got": got}, out)
+        # Both ranks reach teardown together: a rank that tears gloo down while its peer
+        # still holds the pair connection can abort the peer ("terminate called ...", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
