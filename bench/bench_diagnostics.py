@@ -18,7 +18,7 @@ machine's speed hits them alike; every figure is a median over rounds.
 Printed ratios: every=k costs ((k-1) idle + capture) / (k off) per step; goal < 1.10 at the
 default cadence (every=10). ``--blocks N`` also runs N rounds of whole 10-step blocks (off,
 every=10, every=1) and prints their measured ratios, a direct check of the formula. On an
-accelerator the statistics run on a CPU worker thread (rl/diagnostics.py); the per-step
+accelerator the statistics run on a CPU worker thread (rl/diagnostics/capture.py); the per-step
 rows then wait for it untimed after each capture and report that wait, and a block's time
 includes waiting for its own captures' statistics, so the blocks are the figure to trust there.
 ``smollm2-shape`` builds the SmolLM2-135M architecture with random weights, for hosts
@@ -33,7 +33,7 @@ import time
 import torch
 
 from rl.config import ALL_LINEAR, DiagnosticsConfig
-from rl.diagnostics import GradientDiagnostics
+from rl.diagnostics.capture import GradientDiagnostics
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,

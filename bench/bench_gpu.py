@@ -108,7 +108,7 @@ def _free_port() -> int:
 
 
 def grpo_shaped_batch(B: int, prompt: int, response: int, vocab: int):
-    from rl.learner import TrainBatch
+    from rl.learner.group import TrainBatch
 
     g = torch.Generator().manual_seed(0)
     T = prompt + response
@@ -122,9 +122,9 @@ def grpo_shaped_batch(B: int, prompt: int, response: int, vocab: int):
 def learner_step(path: str, plan, batch, args) -> dict:
     """Seconds per learner step of one in-process FSDP2 rank built from ``plan``."""
     from rl.config import config_from_dict
-    from rl.learner import split_batch
-    from rl.learner_rank import LearnerRank
-    from rl.sync import lora_config_to_dict
+    from rl.learner.group import split_batch
+    from rl.learner.rank import LearnerRank
+    from rl.rollout.sync import lora_config_to_dict
 
     cfg = config_from_dict({"model": {"name": path}, "trainer": {"steps": 1000},
                             "learner": {"micro_batch_size": args.micro_batch, "lr": 1e-5},
@@ -173,7 +173,7 @@ def learner_section(path: str, plans: dict, vocab: int, args) -> dict:
 def adapter_payload(path: str, plan, version: int):
     from placement import apply_plan
     from rl.models import load_model
-    from rl.sync import make_payload
+    from rl.rollout.sync import make_payload
 
     model = apply_plan(load_model(path, "float32"), plan)
     gen = torch.Generator().manual_seed(version)
@@ -187,8 +187,8 @@ def adapter_payload(path: str, plan, version: int):
 def engine_section(path: str, tok, plans: dict, args) -> dict:
     from rl.config import DataConfig, RolloutConfig
     from rl.data import attach_prompts
-    from rl.rollout import SamplingSpec
-    from rl.rollout_hf import HFEngine
+    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.hf_engine import HFEngine
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.engine_batches.split(",") if s]
     rows = attach_prompts(data_rows("test"), tok, DataConfig())

@@ -47,7 +47,7 @@ def build_model(spec: str, out_dir: str) -> str:
 
 
 def make_batch(B: int, T: int, prompt: int, vocab: int):
-    from rl.learner import TrainBatch
+    from rl.learner.group import TrainBatch
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g)
@@ -79,8 +79,8 @@ def _rank_main(rank, n, port, path, mbs, batch, steps, queue):
     os.environ["CUDA_VISIBLE_DEVICES"] = os.environ.get("BENCH_GPUS", "0,1,2,3,4,5,6,7").split(",")[rank]
     import torch.distributed as dist
 
-    from rl.learner import split_batch
-    from rl.learner_rank import LearnerRank
+    from rl.learner.group import split_batch
+    from rl.learner.rank import LearnerRank
 
     _threads(n)
     r = LearnerRank(rank, n)

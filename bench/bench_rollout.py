@@ -59,7 +59,7 @@ def adapter_payload(model_path: str, version: int):
     from peft import LoraConfig, get_peft_model
 
     from rl.models import load_model
-    from rl.sync import make_payload
+    from rl.rollout.sync import make_payload
 
     model = get_peft_model(load_model(model_path, "float32"), LoraConfig(**LORA))
     gen = torch.Generator().manual_seed(0)
@@ -83,9 +83,9 @@ def bench_overhead(args, path: str, tok, payload) -> None:
 
     from rl.cluster import init_ray
     from rl.config import RolloutConfig
-    from rl.rollout import RolloutWorker, SamplingSpec
-    from rl.rollout_vllm import served_rank_cap
-    from rl.sync import AdapterPayload, fold_scales_for_vllm, write_peft_adapter
+    from rl.rollout.worker import RolloutWorker, SamplingSpec
+    from rl.rollout.vllm_engine import served_rank_cap
+    from rl.rollout.sync import AdapterPayload, fold_scales_for_vllm, write_peft_adapter
 
     prompts = render(tok, questions(args.prompts))
     cfg = RolloutConfig(engine="vllm", max_lora_rank=LORA["r"], max_model_len=1024, cpu_kv_cache_gb=0.5)
@@ -158,8 +158,8 @@ def bench_overhead(args, path: str, tok, payload) -> None:
 
 def bench_hf(args, path: str, tok, payload) -> None:
     from rl.config import RolloutConfig
-    from rl.rollout import SamplingSpec
-    from rl.rollout_hf import HFEngine
+    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.hf_engine import HFEngine
 
     hf = HFEngine(RolloutConfig(engine="hf", max_lora_rank=LORA["r"], max_model_len=1024), path,
                   args.hf_dtype, seed=0)
@@ -193,7 +193,7 @@ def main() -> None:
     args = ap.parse_args()
     # Set before torch or vLLM start their thread pools, here and (through Ray) in the actor,
     # so that both sides run the same threads: Ray would otherwise set its own count there.
-    # Name the cores for vLLM too: left to "auto" it keeps one back (rl/rollout.py says why).
+    # Name the cores for vLLM too: left to "auto" it keeps one back (rl/rollout/worker.py says why).
     threads = args.threads or os.cpu_count()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"

@@ -83,8 +83,8 @@ def evaluate(args, adapter_dir: str | None) -> dict:
     from rl.data import attach_prompts, load_task
     from rl.evaluate import accuracy, eval_runner
     from rl.models import load_tokenizer, resolve_model
-    from rl.rollout import SamplingSpec
-    from rl.rollout_hf import HFEngine
+    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.hf_engine import HFEngine
 
     cfg = load_cfg(args)
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)

@@ -135,8 +135,8 @@ def one_line(e: BaseException) -> str:
 
 def run_one(args, label: str, scorer: str, policy: str, seed: int, out: Path):
     """Score, train and summarise one (placement, seed); errors come back in the result."""
-    from rl import compare_report as cr
-    from rl import diag_records as dr
+    from rl.experiments import compare_report as cr
+    from rl.diagnostics import records as dr
     from rl.metrics_log import read_metrics
     from rl.trainer import train
 
@@ -216,8 +216,8 @@ def setup_lines(args, argv: list[str], cfg, placements: list[str], seeds: list[i
 
 
 def write_report(results, report: Path, args, argv, cfg, placements, seeds) -> None:
-    from rl import compare_report as cr
-    from rl import report_plots
+    from rl.experiments import compare_report as cr
+    from rl.experiments import plots as report_plots
 
     report.mkdir(parents=True, exist_ok=True)
     rows = cr.pool(results)
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Path(args.report) if args.report else out / "report"
     write_report(results, report, args, argv, cfg, [s[0] for s in specs], seeds)
     print(f"report: {report / 'report.md'}")
-    from rl.compare_report import placements_table, pool, sqrt_r_verdict
+    from rl.experiments.compare_report import placements_table, pool, sqrt_r_verdict
 
     rows = pool(results)
     print(placements_table(rows))

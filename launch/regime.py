@@ -90,9 +90,9 @@ def setup_lines(cfg, step_time: dict[str, float], argv: list[str]) -> list[str]:
 
 
 def write_report(out: Path, report: Path, cfg, argv: list[str]) -> list:
-    from rl import diag_records as dr
-    from rl import regime_report as rr
-    from rl import report_plots
+    from rl.diagnostics import records as dr
+    from rl.experiments import regime_report as rr
+    from rl.experiments import plots as report_plots
     from rl.metrics_log import read_metrics
 
     sft, grpo = (dr.last_per_step(read_metrics(out / regime)) for regime in REGIMES)

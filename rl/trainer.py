@@ -26,14 +26,14 @@ from pathlib import Path
 import torch
 
 from rl import checkpoint as ckpt
-from rl.batch import grpo_batch, sft_batch
+from rl.learner.batch import grpo_batch, sft_batch
 from rl.config import Config
 from rl.data import PromptSampler, attach_prompts, load_task
 from rl.evaluate import accuracy, eval_runner
 from rl.grpo import group_advantages, zero_variance_groups
 from rl.metrics_log import MetricsLog
 from rl.models import load_tokenizer, resolve_model
-from rl.rollout import served_config
+from rl.rollout.worker import served_config
 
 log = logging.getLogger("placerl")
 
@@ -46,7 +46,7 @@ def run_dir_for(cfg: Config, recipe: str = "run") -> Path:
 def make_plan(cfg: Config, model_path: str, rows: list[dict]):
     """The adapter placement: a saved plan, or the configured scorer run on a probe set."""
     from placement import PlacementPlan, plan_from_config
-    from rl.sync import check_ranks
+    from rl.rollout.sync import check_ranks
 
     if cfg.placement.plan:
         plan = PlacementPlan.load(cfg.placement.plan)
@@ -65,9 +65,9 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         from rewards import RewardRunner
         from rl.cluster import init_ray
-        from rl.learner import LearnerGroup
+        from rl.learner.group import LearnerGroup
         from rl.resources import reserve
-        from rl.rollout_pool import RolloutPool
+        from rl.rollout.pool import RolloutPool
 
         self.cfg, self.run_dir = cfg, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,11 +89,11 @@ class Trainer:
         # diagnostics hooks go on before FSDP2 wraps it.
         attach = None
         if cfg.diagnostics.enabled:
-            from rl.diagnostics import attach_to_learner as attach
+            from rl.diagnostics.capture import attach_to_learner as attach
         self.learner = LearnerGroup(cfg, self.model_path, lora_dict, plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
-        # The plan never changes during a run: serve at its largest rank (rl/rollout.py says why).
+        # The plan never changes during a run: serve at its largest rank (rl/rollout/worker.py says why).
         served = served_config(cfg.rollout, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster) if needs_rollout else None
@@ -138,7 +138,7 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def _sampling(self, greedy: bool = False):
-        from rl.rollout import SamplingSpec
+        from rl.rollout.worker import SamplingSpec
 
         r = self.cfg.rollout
         if greedy:

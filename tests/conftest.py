@@ -65,7 +65,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def numpy_ranks():
-    """(effective rank, stable rank) of a matrix by numpy's SVD: the reference for rl.gradstats."""
+    """(effective rank, stable rank) of a matrix by numpy's SVD: the reference for rl.diagnostics.tensor_stats."""
     def ranks(m) -> tuple[float, float]:
         s = np.linalg.svd(m.double().numpy(), compute_uv=False)
         p = s / s.sum()

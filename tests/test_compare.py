@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from rl import compare_report as cr
+from rl.experiments import compare_report as cr
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "launch" / "configs" / "tiny.yaml"

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from rl import gradstats
+from rl.diagnostics import tensor_stats
 from rl.config import ALL_LINEAR, ConfigError, DiagnosticsConfig
-from rl.diagnostics import GradientDiagnostics
+from rl.diagnostics.capture import GradientDiagnostics
 
 
 # ----------------------------------------------------------------------------- hooks on a real model
@@ -87,7 +87,7 @@ def test_G_from_hooks_equals_the_autograd_weight_gradient(lora_model, numpy_rank
     assert all(metrics[f"diag/G/{n}/eff_rank"] <= 48 for n in got)
     norms = {f"layers.{i}": math.hypot(metrics[f"diag/G/layers.{i}.mlp.down_proj/norm"],
                                        metrics[f"diag/G/layers.{i}.self_attn.v_proj/norm"]) for i in (0, 1)}
-    imp = gradstats.importance(norms)
+    imp = tensor_stats.importance(norms)
     assert metrics["diag/G/importance_spread"] == pytest.approx(imp.spread)
     assert metrics["diag/G/layers.1/importance"] == pytest.approx(imp.shares["layers.1"])
 
@@ -178,7 +178,7 @@ def test_callback_inside_a_trl_grpo_step(tiny_model_path, tmp_path):
     from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
-    from rl.diagnostics_callback import SUMMARY_FILE, GradientDiagnosticsCallback
+    from rl.diagnostics.trl_callback import SUMMARY_FILE, GradientDiagnosticsCallback
     from rl.models import load_model, load_tokenizer
 
     def length_reward(prompts, completions, **kwargs):
@@ -225,7 +225,7 @@ def _reference_G(model, modules, ids) -> dict[str, torch.Tensor]:
 
 def test_learner_seam_captures_only_the_first_update_of_capture_steps(lora_model, tiny_model_path):
     from rl.config import config_from_dict
-    from rl.diagnostics import attach_to_learner
+    from rl.diagnostics.capture import attach_to_learner
 
     model = lora_model
     cfg = config_from_dict({"model": {"name": tiny_model_path}, "learner": {"updates_per_batch": 2},
@@ -258,8 +258,8 @@ def test_fsdp2_learner_two_ranks_match_one_rank(ray_local, tiny_model_path):
     """Real FSDP2 over gloo: G all-reduced over 2 ranks and DTensor LoRA gradients gathered
     give the same diagnostics as 1 rank on the whole batch."""
     from rl.config import config_from_dict
-    from rl.diagnostics import attach_to_learner
-    from rl.learner import LearnerGroup, TrainBatch
+    from rl.diagnostics.capture import attach_to_learner
+    from rl.learner.group import LearnerGroup, TrainBatch
 
     g = torch.Generator().manual_seed(4)
     B, T = 6, 16

@@ -1,4 +1,4 @@
-"""Gradient statistics (rl.gradstats, rl.diagnostics_stats): ranks against numpy's SVD,
+"""Gradient statistics (rl.diagnostics.tensor_stats, rl.diagnostics.capture_stats): ranks against numpy's SVD,
 cosines, sign agreement and consistency, and importance spread on known inputs."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from rl import gradstats
-from rl.diagnostics_stats import CrossStepHistory
+from rl.diagnostics import tensor_stats
+from rl.diagnostics.capture_stats import CrossStepHistory
 
 
 def _low_rank(rows: int, cols: int, rank: int, seed: int) -> torch.Tensor:
@@ -23,46 +23,46 @@ def _low_rank(rows: int, cols: int, rank: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("shape", [(40, 70), (70, 40), (64, 64)])
 def test_exact_ranks_match_numpy_on_random_matrices(shape, numpy_ranks):
     m = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    sp = gradstats.spectrum(m, max_rank_dim=256)
+    sp = tensor_stats.spectrum(m, max_rank_dim=256)
     eff, stable = numpy_ranks(m)
     assert sp.exact
-    assert gradstats.effective_rank(sp) == pytest.approx(eff, rel=1e-9)
-    assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=1e-9)
+    assert tensor_stats.effective_rank(sp) == pytest.approx(eff, rel=1e-9)
+    assert tensor_stats.stable_rank(sp) == pytest.approx(stable, rel=1e-9)
 
 
 @pytest.mark.parametrize("rank", [1, 3, 12])
 def test_exact_ranks_match_numpy_on_low_rank_matrices(rank, numpy_ranks):
     m = _low_rank(50, 90, rank, seed=rank)
     eff, stable = numpy_ranks(m)
-    got = gradstats.effective_rank(gradstats.spectrum(m, max_rank_dim=256))
+    got = tensor_stats.effective_rank(tensor_stats.spectrum(m, max_rank_dim=256))
     # float32 storage leaves zero singular values near 1e-7 of the top one; they must not count
     assert got == pytest.approx(eff, rel=1e-4)
     assert got <= rank + 1e-3
-    assert gradstats.stable_rank(gradstats.spectrum(m)) == pytest.approx(stable, rel=1e-6)
+    assert tensor_stats.stable_rank(tensor_stats.spectrum(m)) == pytest.approx(stable, rel=1e-6)
 
 
 def test_randomized_path_is_exact_for_rank_below_k(numpy_ranks):
     m = _low_rank(300, 500, 10, seed=0)
-    sp = gradstats.spectrum(m, max_rank_dim=32)
+    sp = tensor_stats.spectrum(m, max_rank_dim=32)
     eff, stable = numpy_ranks(m)
     assert not sp.exact and sp.top.numel() == 32 and sp.tail_count == 300 - 32
-    assert gradstats.spectrum(m, max_rank_dim=80).exact  # a sketch of 90 of 300 would cost more
+    assert tensor_stats.spectrum(m, max_rank_dim=80).exact  # a sketch of 90 of 300 would cost more
     assert sp.tail_energy == pytest.approx(0.0, abs=1e-6 * sp.fro_sq)
-    assert gradstats.effective_rank(sp) == pytest.approx(eff, rel=1e-5)
-    assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=1e-6)
+    assert tensor_stats.effective_rank(sp) == pytest.approx(eff, rel=1e-5)
+    assert tensor_stats.stable_rank(sp) == pytest.approx(stable, rel=1e-6)
 
 
 def test_randomized_path_on_a_full_rank_matrix_is_close(numpy_ranks):
     m = torch.randn(400, 700, generator=torch.Generator().manual_seed(3))
-    sp = gradstats.spectrum(m, max_rank_dim=64)
+    sp = tensor_stats.spectrum(m, max_rank_dim=64)
     eff, stable = numpy_ranks(m)
     s_np = np.linalg.svd(m.double().numpy(), compute_uv=False)
     assert not sp.exact
     # a flat (Gaussian) spectrum is the sketch's worst case: the leading values stay within
     # 0.5%, the last of the k come out a few percent low (documented)
     np.testing.assert_allclose(sp.top.numpy()[:10], s_np[:10], rtol=5e-3)
-    assert gradstats.stable_rank(sp) == pytest.approx(stable, rel=5e-3)
-    assert eff <= gradstats.effective_rank(sp) <= 1.06 * eff
+    assert tensor_stats.stable_rank(sp) == pytest.approx(stable, rel=5e-3)
+    assert eff <= tensor_stats.effective_rank(sp) <= 1.06 * eff
 
 
 def test_randomized_path_on_a_decaying_spectrum_beats_a_flat_tail(numpy_ranks):
@@ -71,36 +71,36 @@ def test_randomized_path_on_a_decaying_spectrum_beats_a_flat_tail(numpy_ranks):
     v, _ = torch.linalg.qr(torch.randn(700, 400, generator=g))
     m = (u * torch.arange(1, 401.0) ** -0.8) @ v.T  # sigma_i = i^-0.8
     eff, _ = numpy_ranks(m)
-    sp = gradstats.spectrum(m, max_rank_dim=64)
+    sp = tensor_stats.spectrum(m, max_rank_dim=64)
     flat = math.sqrt(sp.tail_energy / sp.tail_count)
-    flat_eff = gradstats.effective_rank(torch.cat([sp.top, torch.full((sp.tail_count,), flat, dtype=torch.float64)]))
-    assert abs(gradstats.effective_rank(sp) - eff) < 0.5 * abs(flat_eff - eff)
-    assert gradstats.effective_rank(sp) == pytest.approx(eff, rel=0.03)
+    flat_eff = tensor_stats.effective_rank(torch.cat([sp.top, torch.full((sp.tail_count,), flat, dtype=torch.float64)]))
+    assert abs(tensor_stats.effective_rank(sp) - eff) < 0.5 * abs(flat_eff - eff)
+    assert tensor_stats.effective_rank(sp) == pytest.approx(eff, rel=0.03)
 
 
 def test_zero_matrix_has_rank_zero():
-    sp = gradstats.spectrum(torch.zeros(5, 8))
-    assert gradstats.effective_rank(sp) == 0.0 and gradstats.stable_rank(sp) == 0.0
-    assert gradstats.effective_rank(torch.tensor([2.0, 2.0, 2.0, 2.0])) == pytest.approx(4.0)
+    sp = tensor_stats.spectrum(torch.zeros(5, 8))
+    assert tensor_stats.effective_rank(sp) == 0.0 and tensor_stats.stable_rank(sp) == 0.0
+    assert tensor_stats.effective_rank(torch.tensor([2.0, 2.0, 2.0, 2.0])) == pytest.approx(4.0)
 
 
 # ----------------------------------------------------------------------------- cosines and signs
 
 def test_cosine_and_sign_agreement_on_known_vectors():
     a = torch.tensor([1.0, -1.0, 2.0, 0.0, 3.0])
-    assert gradstats.cosine(a, 2 * a) == pytest.approx(1.0)
-    assert gradstats.cosine(a, -a) == pytest.approx(-1.0)
-    assert gradstats.cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(0.0)
-    assert math.isnan(gradstats.cosine(a, torch.zeros(5)))
+    assert tensor_stats.cosine(a, 2 * a) == pytest.approx(1.0)
+    assert tensor_stats.cosine(a, -a) == pytest.approx(-1.0)
+    assert tensor_stats.cosine(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(0.0)
+    assert math.isnan(tensor_stats.cosine(a, torch.zeros(5)))
     b = torch.tensor([2.0, 1.0, 2.0, 5.0, -1.0])  # both nonzero at 0,1,2,4; same sign at 0,2
-    assert gradstats.sign_agreement(a, b) == pytest.approx(0.5)
+    assert tensor_stats.sign_agreement(a, b) == pytest.approx(0.5)
 
 
 def test_sign_consistency_on_a_known_sequence():
     seq = [torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([2.0, -1.0, 3.0, 0.0]),
            torch.tensor([0.5, 1.0, 1.0, 0.0]), torch.tensor([1.0, -2.0, -1.0, 0.0])]
     # per entry |sum sign| / 4: 1, 0, 0.5, 0 -> mean 0.375
-    assert gradstats.sign_consistency(seq) == pytest.approx(0.375)
+    assert tensor_stats.sign_consistency(seq) == pytest.approx(0.375)
 
 
 def test_cross_step_history_lags_and_window():
@@ -122,10 +122,10 @@ def test_cross_step_history_lags_and_window():
 
 
 def test_importance_spread_and_top_share():
-    imp = gradstats.importance({"layers.0": 1.0, "layers.1": 2.0, "layers.2": 3.0, "layers.3": 4.0})
+    imp = tensor_stats.importance({"layers.0": 1.0, "layers.1": 2.0, "layers.2": 3.0, "layers.3": 4.0})
     assert imp.shares["layers.3"] == pytest.approx(0.4)
     assert imp.spread == pytest.approx(4.0)
     assert imp.top_share == pytest.approx(0.7)  # top ceil(0.3 * 4) = 2 layers: 0.4 + 0.3
-    flat = gradstats.importance({str(i): 5.0 for i in range(10)})
+    flat = tensor_stats.importance({str(i): 5.0 for i in range(10)})
     assert flat.spread == pytest.approx(1.0) and flat.top_share == pytest.approx(0.3)
-    assert gradstats.importance({"a": 0.0, "b": 1.0}).spread == math.inf
+    assert tensor_stats.importance({"a": 0.0, "b": 1.0}).spread == math.inf

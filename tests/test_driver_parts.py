@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import torch
 
-from rl.batch import grpo_batch, pad_sequences, sft_batch
+from rl.learner.batch import grpo_batch, pad_sequences, sft_batch
 from rl.evaluate import split_evenly
 from rl.resources import cpu_threads, plan_bundles
 

@@ -40,7 +40,7 @@ import sys  # noqa: E402
 import ray.cloudpickle  # noqa: E402
 
 from rl.config import config_from_dict, load_config  # noqa: E402
-from rl.learner import LearnerGroup, TrainBatch  # noqa: E402
+from rl.learner.group import LearnerGroup, TrainBatch  # noqa: E402
 
 # Some helpers below run inside Ray actors, which cannot import this test module: ship it by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -178,7 +178,7 @@ def random_adapter(model_path: str, version: int):
     from peft import LoraConfig, get_peft_model
 
     from rl.models import load_model
-    from rl.sync import make_payload
+    from rl.rollout.sync import make_payload
 
     model = get_peft_model(load_model(model_path, "float32"), LoraConfig(**LORA))
     gen = torch.Generator().manual_seed(version)
@@ -193,8 +193,8 @@ def random_adapter(model_path: str, version: int):
 def test_hf_engine_on_cuda_samples_n_with_consistent_logprobs(smollm2_path, dtype):
     from rl.config import RolloutConfig
     from rl.models import load_tokenizer
-    from rl.rollout import SamplingSpec
-    from rl.rollout_hf import HFEngine
+    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.hf_engine import HFEngine
 
     tok = load_tokenizer(smollm2_path)
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rl.config import config_from_dict
-from rl.learner import LearnerGroup, TrainBatch, split_batch
-from rl.optim import lr_factor
+from rl.learner.group import LearnerGroup, TrainBatch, split_batch
+from rl.learner.optim import lr_factor
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}
 TOL = 1e-5
@@ -70,7 +70,7 @@ def test_bad_batch_is_rejected_in_one_line():
 def test_rank_pattern_that_falls_back_is_caught(tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
-    from rl.learner_rank import check_lora_shapes
+    from rl.learner.rank import check_lora_shapes
     from rl.models import load_model
 
     # "layers.0.mlp.down" matches nothing (PEFT anchors at the end): PEFT silently uses r=4.

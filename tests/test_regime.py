@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from rl import diag_records as dr
-from rl import regime_report as rr
+from rl.diagnostics import records as dr
+from rl.experiments import regime_report as rr
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "launch" / "configs" / "tiny.yaml"
@@ -108,7 +108,7 @@ def test_run_importance_from_module_norms():
 
 
 def test_markdown_and_plots(tmp_path):
-    from rl import report_plots
+    from rl.experiments import plots as report_plots
 
     sft, grpo = regime(**SFT_LIKE_PAPERS), regime(**GRPO_LIKE_PAPERS)
     grpo.append(capture(9, {"G": {"eff_rank_mean": 0.0, "norm_mean": 0.0}}))

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rl.config import RolloutConfig
-from rl.rollout import Completion, SamplingSpec, make_engine
-from rl.sync import AdapterPayload, make_payload
+from rl.rollout.worker import Completion, SamplingSpec, make_engine
+from rl.rollout.sync import AdapterPayload, make_payload
 
 PROMPT_A = [1, 100, 200, 300]
 CANDIDATES_B = [[1, 5, 6, 7, 8, 9, 10], [1, 4000, 17, 923], [1, 77, 78, 79, 80]]
@@ -27,7 +27,7 @@ TOL = 1e-3
 
 def teacher_forced_logprobs(model, prompt, completion, temperature=1.0, top_p=1.0):
     """log p(completion | prompt) per token, under softmax(logits / T) (top-p renormalised)."""
-    from rl.rollout_hf import top_p_mask
+    from rl.rollout.hf_engine import top_p_mask
 
     ids = torch.tensor([prompt + completion])
     with torch.no_grad():
@@ -214,7 +214,7 @@ def test_bad_prompts_fail_in_one_line(engine):
 
 def test_rollout_worker_actor(ray_local, tiny_model_path, base_model):
     """The Ray actor: ping, generate, and an adapter sent as an object-store reference."""
-    from rl.rollout import RolloutWorker
+    from rl.rollout.worker import RolloutWorker
 
     cfg = RolloutConfig(engine="hf", max_lora_rank=MAX_RANK, max_model_len=256)
     worker = RolloutWorker.remote(cfg, tiny_model_path, "float32", 0)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from rl.config import RolloutConfig
-from rl.rollout import SamplingSpec, make_engine
-from rl.sync import (
+from rl.rollout.worker import SamplingSpec, make_engine
+from rl.rollout.sync import (
     check_ranks,
     fold_scales_for_vllm,
     gather_lora_state,

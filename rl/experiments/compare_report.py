@@ -16,7 +16,7 @@ training. :func:`rank_shift_fit` measures that slope and the Pearson correlation
 Accuracy: pooled over seeds (the same test problems each time), with a Wilson score
 interval, which stays inside [0, 1] and is sensible at 0 or n successes.
 
-Left out: running anything, plots (rl/report_plots.py), and tests between placements
+Left out: running anything, plots (rl/experiments/plots.py), and tests between placements
 (intervals are shown; with a few dozen problems most differences are inside them).
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from rl import diag_records as dr
-from rl.regime_report import final_metric, fmt
+from rl.diagnostics import records as dr
+from rl.experiments.regime_report import final_metric, fmt
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 

@@ -12,7 +12,7 @@ of its watched modules together, ``N_l = sqrt(sum_m ||g_m||^2)`` per capture, av
 over captures, then ``I_l = N_l / sum N``. A mean of per-capture max/min ratios is
 reported beside it by the callers, since one noisy capture can dominate a ratio.
 
-Left out: any statistic not logged by ``rl.diagnostics`` (nothing is recomputed from
+Left out: any statistic not logged by ``rl.diagnostics.capture`` (nothing is recomputed from
 gradients here) and plotting.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 import re
 from collections import defaultdict
 
-from rl import gradstats
+from rl.diagnostics import tensor_stats
 
 PREFIXES = ("learner/diag/", "diag/")
 KINDS = ("G", "lora")
@@ -148,9 +148,9 @@ def mean_layer_norms(records: list[dict], kind: str) -> dict[str, float]:
     return {layer: sums[layer] / counts[layer] for layer in sorted(sums, key=layer_index)}
 
 
-def run_importance(records: list[dict], kind: str) -> gradstats.Importance | None:
+def run_importance(records: list[dict], kind: str) -> tensor_stats.Importance | None:
     """Run-level layer importance from mean layer norms; None with fewer than two layers or no gradient."""
     norms = mean_layer_norms(records, kind)
     if len(norms) < 2 or sum(norms.values()) <= 0:
         return None
-    return gradstats.importance(norms)
+    return tensor_stats.importance(norms)

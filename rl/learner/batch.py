@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.learner import TrainBatch
+from rl.learner.group import TrainBatch
 
 
 def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: int,

@@ -13,7 +13,7 @@
   divided by the world size, matching DDP/FSDP's averaged gradients.
 
 What a capture's numbers are, and the bounded host-side history behind cross-step
-statistics, is ``rl.diagnostics_stats.CaptureStatistics``; the maths is ``rl.gradstats``.
+statistics, is ``rl.diagnostics.capture_stats.CaptureStatistics``; the maths is ``rl.diagnostics.tensor_stats``.
 
 Where the statistics run: in place when G lives on the CPU, so a capture's numbers
 come back from its own ``end_step``. When G lives on an accelerator,
@@ -52,9 +52,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from rl import gradstats
+from rl.diagnostics import tensor_stats
 from rl.config import ConfigError, DiagnosticsConfig
-from rl.diagnostics_stats import CaptureStatistics
+from rl.diagnostics.capture_stats import CaptureStatistics
 
 
 def _short_name(name: str) -> str:
@@ -238,8 +238,8 @@ class GradientDiagnostics:
         # which stays on the host. Host CPU threads working in parallel slowed the
         # launch-bound training thread down by more than the statistics cost.
         snapshot = self._buffer.clone()
-        grams = {n: gradstats.gram(g) for n, g in self._G.items()
-                 if gradstats.uses_exact_path(g.shape, self.cfg.max_rank_dim)}
+        grams = {n: tensor_stats.gram(g) for n, g in self._G.items()
+                 if tensor_stats.uses_exact_path(g.shape, self.cfg.max_rank_dim)}
         ready_event = None
         if snapshot.device.type == "cuda":
             ready_event = torch.cuda.Event()
@@ -311,7 +311,7 @@ class GradientDiagnostics:
 # ----------------------------------------------------------------------------- the learner's seam
 
 def attach_to_learner(peft_model: nn.Module, cfg) -> list[Callable[[int], dict[str, float]]]:
-    """``rl.learner_rank``'s diagnostics seam: called on every rank before ``fully_shard``.
+    """``rl.learner.rank``'s diagnostics seam: called on every rank before ``fully_shard``.
 
     The seam only calls back after the last backward of each update (``fn(step)``, the
     same ``step`` for each of the ``learner.updates_per_batch`` updates of one batch), so

@@ -16,8 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rl import diag_records as dr  # noqa: E402
-from rl.compare_report import PlacementRow, RunResult  # noqa: E402
+from rl.diagnostics import records as dr  # noqa: E402
+from rl.experiments.compare_report import PlacementRow, RunResult  # noqa: E402
 
 DPI = 72
 REGIME_STATS = (("eff_rank_mean", "effective rank"), ("stable_rank_mean", "stable rank"),

@@ -17,8 +17,8 @@ watched modules together, ``N_l = sqrt(sum_m ||g_m||^2)``. For LoRA, ``norm`` co
 both factors, ``eff_rank``/``stable_rank`` are those of dL/dB (d_out x r), and
 ``*_A`` those of dL/dA; cosines and signs use both factors flattened together.
 
-Left out: anything about how the gradients were obtained (rl/diagnostics.py does that)
-and the maths itself (rl/gradstats.py).
+Left out: anything about how the gradients were obtained (rl/diagnostics/capture.py does that)
+and the maths itself (rl/diagnostics/tensor_stats.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from collections import defaultdict, deque
 
 import torch
 
-from rl import gradstats
+from rl.diagnostics import tensor_stats
 
 _LAYER_RE = re.compile(r"(?:^|\.)(layers\.\d+)\.")
 
@@ -51,7 +51,7 @@ class CrossStepHistory:
         """Statistics of ``flat`` (float32, 1-D, a copy the caller gives up) against the past,
         then remember it.
 
-        The same statistics as ``gradstats.cosine``/``sign_agreement``, computed in float32
+        The same statistics as ``tensor_stats.cosine``/``sign_agreement``, computed in float32
         with cached norms and an int8 sign product. The past is stored on the host; when
         ``flat`` is on an accelerator the arithmetic runs there and the past is copied in
         for it (host CPU threads are what a launch-bound training loop needs most).
@@ -78,7 +78,7 @@ class CrossStepHistory:
         sign_sum += sign
         self.signs.append(_host(sign, dev))
         if len(self.signs) == self.signs.maxlen:  # only full windows: E|sum sign|/T depends on T
-            out["sign_consistency"] = gradstats.sign_consistency_from_sum(sign_sum, len(self.signs))
+            out["sign_consistency"] = tensor_stats.sign_consistency_from_sum(sign_sum, len(self.signs))
         if sign_sum is not self.sign_sum:
             self.sign_sum.copy_(sign_sum)
         self.past.append((_host(flat, dev), norm))
@@ -105,7 +105,7 @@ class CaptureStatistics:
     def add(self, step: int, G: dict[str, torch.Tensor], lora: dict[str, tuple[torch.Tensor, torch.Tensor]],
             grams: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Metrics of one capture; spectra run on each tensor's own device. ``grams``:
-        ``gradstats.gram`` of some G, computed where G was (an accelerator does it fast)."""
+        ``tensor_stats.gram`` of some G, computed where G was (an accelerator does it fast)."""
         grams = grams or {}
         spectra = self._spectra({n: grams.get(n, g) for n, g in G.items()}, set(grams))
         per_module: dict[str, dict[str, dict[str, float]]] = {"G": {}, "lora": {}}
@@ -113,10 +113,10 @@ class CaptureStatistics:
             per_module["G"][name] = self._matrix_stats("G", name, g, spectra[name])
         for name, (da, db) in lora.items():
             stats = self._matrix_stats("lora", name, torch.cat([da.reshape(-1), db.reshape(-1)]),
-                                       gradstats.spectrum(db, self.max_rank_dim))
-            sa = gradstats.spectrum(da, self.max_rank_dim)
-            stats.update(norm_A=gradstats.frobenius_norm(da), norm_B=gradstats.frobenius_norm(db),
-                         eff_rank_A=gradstats.effective_rank(sa), stable_rank_A=gradstats.stable_rank(sa))
+                                       tensor_stats.spectrum(db, self.max_rank_dim))
+            sa = tensor_stats.spectrum(da, self.max_rank_dim)
+            stats.update(norm_A=tensor_stats.frobenius_norm(da), norm_B=tensor_stats.frobenius_norm(db),
+                         eff_rank_A=tensor_stats.effective_rank(sa), stable_rank_A=tensor_stats.stable_rank(sa))
             per_module["lora"][name] = stats
         metrics = {"diag/step": float(step)}
         for kind, mods in per_module.items():
@@ -127,13 +127,13 @@ class CaptureStatistics:
             self.series[k].append((step, v))
         return metrics
 
-    def _spectra(self, mats: dict[str, torch.Tensor], are_grams: set[str]) -> dict[str, gradstats.Spectrum]:
-        return {n: gradstats.spectrum_from_gram(m) if n in are_grams else gradstats.spectrum(m, self.max_rank_dim)
+    def _spectra(self, mats: dict[str, torch.Tensor], are_grams: set[str]) -> dict[str, tensor_stats.Spectrum]:
+        return {n: tensor_stats.spectrum_from_gram(m) if n in are_grams else tensor_stats.spectrum(m, self.max_rank_dim)
                 for n, m in mats.items()}
 
-    def _matrix_stats(self, kind: str, name: str, flat: torch.Tensor, sp: gradstats.Spectrum) -> dict[str, float]:
-        stats = {"norm": math.sqrt(sp.fro_sq), "eff_rank": gradstats.effective_rank(sp),
-                 "stable_rank": gradstats.stable_rank(sp)}
+    def _matrix_stats(self, kind: str, name: str, flat: torch.Tensor, sp: tensor_stats.Spectrum) -> dict[str, float]:
+        stats = {"norm": math.sqrt(sp.fro_sq), "eff_rank": tensor_stats.effective_rank(sp),
+                 "stable_rank": tensor_stats.stable_rank(sp)}
         hist = self._history.get((kind, name))
         if hist is None:
             hist = self._history[(kind, name)] = CrossStepHistory(self.lags, self.window)
@@ -164,7 +164,7 @@ class CaptureStatistics:
         for layer, n in norms.items():
             self._layer_norm_sum[kind][layer] += n
         if len(norms) > 1:
-            imp = gradstats.importance(norms)
+            imp = tensor_stats.importance(norms)
             out.update({f"diag/{kind}/{layer}/importance": s for layer, s in imp.shares.items()})
             out[f"diag/{kind}/importance_spread"] = imp.spread
             out[f"diag/{kind}/importance_top30_share"] = imp.top_share
@@ -182,7 +182,7 @@ class CaptureStatistics:
         run_importance = {}
         for kind, sums in self._layer_norm_sum.items():
             if len(sums) > 1 and sum(sums.values()) > 0:
-                imp = gradstats.importance(dict(sums))
+                imp = tensor_stats.importance(dict(sums))
                 run_importance[kind] = {"shares": imp.shares, "spread": imp.spread, "top30_share": imp.top_share}
         return {"captures": list(self.captures), "metrics": metrics, "importance_run": run_importance}
 

@@ -1,7 +1,7 @@
 """Pure statistics on gradient tensors: spectra, ranks, cosines, signs, layer importance.
 
 Everything here is a function of tensors in, numbers out, with no state and no hooks;
-``rl.diagnostics`` decides what to measure and when.
+``rl.diagnostics.capture`` decides what to measure and when.
 
 Spectra are computed without a full SVD of a large matrix:
 

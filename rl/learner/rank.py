@@ -1,6 +1,6 @@
 """One rank of the learner: a PEFT LoRA model under FSDP2, its optimizer, and the step.
 
-``LearnerGroup`` (rl/learner.py) runs one ``LearnerRank`` per Ray actor. Each rank joins
+``LearnerGroup`` (rl/learner/group.py) runs one ``LearnerRank`` per Ray actor. Each rank joins
 torch.distributed (gloo on CPU, NCCL on CUDA), loads the base model, wraps it with PEFT,
 shards it with ``fully_shard`` per decoder layer and at the root, and then does the
 per-step work on its share of the batch: forward, GRPO/SFT loss with the GLOBAL
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from placement import mask_b_gradients
 from rl.grpo import (entropy_from_logits, policy_loss, sft_loss, token_logprobs,
                      truncated_is_weights)
-from rl.optim import build_optimizer, build_scheduler
+from rl.learner.optim import build_optimizer, build_scheduler
 
 LOOPBACK = "127.0.0.1"
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
@@ -325,7 +325,7 @@ class LearnerRank:
 
     def export_adapter(self, version: int):
         """The adapter as an AdapterPayload on rank 0 (collective); None elsewhere."""
-        from rl.sync import make_payload
+        from rl.rollout.sync import make_payload
 
         payload = make_payload(self.model, version)
         return payload if self.rank == 0 else None

@@ -11,10 +11,10 @@ the base weights:
 - the folder is deleted as soon as vLLM has loaded it, so a killed actor leaks nothing;
 - ranks are checked against ``rollout.max_lora_rank`` before anything is submitted,
   because an over-rank adapter hangs an in-process vLLM instead of raising;
-- per-module PEFT scales are folded into B (see :mod:`rl.sync`).
+- per-module PEFT scales are folded into B (see :mod:`rl.rollout.sync`).
 
 Logprobs are vLLM's ``processed_logprobs``: the distribution after temperature and
-top-p, which is what :mod:`rl.rollout` promises.
+top-p, which is what :mod:`rl.rollout.worker` promises.
 
 Left out: prefix caching tuning, speculative decoding, multi-GPU tensor parallelism
 (one worker is one engine on one device; scale out with more workers).
@@ -25,8 +25,8 @@ import os
 import shutil
 import tempfile
 
-from rl.rollout import Completion, SamplingSpec, check_prompts
-from rl.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
+from rl.rollout.worker import Completion, SamplingSpec, check_prompts
+from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
 
 # The ranks vLLM accepts for max_lora_rank.
 VLLM_RANK_CAPS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -1,7 +1,7 @@
 """The learner as a group of Ray actors: N FSDP2 ranks training one PEFT LoRA adapter.
 
 The driver talks to :class:`LearnerGroup` only; each rank's work lives in
-rl/learner_rank.py. A step splits the batch into N equal shards of sequences, every
+rl/learner/rank.py. A step splits the batch into N equal shards of sequences, every
 rank runs its micro-batches, and the group combines the ranks' metrics. The rollout
 vs learner log-probability mismatch is computed here on the whole batch (the ranks
 return their pre-update log-probabilities), so it is exact whatever the split.
@@ -75,7 +75,7 @@ def split_batch(batch: TrainBatch, n: int) -> list[dict[str, Tensor]]:
 def combine_metrics(outs: list[dict], num_tokens: float, algorithm_loss: str, kl_on: bool) -> dict[str, float]:
     """Rank results -> step metrics: globally normalised losses add up, token-weighted
     metrics are divided by the batch's tokens, replicated values come from rank 0."""
-    from rl.learner_rank import TOKEN_MEAN_METRICS
+    from rl.learner.rank import TOKEN_MEAN_METRICS
 
     tok = max(num_tokens, 1.0)
     m = {"loss": sum(o["loss"] for o in outs), "grad_norm": outs[0]["grad_norm"], "lr": outs[0]["lr"],
@@ -115,11 +115,11 @@ class LearnerGroup:
         """``b_masks``: lora_B parameter name -> bool mask (True trains), as PlacementPlan.b_masks().
         ``plan``: a placement.PlacementPlan; when given the model is built by placement.apply_plan
         (the plan's seeded A, verified shapes and scales) and its masks are used.
-        ``attach``: the diagnostics seam, see rl/learner_rank.py."""
+        ``attach``: the diagnostics seam, see rl/learner/rank.py."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        from rl.learner_rank import LearnerRank
+        from rl.learner.rank import LearnerRank
 
         self.cfg, self.n = cfg, cfg.learner.num_ranks
         opts = {"num_gpus": cfg.cluster.gpus_per_learner_rank, "num_cpus": 1}
@@ -171,7 +171,7 @@ class LearnerGroup:
         return torch.cat(rows)[: batch.input_ids.shape[0]]
 
     def export_adapter(self, version: int):
-        """ObjectRef of an rl.sync.AdapterPayload (every rank gathers, rank 0 returns it)."""
+        """ObjectRef of an rl.rollout.sync.AdapterPayload (every rank gathers, rank 0 returns it)."""
         refs = [r.export_adapter.remote(version) for r in self.ranks]
         self._all(refs[1:])
         return refs[0]
@@ -182,7 +182,7 @@ class LearnerGroup:
 
     def save(self, directory: str) -> None:
         """Adapter (PEFT format), full optimizer and scheduler state, written into ``directory``."""
-        from rl.sync import write_peft_adapter
+        from rl.rollout.sync import write_peft_adapter
 
         state = self._call("state_for_save")[0]
         os.makedirs(directory, exist_ok=True)

@@ -14,7 +14,7 @@ papers claim:
 
 A difference within ``tolerance`` (relative) is called a tie rather than a direction.
 
-Left out: running anything (launch/regime.py does), plots (rl/report_plots.py) and
+Left out: running anything (launch/regime.py does), plots (rl/experiments/plots.py) and
 significance tests: a handful of captures per run gives a direction, not a p-value.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rl import diag_records as dr
+from rl.diagnostics import records as dr
 
 KIND_LABEL = {"G": "G", "lora": "LoRA gradient"}
 REGIME_LABEL = {"sft": "SFT", "grpo": "GRPO"}

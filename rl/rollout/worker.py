@@ -2,9 +2,9 @@
 
 Two engines sit behind :class:`RolloutEngine` and pass the same tests:
 
-- ``vllm`` (:mod:`rl.rollout_vllm`): an in-process vLLM engine inside the actor,
+- ``vllm`` (:mod:`rl.rollout.vllm_engine`): an in-process vLLM engine inside the actor,
   adapters served by version through vLLM's LoRA support;
-- ``hf`` (:mod:`rl.rollout_hf`): plain transformers batched sampling with a KV cache,
+- ``hf`` (:mod:`rl.rollout.hf_engine`): plain transformers batched sampling with a KV cache,
   for hosts without vLLM; the adapter is applied with PEFT.
 
 What ``Completion.logprobs`` means (both engines agree, the learner relies on it):
@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from rl.sync import AdapterPayload
+from rl.rollout.sync import AdapterPayload
 
 
 @dataclass
@@ -83,11 +83,11 @@ def check_prompts(prompt_ids: list[list[int]], max_model_len: int, max_new_token
 def make_engine(rollout_cfg, model_path: str, dtype: str, seed: int) -> RolloutEngine:
     """The engine named by ``rollout_cfg.engine`` (``rl.config.RolloutConfig``)."""
     if rollout_cfg.engine == "vllm":
-        from rl.rollout_vllm import VLLMEngine
+        from rl.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(rollout_cfg, model_path, dtype, seed)
     if rollout_cfg.engine == "hf":
-        from rl.rollout_hf import HFEngine
+        from rl.rollout.hf_engine import HFEngine
 
         return HFEngine(rollout_cfg, model_path, dtype, seed)
     raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not known; choose vllm or hf")

@@ -35,13 +35,13 @@ import torch
 from transformers import TrainerCallback
 
 from rl.config import DiagnosticsConfig
-from rl.diagnostics import GradientDiagnostics
+from rl.diagnostics.capture import GradientDiagnostics
 
 SUMMARY_FILE = "gradient_diagnostics.json"
 
 
 class GradientDiagnosticsCallback(TrainerCallback):
-    """Runs :class:`rl.diagnostics.GradientDiagnostics` inside a transformers Trainer loop."""
+    """Runs :class:`rl.diagnostics.capture.GradientDiagnostics` inside a transformers Trainer loop."""
 
     def __init__(self, cfg: DiagnosticsConfig | None = None, trainer=None):
         self.cfg = cfg if cfg is not None else DiagnosticsConfig(enabled=True)

@@ -22,7 +22,7 @@ _DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 class RolloutPool:
     def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int, layout, cluster_cfg):
-        from rl.rollout import RolloutWorker
+        from rl.rollout.worker import RolloutWorker
 
         self._cls, self._cfg, self._path, self._dtype, self._seed = RolloutWorker, rollout_cfg, model_path, dtype, seed
         self._layout, self._gpus, self._threads = layout, cluster_cfg.gpus_per_rollout_worker, cluster_cfg.cpu_threads
