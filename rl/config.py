@@ -50,8 +50,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     task: str = "gsm8k"  # gsm8k | synthetic
-    # GSM8K source: "" loads openai/gsm8k from the hub unless $PLACERL_GSM8K_DIR is set;
-    # otherwise a folder holding train.jsonl/test.jsonl, or a single jsonl file.
+    # GSM8K source: a folder holding train.jsonl/test.jsonl, or a single jsonl file; ""
+    # uses $PLACERL_GSM8K_DIR, else the hub, else the copy shipped in rl/bundled.
     path: str = ""
     instruction: str = (
         "Solve the math problem step by step. "

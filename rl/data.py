@@ -13,12 +13,18 @@ crashed one would have seen next.
 from __future__ import annotations
 
 import json
+import logging
+import lzma
 import os
 import random
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 ENV_DIR = "PLACERL_GSM8K_DIR"
+HUB_ID = "openai/gsm8k"
+
+log = logging.getLogger("placerl")
 
 
 class DataError(ValueError):
@@ -42,7 +48,8 @@ def read_gsm8k_jsonl(path: str | Path) -> list[dict]:
         raise DataError(f"GSM8K file {str(path)!r} does not exist; set data.path or ${ENV_DIR} "
                         "to a folder with train.jsonl and test.jsonl")
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    opener = lzma.open if path.suffix == ".xz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -64,17 +71,49 @@ def read_gsm8k_jsonl(path: str | Path) -> list[dict]:
 
 
 def load_gsm8k(split: str, path: str = "") -> list[dict]:
-    """GSM8K ``split`` ('train' or 'test') from a folder/file, ``$PLACERL_GSM8K_DIR`` or the hub."""
+    """GSM8K ``split`` ('train' or 'test') from a folder/file, ``$PLACERL_GSM8K_DIR``, the hub,
+    or, when the hub cannot be reached, the copy shipped in the package (``rl/bundled``)."""
     path = path or os.environ.get(ENV_DIR, "")
     if path:
         p = Path(path).expanduser()
         if p.is_dir():
             p = p / f"{split}.jsonl"
+            if not p.exists() and p.with_suffix(".jsonl.xz").exists():
+                p = p.with_suffix(".jsonl.xz")
         return read_gsm8k_jsonl(p)
-    from datasets import load_dataset  # the hub path: users with network access
+    reason = hub_unreachable()
+    if not reason:
+        from datasets import load_dataset  # the hub path: users with network access
 
-    ds = load_dataset("openai/gsm8k", "main", split=split)
-    return [{"question": r["question"], "answer": r["answer"], "gold": parse_gold(r["answer"])} for r in ds]
+        try:
+            ds = load_dataset(HUB_ID, "main", split=split)
+        except (ConnectionError, OSError) as e:  # reachable host, but the dataset did not come
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:120]
+        else:
+            log.info("GSM8K %s: %d rows from the hub (%s)", split, len(ds), HUB_ID)
+            return [{"question": r["question"], "answer": r["answer"], "gold": parse_gold(r["answer"])} for r in ds]
+    from rl.bundled import gsm8k_file
+
+    rows = read_gsm8k_jsonl(gsm8k_file(split))
+    log.info("GSM8K %s: %d rows from the copy shipped with placerl (%s; set data.path or $%s to use another)",
+             split, len(rows), reason, ENV_DIR)
+    return rows
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str:
+    """Why the dataset hub cannot be reached ("" when it can, or when offline mode is set:
+    then ``datasets`` answers from its cache or fails at once).
+
+    Asked before ``datasets`` is, which otherwise retries for about 25 s and prints each try.
+    """
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return ""
+    host, _, port = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0].partition(":")
+    try:
+        socket.create_connection((host, int(port or 443)), timeout=timeout_s).close()
+    except OSError:
+        return f"{host} is unreachable"
+    return ""
 
 
 # ----------------------------------------------------------------------------- synthetic task

@@ -15,12 +15,10 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-GSM8K_DIR = Path(os.environ.get("PLACERL_GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
-# The first 32 train and 16 test rows of GSM8K (MIT, LICENSE beside them): tests that need
-# GSM8K's format but not its size run on these wherever the full dataset is absent.
+# The first 32 train and 16 test rows of GSM8K (MIT, LICENSE beside them), for tests that
+# read GSM8K's files directly and need them small. Everything else loads GSM8K as a user
+# without a hub does: the copy shipped in the package (rl/bundled).
 GSM8K_SAMPLE = REPO / "tests" / "data" / "gsm8k"
-if (GSM8K_DIR / "train.jsonl").exists():  # seen by subprocesses and Ray jobs too
-    os.environ.setdefault("PLACERL_GSM8K_DIR", str(GSM8K_DIR))
 
 
 @pytest.fixture(scope="session")
@@ -39,16 +37,16 @@ def tiny_model_path(smollm2_path) -> str:
 
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
-    """A folder with GSM8K's train.jsonl and test.jsonl: the full dataset, else the shipped sample."""
-    return GSM8K_DIR if (GSM8K_DIR / "train.jsonl").exists() else GSM8K_SAMPLE
+    """A folder with a small GSM8K train.jsonl and test.jsonl."""
+    return GSM8K_SAMPLE
 
 
 @pytest.fixture(scope="session")
 def gsm8k_full_dir() -> Path:
-    """The full dataset, for tests about its size."""
-    if not (GSM8K_DIR / "train.jsonl").exists():
-        pytest.skip(f"the full GSM8K is not at {GSM8K_DIR}; set PLACERL_GSM8K_DIR")
-    return GSM8K_DIR
+    """The full dataset as the package ships it (train.jsonl.xz, test.jsonl.xz)."""
+    from rl.bundled import GSM8K
+
+    return GSM8K
 
 
 @pytest.fixture(scope="session")

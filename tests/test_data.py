@@ -22,6 +22,34 @@ def test_real_gsm8k_files(gsm8k_full_dir):
     assert all(r["gold"].lstrip("-").replace(".", "").isdigit() for r in test)
 
 
+def test_shipped_copy_serves_when_the_hub_cannot(monkeypatch, caplog):
+    # Offline mode: datasets fails at once (no cache here) and the shipped copy answers,
+    # saying so in one line; data.path and $PLACERL_GSM8K_DIR are unset.
+    monkeypatch.delenv("PLACERL_GSM8K_DIR", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level("INFO", logger="placerl"):
+        rows = load_gsm8k("test")
+    assert len(rows) == 1319 and rows[0]["gold"] == parse_gold(rows[0]["answer"])
+    notes = [r.getMessage() for r in caplog.records if "GSM8K" in r.getMessage()]
+    assert len(notes) == 1 and "copy shipped with placerl" in notes[0] and "\n" not in notes[0]
+
+
+def test_unreachable_hub_is_asked_once_and_quickly(monkeypatch):
+    from rl.data import hub_unreachable
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    assert hub_unreachable(timeout_s=1.0) == "127.0.0.1 is unreachable"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert hub_unreachable() == ""  # offline mode: datasets' own cache decides
+
+
+def test_path_wins_over_the_shipped_copy(monkeypatch, gsm8k_dir):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert len(load_gsm8k("train", str(gsm8k_dir))) == 32
+
+
 def test_gsm8k_from_env(monkeypatch, gsm8k_dir):
     monkeypatch.setenv("PLACERL_GSM8K_DIR", str(gsm8k_dir))
     rows = load_gsm8k("test")

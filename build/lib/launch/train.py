@@ -1,0 +1,51 @@
+"""Entry point of a training run: ``python -m launch.train --config FILE key=value ...``.
+
+Runs the same way directly and as a Ray job (``ray job submit -- python -m
+launch.train ...``): inside a job, ``$RAY_ADDRESS`` names the cluster and the driver
+joins it; otherwise a private Ray starts on loopback. Configuration and data errors
+are reported in one line before any actor starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rl.config import ConfigError, load_config
+from rl.data import DataError
+
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="placerl train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True, help="a recipe under launch/configs/")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5 trainer.steps=20")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from rl.trainer import train
+
+    try:
+        run_dir = train(cfg, recipe=Path(args.config).stem)
+    except (ConfigError, DataError) as e:  # found while loading data or the plan
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"run folder:  {run_dir}")
+    print(f"metrics:     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
+    print(f"checkpoints: {run_dir / 'checkpoints'}")
+    print(f"final eval:  {(run_dir / 'final_eval.json').read_text().strip()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

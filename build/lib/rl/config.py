@@ -1,0 +1,330 @@
+"""One typed config tree for every placerl command.
+
+A run is configured by a YAML recipe (``launch/configs/*.yaml``) plus dotted
+command-line overrides (``learner.lr=1e-5``). Everything is validated when it is
+loaded, before any actor starts: an unknown key, a value of the wrong type or an
+impossible value raises :class:`ConfigError` with one line that names the key, the
+value and what is allowed (and the closest valid key for a misspelling).
+
+The sections are plain dataclasses so that a reader sees every option, its type and
+its default in one place; the loader below is generic over them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from rl.typed_yaml import ConfigError, build, merge, parse_overrides
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def _one_of(key: str, value: Any, choices: typing.Iterable[str]) -> None:
+    choices = list(choices)
+    _check(value in choices, key, value, "choose one of " + ", ".join(map(str, choices)))
+
+
+@dataclass
+class ModelConfig:
+    # A hub id ("Qwen/Qwen2.5-0.5B-Instruct"), a local checkpoint folder, or a builtin
+    # alias: "smollm2-135m-instruct" (materialised from a pip package) or "tiny-llama".
+    name: str = "smollm2-135m-instruct"
+    dtype: str = "float32"  # learner parameters; mixed precision is learner.mixed_precision
+    cache_dir: str = ""  # where builtin models are materialised; default ~/.cache/placerl
+    trust_remote_code: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(bool(self.name), f"{p}.name", self.name, "a hub id, a folder or a builtin alias")
+        _one_of(f"{p}.dtype", self.dtype, ["float32", "bfloat16", "float16"])
+
+
+@dataclass
+class DataConfig:
+    task: str = "gsm8k"  # gsm8k | synthetic
+    # GSM8K source: "" loads openai/gsm8k from the hub unless $PLACERL_GSM8K_DIR is set;
+    # otherwise a folder holding train.jsonl/test.jsonl, or a single jsonl file.
+    path: str = ""
+    instruction: str = (
+        "Solve the math problem step by step. "
+        "Finish with a final line of the form '#### <number>'."
+    )
+    chat_template: bool = True  # render prompts with the tokenizer's chat template
+    max_prompt_tokens: int = 384
+    seed: int = 0
+    synthetic_size: int = 4096  # problems generated for task=synthetic
+    synthetic_max_ops: int = 2  # arithmetic steps per synthetic problem
+
+    def validate(self, p: str) -> None:
+        _one_of(f"{p}.task", self.task, ["gsm8k", "synthetic"])
+        _check(self.max_prompt_tokens > 0, f"{p}.max_prompt_tokens", self.max_prompt_tokens, "must be > 0")
+        _check(self.synthetic_size > 0, f"{p}.synthetic_size", self.synthetic_size, "must be > 0")
+        _check(1 <= self.synthetic_max_ops <= 4, f"{p}.synthetic_max_ops", self.synthetic_max_ops, "1..4")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"  # vllm | hf (plain transformers, for hosts without vLLM)
+    num_workers: int = 1
+    prompts_per_step: int = 8
+    group_size: int = 4  # completions per prompt (GRPO's G)
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_lora_rank: int = 64  # vLLM's cap; every adapter rank is checked against it
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.4
+    cpu_kv_cache_gb: float = 1.0  # vLLM's KV cache on CPU hosts
+    enforce_eager: bool = True
+    dtype: str = "auto"  # auto follows the learner's compute dtype
+    eval_max_new_tokens: int = 256
+
+    def validate(self, p: str) -> None:
+        _one_of(f"{p}.engine", self.engine, ["vllm", "hf"])
+        _check(self.num_workers >= 1, f"{p}.num_workers", self.num_workers, "must be >= 1")
+        _check(self.prompts_per_step >= 1, f"{p}.prompts_per_step", self.prompts_per_step, "must be >= 1")
+        _check(self.group_size >= 2, f"{p}.group_size", self.group_size,
+               "must be >= 2 (a group of one has no relative advantage)")
+        _check(self.max_new_tokens >= 1, f"{p}.max_new_tokens", self.max_new_tokens, "must be >= 1")
+        _check(self.temperature > 0, f"{p}.temperature", self.temperature, "must be > 0")
+        _check(0 < self.top_p <= 1, f"{p}.top_p", self.top_p, "must be in (0, 1]")
+        _check(self.max_lora_rank >= 1, f"{p}.max_lora_rank", self.max_lora_rank, "must be >= 1")
+        _check(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization",
+               self.gpu_memory_utilization, "must be in (0, 1]")
+        _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 1  # FSDP2 world size
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 8  # sequences per forward/backward; the rest is accumulation
+    updates_per_batch: int = 1  # policy updates on each rollout batch (mu in GRPO)
+    mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+
+    def validate(self, p: str) -> None:
+        _check(self.num_ranks >= 1, f"{p}.num_ranks", self.num_ranks, "must be >= 1")
+        _check(self.lr > 0, f"{p}.lr", self.lr, "must be > 0")
+        _check(self.weight_decay >= 0, f"{p}.weight_decay", self.weight_decay, "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{p}.betas",
+               self.betas, "two numbers in [0, 1)")
+        _check(self.warmup_steps >= 0, f"{p}.warmup_steps", self.warmup_steps, "must be >= 0")
+        _one_of(f"{p}.schedule", self.schedule, ["cosine", "constant"])
+        _check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+        _check(self.max_grad_norm > 0, f"{p}.max_grad_norm", self.max_grad_norm, "must be > 0")
+        _check(self.micro_batch_size >= 1, f"{p}.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _check(self.updates_per_batch >= 1, f"{p}.updates_per_batch", self.updates_per_batch, "must be >= 1")
+        _one_of(f"{p}.mixed_precision", self.mixed_precision, ["auto", "fp32", "bf16"])
+
+
+@dataclass
+class AlgorithmConfig:
+    loss: str = "grpo"  # grpo | sft (cross-entropy on gold solutions, same data and hooks)
+    std_normalize: bool = True  # False gives Dr. GRPO's mean-centred advantages
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2  # > epsilon_low is DAPO's clip-higher
+    loss_agg: str = "token-mean"
+    kl_coef: float = 0.0  # KL to the base model (adapters disabled); 0 turns it off
+    kl_estimator: str = "k3"
+    filter_zero_variance: bool = False  # drop groups whose rewards are all equal
+    overlong_mask: bool = False  # completions cut at max_new_tokens get no loss
+    tis_cap: float = 0.0  # truncated importance sampling on rollout/learner mismatch; 0: off
+
+    def validate(self, p: str) -> None:
+        _one_of(f"{p}.loss", self.loss, ["grpo", "sft"])
+        _check(self.epsilon_low > 0, f"{p}.epsilon_low", self.epsilon_low, "must be > 0")
+        _check(self.epsilon_high > 0, f"{p}.epsilon_high", self.epsilon_high, "must be > 0")
+        _one_of(f"{p}.loss_agg", self.loss_agg,
+                ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+        _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
+        _one_of(f"{p}.kl_estimator", self.kl_estimator, ["k1", "k2", "k3"])
+        _check(self.tis_cap == 0 or self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "0 (off) or >= 1")
+
+
+@dataclass
+class RewardConfig:
+    # Each entry: {name: <registry name | module:function | path.py:function>, weight: float}
+    functions: list[dict] = field(default_factory=lambda: [{"name": "gsm8k_flexible", "weight": 1.0}])
+    timeout_s: float = 10.0  # per call; a slower call gives its samples no reward
+    workers: int = 4
+    executor: str = "thread"  # thread | process
+
+    def validate(self, p: str) -> None:
+        _check(len(self.functions) > 0, f"{p}.functions", self.functions, "name at least one reward")
+        for i, fn in enumerate(self.functions):
+            _check(isinstance(fn, dict) and "name" in fn, f"{p}.functions[{i}]", fn,
+                   "a mapping with a 'name' (and optionally 'weight')")
+            extra = set(fn) - {"name", "weight", "kwargs"}
+            _check(not extra, f"{p}.functions[{i}]", fn, "keys are name, weight, kwargs")
+        _check(self.timeout_s > 0, f"{p}.timeout_s", self.timeout_s, "must be > 0")
+        _check(self.workers >= 1, f"{p}.workers", self.workers, "must be >= 1")
+        _one_of(f"{p}.executor", self.executor, ["thread", "process"])
+
+
+@dataclass
+class PlacementConfig:
+    scorer: str = "uniform"  # uniform | random | page | plop | bmask | gradrank | a plugin
+    plan: str = ""  # a PlacementPlan JSON written by `placerl score`; overrides scorer
+    rank: int = 8  # the uniform baseline's rank; budgets are measured against it
+    alpha: float = 16.0
+    alpha_policy: str = "fixed"  # fixed | proportional (alpha/r constant) | rslora
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    budget: str = ""  # "" = the uniform baseline; "rank=N", "params=N" or "fraction=F"
+    top_k: int = 1  # with an empty budget: modules kept by page/random, module types by plop
+    probe_samples: int = 32
+    probe_source: str = "sft"  # sft (gold solutions) | grpo (rollouts)
+    probe_steps: int = 4  # probe batches for bmask (sign consistency) and gradrank
+    probe_dtype: str = "float32"  # bfloat16 halves scoring memory; see placement.scoring.PROBE_DTYPES
+    dropout: float = 0.0
+    seed: int = 0
+
+    def validate(self, p: str) -> None:
+        _check(self.rank >= 1, f"{p}.rank", self.rank, "must be >= 1")
+        _check(self.alpha > 0, f"{p}.alpha", self.alpha, "must be > 0")
+        _one_of(f"{p}.alpha_policy", self.alpha_policy, ["fixed", "proportional", "rslora"])
+        _check(len(self.target_modules) > 0, f"{p}.target_modules", self.target_modules,
+               "name at least one module type")
+        _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "must be >= 1")
+        _check(self.probe_samples >= 1, f"{p}.probe_samples", self.probe_samples, "must be >= 1")
+        _one_of(f"{p}.probe_source", self.probe_source, ["sft", "grpo"])
+        _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
+        _one_of(f"{p}.probe_dtype", self.probe_dtype, ["float32", "bfloat16"])
+        _check(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "must be in [0, 1)")
+        if self.budget:
+            kind, _, num = self.budget.partition("=")
+            ok = kind in ("rank", "params", "fraction")
+            try:
+                ok = ok and float(num) > 0
+            except ValueError:
+                ok = False
+            _check(ok, f"{p}.budget", self.budget, "'rank=N', 'params=N' or 'fraction=F' with a positive number")
+
+
+@dataclass
+class DiagnosticsConfig:
+    enabled: bool = False
+    every: int = 10  # capture gradients every k optimizer steps
+    modules: list[str] = field(default_factory=lambda: ["down_proj", "v_proj"])  # name suffixes
+    lags: int = 3  # cosine with the gradient 1..lags captures back
+    window: int = 5  # captures in the sign-consistency window
+    max_rank_dim: int = 256  # randomized SVD above this size
+
+    def validate(self, p: str) -> None:
+        _check(self.every >= 1, f"{p}.every", self.every, "must be >= 1")
+        _check(self.lags >= 1, f"{p}.lags", self.lags, "must be >= 1")
+        _check(self.window >= 2, f"{p}.window", self.window, "must be >= 2")
+
+
+@dataclass
+class LoggingConfig:
+    output_dir: str = "runs"
+    run_name: str = ""  # default: <recipe>-<timestamp>
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "placerl"
+    progress: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    address: str = ""  # "" uses $RAY_ADDRESS, else starts a local Ray on loopback
+    num_cpus: int = 0  # for a local cluster; 0 = all
+    object_store_mb: int = 1024
+    colocate: bool = True  # rollout and learner share the same devices
+    gpus_per_rollout_worker: float = 0.0
+    gpus_per_learner_rank: float = 0.0
+    # Threads of each CPU actor; 0: the host's cores shared among the actors of one kind
+    # (rollout workers and learner ranks take turns, so each kind may use every core).
+    cpu_threads: int = 0
+
+    def validate(self, p: str) -> None:
+        _check(self.cpu_threads >= 0, f"{p}.cpu_threads", self.cpu_threads, "must be >= 0 (0: automatic)")
+        _check(self.object_store_mb >= 64, f"{p}.object_store_mb", self.object_store_mb, "must be >= 64")
+        _check(self.gpus_per_rollout_worker >= 0, f"{p}.gpus_per_rollout_worker",
+               self.gpus_per_rollout_worker, "must be >= 0")
+        _check(self.gpus_per_learner_rank >= 0, f"{p}.gpus_per_learner_rank",
+               self.gpus_per_learner_rank, "must be >= 0")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 50
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate only before and after training
+    eval_size: int = 64  # test problems per evaluation (greedy)
+    save_every: int = 10
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | <path>
+
+    def validate(self, p: str) -> None:
+        _check(self.steps >= 1, f"{p}.steps", self.steps, "must be >= 1")
+        _check(self.eval_every >= 0, f"{p}.eval_every", self.eval_every, "must be >= 0")
+        _check(self.eval_size >= 0, f"{p}.eval_size", self.eval_size, "must be >= 0")
+        _check(self.save_every >= 1, f"{p}.save_every", self.save_every, "must be >= 1")
+        _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate(f.name)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a recipe, apply dotted overrides, coerce types and validate."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config launch/configs/<recipe>.yaml")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f" line {line + 1}" if line is not None else ""
+            raise ConfigError(f"config file {str(p)!r}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    tree = merge(tree, parse_overrides(overrides))
+    return build(Config, tree).validate()
+
+
+def config_from_dict(tree: dict) -> Config:
+    return build(Config, tree).validate()

@@ -1,0 +1,297 @@
+"""GRPO math as pure functions on torch tensors: advantages, per-token log-probabilities,
+entropy, KL estimators, loss aggregation, the clipped policy loss, importance weights on the
+rollout/learner mismatch, and the SFT loss that shares the same aggregation.
+
+Conventions: responses are padded to ``[B, T]``; ``mask`` is the response-token mask (bool or
+0/1 float) and every reduction is over masked-in tokens only. Values at masked-out positions are
+replaced by 0 before any arithmetic, so NaN or inf there cannot leak into a loss or a gradient.
+
+Gradient accumulation and data parallelism: every loss here is a sum of per-token (or
+per-sequence) terms divided by a normaliser. When a batch is split into micro-batches and ranks,
+pass the GLOBAL normaliser (``num_tokens`` = masked tokens of the whole batch, ``num_sequences``
+= sequences of the whole batch) to each piece; then the piece losses SUM to the full-batch loss
+and their gradients sum to the full-batch gradient. Without them each piece is normalised by its
+own counts (a mean over the piece), which is what a single-piece batch wants.
+
+Deliberately left out: sequence-level importance ratios (GSPO), two-sided ratio caps (TRL's
+``delta``), CISPO/SAPO/VESPO losses, entropy bonuses and entropy masks, batch-level reward
+scaling, and multi-reward normalise-then-sum. Nothing here touches a model or a process group.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _check_groups(rewards: Tensor, group_size: int) -> None:
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [num_prompts * group_size], got shape {tuple(rewards.shape)}")
+    if group_size < 1 or rewards.numel() % group_size != 0:
+        raise ValueError(f"group_size={group_size} does not divide len(rewards)={rewards.numel()}; "
+                         "pass rewards of whole groups (rollout.group_size completions per prompt)")
+
+
+def _grouped_stats(rewards: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group NaN-aware mean, Bessel-corrected std and count of scored (non-NaN) rewards."""
+    _check_groups(rewards, group_size)
+    r = rewards.to(torch.promote_types(rewards.dtype, torch.float32)).view(-1, group_size)
+    scored = ~torch.isnan(r)
+    count = scored.sum(dim=1)
+    mean = torch.where(scored, r, 0.0).sum(dim=1) / count.clamp(min=1)
+    sq = torch.where(scored, (r - mean[:, None]) ** 2, 0.0).sum(dim=1)
+    # TRL's nanstd: unbiased (n - 1); undefined (NaN) below two scored rewards.
+    std = torch.where(count > 1, (sq / (count - 1).clamp(min=1)).sqrt(), torch.nan)
+    return mean, std, count
+
+
+def group_advantages(rewards: Tensor, group_size: int, std_normalize: bool = True,
+                     eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages, groups contiguous in ``rewards`` [N].
+
+    A_i = (r_i - mean_g) / (std_g + eps) with std_normalize (GRPO; std unbiased, as TRL's
+    ``nanstd``), A_i = r_i - mean_g without (Dr. GRPO). NaN rewards (unscorable completions) are
+    left out of the group statistics and get advantage 0, as do all members of a group with fewer
+    than two scored rewards (no relative signal).
+    """
+    mean, std, _ = _grouped_stats(rewards, group_size)
+    r = rewards.to(mean.dtype).view(-1, group_size)
+    adv = r - mean[:, None]
+    if std_normalize:
+        adv = adv / (std[:, None] + eps)
+    return torch.nan_to_num(adv, nan=0.0).reshape(-1)
+
+
+def zero_variance_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """bool [N // group_size]: True where a group carries no learning signal, i.e. its scored
+    rewards are all equal (std close to 0, TRL's ``is_std_zero`` test) or fewer than two are scored.
+    """
+    _, std, count = _grouped_stats(rewards, group_size)
+    return (count < 2) | torch.isclose(std, torch.zeros_like(std))
+
+
+class _LabelLogprob(torch.autograd.Function):
+    """log softmax(logits / T)[label], one sequence at a time.
+
+    Only the input logits and a [B, T] logsumexp are kept for backward; the softmax is recomputed
+    per sequence there, so no float32 [B, T, V] copy lives between forward and backward even when
+    the logits are bf16 or a temperature applies.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor, temperature: float) -> Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        valid = labels >= 0
+        safe = torch.where(valid, labels, 0)
+        out = torch.empty(labels.shape, dtype=dtype, device=logits.device)
+        lse = torch.empty_like(out)
+        for b in range(logits.shape[0]):
+            row = logits[b].to(dtype) / temperature
+            lse[b] = torch.logsumexp(row, dim=-1)
+            out[b] = row.gather(-1, safe[b, :, None]).squeeze(-1) - lse[b]
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.temperature = temperature
+        return torch.where(valid, out, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, safe, valid, lse = ctx.saved_tensors
+        t = ctx.temperature
+        g_out = torch.where(valid, grad_out, 0.0)
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        for b in range(logits.shape[0]):
+            # d(x_y - lse(x))/dx = onehot(y) - softmax(x), with x = logits / T
+            p = torch.exp(logits[b].to(lse.dtype) / t - lse[b, :, None])
+            g = -p * g_out[b, :, None]
+            g.scatter_add_(-1, safe[b, :, None], g_out[b, :, None])
+            grad[b] = (g / t).to(logits.dtype)
+        return grad, None, None
+
+
+def token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log p(label) = z_label / T - logsumexp(z / T) for logits z [B, T, V], labels [B, T].
+
+    Result in float32 (float64 for float64 logits). Works one sequence at a time so the float
+    copy is one [T, V] row, in forward and backward alike. Negative labels (e.g. -100 padding)
+    give 0 and no gradient.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0; use rollout.temperature > 0")
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be [B, T, V] and labels [B, T]; got {tuple(logits.shape)} "
+                         f"and {tuple(labels.shape)}")
+    return _LabelLogprob.apply(logits, labels, float(temperature))
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """H = -sum_v p_v log p_v with p = softmax(z / T), per position: [B, T, V] -> [B, T].
+
+    One sequence at a time; differentiable, but under autograd each row's float copy is kept for
+    backward, so call it under ``torch.no_grad()`` when it is only logged.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0; use rollout.temperature > 0")
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    rows = []
+    for b in range(logits.shape[0]):
+        logp = torch.log_softmax(logits[b].to(dtype) / temperature, dim=-1)
+        rows.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.stack(rows)
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:
+    """Per-token estimate of KL(pi_theta || pi_ref) from tokens sampled by pi_theta (Schulman 2020).
+
+    With log r = ref_logprobs - logprobs:
+      k1 = -log r                  (unbiased, can be negative)
+      k2 = (log r)^2 / 2           (biased, low variance)
+      k3 = (r - 1) - log r         (unbiased, >= 0; TRL's ``beta`` term)
+    No clamping, so values match TRL's k3 exactly.
+    """
+    log_r = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"kl_estimator={estimator!r} is not one of {KL_ESTIMATORS}; "
+                     "set algorithm.kl_estimator to k1, k2 or k3")
+
+
+def _masked(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask.bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def aggregate(values: Tensor, mask: Tensor, mode: str, max_tokens: int | None = None,
+              num_sequences: int | None = None, num_tokens: float | None = None) -> Tensor:
+    """Reduce per-token ``values`` [B, T] under ``mask`` [B, T] to a scalar.
+
+    token-mean:              sum_{i,t} m v / N_tok                  (TRL "dapo"; "bnpo" per piece)
+    seq-mean-token-mean:     sum_i (sum_t m v / sum_t m) / N_seq    (TRL "grpo")
+    seq-mean-token-sum-norm: sum_i (sum_t m v / max_tokens) / N_seq (Dr. GRPO, TRL "dr_grpo")
+
+    N_tok = ``num_tokens`` and N_seq = ``num_sequences`` when given: the GLOBAL counts over all
+    micro-batches and ranks of one optimiser step, so the losses of the pieces sum to the
+    full-batch loss (and so do their gradients). When omitted they are this call's own counts
+    (sum of mask, B). A sequence with no masked-in tokens contributes 0 but still counts in N_seq.
+    ``max_tokens`` is the generation budget (rollout.max_new_tokens), a constant, not the padded
+    length, so that pieces padded differently agree.
+    """
+    if values.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same [B, T] shape")
+    weight = mask.to(values.dtype)
+    token_sum = (_masked(values, mask) * weight).sum(dim=-1)
+    n_seq = values.shape[0] if num_sequences is None else num_sequences
+    if mode == "token-mean":
+        n_tok = weight.sum().clamp(min=1.0) if num_tokens is None else num_tokens
+        return token_sum.sum() / n_tok
+    if mode == "seq-mean-token-mean":
+        return (token_sum / weight.sum(dim=-1).clamp(min=1.0)).sum() / max(n_seq, 1)
+    if mode == "seq-mean-token-sum-norm":
+        if max_tokens is None or max_tokens < 1:
+            raise ValueError("loss_agg='seq-mean-token-sum-norm' needs max_tokens >= 1; "
+                             "pass the generation budget rollout.max_new_tokens")
+        return (token_sum / max_tokens).sum() / max(n_seq, 1)
+    raise ValueError(f"loss_agg={mode!r} is not one of {LOSS_AGG_MODES}; set algorithm.loss_agg to one of them")
+
+
+def _token_mean(values: Tensor, mask: Tensor) -> Tensor:
+    weight = mask.to(values.dtype)
+    return ((_masked(values, mask) * weight).sum() / weight.sum().clamp(min=1.0)).detach()
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, *,
+                epsilon_low: float = 0.2, epsilon_high: float = 0.2, loss_agg: str = "token-mean",
+                max_tokens: int | None = None, num_sequences: int | None = None,
+                num_tokens: float | None = None, ref_logprobs: Tensor | None = None,
+                kl_coef: float = 0.0, kl_estimator: str = "k3", is_weights: Tensor | None = None,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped surrogate (PPO/GRPO, DAPO clip-higher) plus an optional KL-to-reference term.
+
+    rho = exp(logprobs - old_logprobs), A = advantages [B] broadcast over tokens,
+      l_t = -min(rho A, clip(rho, 1 - epsilon_low, 1 + epsilon_high) A) * w_t + kl_coef * kl_t
+    where w_t = ``is_weights`` (truncated IS on the rollout/learner mismatch; 1 when None; it
+    weights the policy-gradient term only, as TRL's ``importance_sampling_ratio`` does) and kl_t =
+    kl_penalty(logprobs, ref_logprobs, kl_estimator). The loss is aggregate(l, mask, loss_agg, ...).
+
+    Metrics (detached, token means over this call's mask): clip_low_fraction (rho < 1-eps_low
+    with A < 0, where the clip removes the gradient), clip_high_fraction (rho > 1+eps_high with
+    A > 0), clip_fraction (either), ratio_mean, kl (when ref_logprobs is given); pg_loss is the
+    policy-gradient part aggregated exactly like the loss (so it sums over pieces like the loss).
+    """
+    if advantages.dim() != 1 or advantages.shape[0] != logprobs.shape[0]:
+        raise ValueError(f"advantages must be [B]={logprobs.shape[0]}, got shape {tuple(advantages.shape)}")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={kl_coef} needs ref_logprobs; pass them or set algorithm.kl_coef=0")
+    logprobs = _masked(logprobs, mask)
+    old_logprobs = _masked(old_logprobs, mask)
+    adv = advantages.to(logprobs.dtype)[:, None]
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped = torch.clamp(ratio, 1.0 - epsilon_low, 1.0 + epsilon_high)
+    pg = -torch.min(ratio * adv, clipped * adv)
+    if is_weights is not None:
+        pg = pg * _masked(is_weights, mask).detach()
+    agg = dict(mode=loss_agg, max_tokens=max_tokens, num_sequences=num_sequences, num_tokens=num_tokens)
+    pg_loss = aggregate(pg, mask, **agg)
+    loss = pg_loss
+    with torch.no_grad():
+        low = ((ratio < 1.0 - epsilon_low) & (adv < 0)).to(logprobs.dtype)
+        high = ((ratio > 1.0 + epsilon_high) & (adv > 0)).to(logprobs.dtype)
+        metrics = {
+            "clip_fraction": _token_mean(torch.maximum(low, high), mask),
+            "clip_low_fraction": _token_mean(low, mask),
+            "clip_high_fraction": _token_mean(high, mask),
+            "ratio_mean": _token_mean(ratio, mask),
+            "pg_loss": pg_loss.detach(),
+        }
+    if ref_logprobs is not None:
+        kl = kl_penalty(logprobs, _masked(ref_logprobs, mask), kl_estimator)
+        metrics["kl"] = _token_mean(kl, mask)
+        if kl_coef != 0.0:
+            loss = loss + kl_coef * aggregate(kl, mask, **agg)
+    return loss, metrics
+
+
+def truncated_is_weights(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                         cap: float) -> Tensor:
+    """w_t = min(exp(learner_t - rollout_t), cap), detached; 0 at masked-out tokens.
+
+    Corrects for sampling from the rollout engine's policy while the learner computes the
+    gradient (truncated importance sampling; TRL's vllm_importance_sampling_mode="token_truncate"
+    with clip_max=cap). A NaN rollout logprob (the engine could not score the token) gives w = 1.
+    """
+    if cap <= 0:
+        raise ValueError(f"cap={cap} must be > 0; set algorithm.tis_cap >= 1 (0 turns it off)")
+    with torch.no_grad():
+        diff = torch.nan_to_num(learner_logprobs.detach() - rollout_logprobs, nan=0.0)
+        w = torch.exp(_masked(diff, mask)).clamp(max=cap)
+        return _masked(w, mask)
+
+
+def logprob_mismatch(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """How far the rollout engine's token logprobs are from the learner's, over masked-in tokens.
+
+    abs_diff_mean / abs_diff_max: mean and max |learner - rollout|; kl_k3: token mean of
+    k3 = exp(d) - 1 - d with d = learner - rollout, an estimate of KL(pi_rollout || pi_learner) from
+    the rollout's own samples. Tokens with NaN rollout logprobs are left out; with no tokens, all 0.
+    """
+    with torch.no_grad():
+        d = learner_logprobs.detach() - rollout_logprobs
+        keep = mask.bool() & ~torch.isnan(d)
+        d = torch.where(keep, d, 0.0)
+        if not keep.any():
+            zero = d.new_zeros(())
+            return {"abs_diff_mean": zero, "abs_diff_max": zero, "kl_k3": zero}
+        return {"abs_diff_mean": _token_mean(d.abs(), keep), "abs_diff_max": d.abs()[keep].max(),
+                "kl_k3": _token_mean(torch.expm1(d) - d, keep)}
+
+
+def sft_loss(logprobs: Tensor, mask: Tensor, loss_agg: str = "token-mean", max_tokens: int | None = None,
+             num_sequences: int | None = None, num_tokens: float | None = None) -> Tensor:
+    """Negative log-likelihood of the target tokens: aggregate(-logprobs, mask, loss_agg, ...)."""
+    return aggregate(-_masked(logprobs, mask), mask, loss_agg, max_tokens=max_tokens,
+                     num_sequences=num_sequences, num_tokens=num_tokens)

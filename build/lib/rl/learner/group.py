@@ -1,0 +1,228 @@
+"""The learner as a group of Ray actors: N FSDP2 ranks training one PEFT LoRA adapter.
+
+The driver talks to :class:`LearnerGroup` only; each rank's work lives in
+rl/learner/rank.py. A step splits the batch into N equal shards of sequences, every
+rank runs its micro-batches, and the group combines the ranks' metrics. The rollout
+vs learner log-probability mismatch is computed here on the whole batch (the ranks
+return their pre-update log-probabilities), so it is exact whatever the split.
+
+Uneven batches: when B % N != 0 the batch is padded to a multiple of N with copies of
+its last row whose response mask is zero. They cost compute but add nothing to the
+loss or the gradient, and the loss normalisers count only the real sequences and
+tokens; FSDP2 needs every rank to run the same number of forward/backward passes.
+
+Checkpoints are written and read by this (driver) process from state gathered on rank
+0, so the checkpoint folder need not be visible to the actors' nodes.
+
+Left out: elastic membership (a dead rank ends the group; the driver restarts it from
+a checkpoint), and pipelining of steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TrainBatch:
+    """CPU tensors; sequences are prompt + completion, RIGHT-padded."""
+
+    input_ids: Tensor  # [B, T] long
+    attention_mask: Tensor  # [B, T]
+    response_mask: Tensor  # [B, T] 1 on completion tokens that get loss (labels are input_ids shifted)
+    advantages: Tensor  # [B] float (ignored for SFT)
+    rollout_logprobs: Tensor  # [B, T] rollout engine's per-token logprobs on completion tokens, 0 elsewhere
+    max_tokens: int  # rollout.max_new_tokens (for seq-mean-token-sum-norm)
+
+    def validate(self) -> None:
+        B, T = self.input_ids.shape
+        for name in ("attention_mask", "response_mask", "rollout_logprobs"):
+            if tuple(getattr(self, name).shape) != (B, T):
+                raise ValueError(f"TrainBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                 f"expected [B, T]=[{B}, {T}] like input_ids")
+        if tuple(self.advantages.shape) != (B,):
+            raise ValueError(f"TrainBatch.advantages has shape {tuple(self.advantages.shape)}, expected [{B}]")
+        if T < 2 or bool(self.response_mask[:, 0].any()):
+            raise ValueError("TrainBatch.response_mask is set at position 0; the first token has no "
+                             "prediction, every sequence needs a prompt of at least one token")
+        if bool(((self.response_mask != 0) & (self.attention_mask == 0)).any()):
+            raise ValueError("TrainBatch.response_mask marks padding (attention_mask=0) tokens; "
+                             "mask only real completion tokens")
+
+
+_FIELDS = ("input_ids", "attention_mask", "response_mask", "advantages", "rollout_logprobs")
+
+
+def split_batch(batch: TrainBatch, n: int) -> list[dict[str, Tensor]]:
+    """N shards of equal size, padded with zero-loss copies of the last row (see module doc)."""
+    B = batch.input_ids.shape[0]
+    per = -(-B // n)
+    tensors = {k: getattr(batch, k) for k in _FIELDS}
+    pad = per * n - B
+    if pad:
+        idx = torch.cat([torch.arange(B), torch.full((pad,), B - 1)])
+        tensors = {k: v[idx].clone() for k, v in tensors.items()}
+        tensors["response_mask"][B:] = 0
+        tensors["advantages"][B:] = 0
+    return [{k: v[r * per:(r + 1) * per].contiguous() for k, v in tensors.items()} for r in range(n)]
+
+
+def combine_metrics(outs: list[dict], num_tokens: float, algorithm_loss: str, kl_on: bool) -> dict[str, float]:
+    """Rank results -> step metrics: globally normalised losses add up, token-weighted
+    metrics are divided by the batch's tokens, replicated values come from rank 0."""
+    from rl.learner.rank import TOKEN_MEAN_METRICS
+
+    tok = max(num_tokens, 1.0)
+    m = {"loss": sum(o["loss"] for o in outs), "grad_norm": outs[0]["grad_norm"], "lr": outs[0]["lr"],
+         "skipped": outs[0]["skipped"], "entropy": sum(o["entropy_sum"] for o in outs) / tok,
+         "tokens": float(num_tokens)}
+    if algorithm_loss != "sft":
+        m["pg_loss"] = sum(o["pg_loss"] for o in outs)
+        for k in TOKEN_MEAN_METRICS:
+            if k != "kl" or kl_on:
+                m[k] = sum(o[f"{k}_tok"] for o in outs) / tok
+    m.update({k: float(v) for k, v in outs[0]["diagnostics"].items()})
+    return m
+
+
+def _wait_all(refs: list, on_error) -> list:
+    """ray.get that fails fast: the first failing rank's error is raised at once (the
+    others would wait in a collective forever), after ``on_error`` tears the group down."""
+    import ray
+
+    pending, index = list(refs), {r: i for i, r in enumerate(refs)}
+    results = [None] * len(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            results[index[ready[0]]] = ray.get(ready[0])
+        except Exception:
+            on_error()
+            raise
+    return results
+
+
+class LearnerGroup:
+    """N learner ranks (Ray actors) that act as one FSDP2 data-parallel learner."""
+
+    def __init__(self, cfg, model_path: str, lora_config: dict, b_masks: dict[str, Tensor] | None = None,
+                 placement_group=None, bundle_offset: int = 0, attach=None, plan=None):
+        """``b_masks``: lora_B parameter name -> bool mask (True trains), as PlacementPlan.b_masks().
+        ``plan``: a placement.PlacementPlan; when given the model is built by placement.apply_plan
+        (the plan's seeded A, verified shapes and scales) and its masks are used.
+        ``attach``: the diagnostics seam, see rl/learner/rank.py."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from rl.learner.rank import LearnerRank
+
+        self.cfg, self.n = cfg, cfg.learner.num_ranks
+        opts = {"num_gpus": cfg.cluster.gpus_per_learner_rank, "num_cpus": 1}
+        actor = ray.remote(LearnerRank)
+        self.ranks = []
+        for i in range(self.n):
+            o = dict(opts)
+            if placement_group is not None:
+                # A colocated rollout worker shares the bundle's single CPU (rl/resources.py).
+                o["num_cpus"] = 0.5 if cfg.cluster.colocate else 1
+                o["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=bundle_offset + i)
+            self.ranks.append(actor.options(**o).remote(i, self.n))
+        single_node = len(set(self._call("node_id"))) == 1
+        addr, port = self._all([self.ranks[0].rendezvous_address.remote(single_node)])[0]
+        masks = ray.put({k: v.cpu() for k, v in b_masks.items()}) if b_masks else None
+        self._all([r.setup.remote(cfg, model_path, lora_config, masks, addr, port, attach, plan) for r in self.ranks])
+
+    def _all(self, refs: list) -> list:
+        return _wait_all(refs, self._kill)
+
+    def _call(self, method: str, *args) -> list:
+        return self._all([getattr(r, method).remote(*args) for r in self.ranks])
+
+    def train_step(self, batch: TrainBatch) -> dict[str, float]:
+        t0 = time.perf_counter()
+        batch.validate()
+        a = self.cfg.algorithm
+        num_tokens = float(batch.response_mask.sum())
+        totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": max(num_tokens, 1.0),
+                  "max_tokens": batch.max_tokens}
+        shards = split_batch(batch, self.n)
+        outs = self._all([r.train_step.remote(s, totals) for r, s in zip(self.ranks, shards)])
+        m = combine_metrics(outs, num_tokens, a.loss, a.kl_coef > 0)
+        if a.loss != "sft":
+            from rl.grpo import logprob_mismatch
+
+            learner_lp = torch.cat([o["learner_logprobs"] for o in outs])[: batch.input_ids.shape[0]]
+            mm = logprob_mismatch(learner_lp, batch.rollout_logprobs, batch.response_mask)
+            m.update({f"logprob_mismatch_{k}": float(v) for k, v in mm.items()})
+        m["time_s"] = time.perf_counter() - t0
+        return m
+
+    def logprobs(self, batch: TrainBatch, temperature: float | None = None) -> Tensor:
+        """Teacher-forced per-token logprobs [B, T] (0 at position 0 and on padding)."""
+        batch.validate()
+        t = self.cfg.rollout.temperature if temperature is None else temperature
+        rows = self._all([r.logprobs.remote(s, t) for r, s in zip(self.ranks, split_batch(batch, self.n))])
+        return torch.cat(rows)[: batch.input_ids.shape[0]]
+
+    def export_adapter(self, version: int):
+        """ObjectRef of an rl.rollout.sync.AdapterPayload (every rank gathers, rank 0 returns it)."""
+        refs = [r.export_adapter.remote(version) for r in self.ranks]
+        self._all(refs[1:])
+        return refs[0]
+
+    def lora_state(self) -> dict[str, Tensor]:
+        """Full LoRA tensors under the live model's parameter names (for tests and tools)."""
+        return self._call("lora_state")[0]
+
+    def save(self, directory: str) -> None:
+        """Adapter (PEFT format), full optimizer and scheduler state, written into ``directory``."""
+        from rl.rollout.sync import write_peft_adapter
+
+        state = self._call("state_for_save")[0]
+        os.makedirs(directory, exist_ok=True)
+        write_peft_adapter(state["adapter"], directory)
+        torch.save(state["optimizer"], os.path.join(directory, "optimizer.pt"))
+        torch.save(state["scheduler"], os.path.join(directory, "scheduler.pt"))
+        with open(os.path.join(directory, "learner_state.json"), "w") as f:
+            json.dump(state["counters"], f)
+
+    def load(self, directory: str) -> None:
+        """Restore adapter, optimizer and scheduler on every rank (any saved world size)."""
+        import ray
+        from safetensors.torch import load_file
+
+        names = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "learner_state.json")
+        missing = [n for n in names if not os.path.exists(os.path.join(directory, n))]
+        if missing:
+            raise FileNotFoundError(f"learner checkpoint {directory!r} lacks {missing}; "
+                                    "it is incomplete, resume from an earlier checkpoint")
+        with open(os.path.join(directory, "learner_state.json")) as f:
+            counters = json.load(f)
+        state = ray.put({"adapter": load_file(os.path.join(directory, "adapter_model.safetensors")),
+                         "optimizer": torch.load(os.path.join(directory, "optimizer.pt"), weights_only=True),
+                         "scheduler": torch.load(os.path.join(directory, "scheduler.pt"), weights_only=True),
+                         "counters": counters})
+        self._call("load_state", state)
+
+    def shutdown(self) -> None:
+        import ray
+
+        if self.ranks:
+            try:
+                ray.get([r.shutdown.remote() for r in self.ranks], timeout=30)
+            except Exception:  # a dead or hung rank must not stop the others being killed
+                pass
+        self._kill()
+
+    def _kill(self) -> None:
+        import ray
+
+        ranks, self.ranks = getattr(self, "ranks", []), []
+        for r in ranks:
+            ray.kill(r)

@@ -1,0 +1,365 @@
+"""One rank of the learner: a PEFT LoRA model under FSDP2, its optimizer, and the step.
+
+``LearnerGroup`` (rl/learner/group.py) runs one ``LearnerRank`` per Ray actor. Each rank joins
+torch.distributed (gloo on CPU, NCCL on CUDA), loads the base model, wraps it with PEFT,
+shards it with ``fully_shard`` per decoder layer and at the root, and then does the
+per-step work on its share of the batch: forward, GRPO/SFT loss with the GLOBAL
+normalisers (so the pieces' gradients sum to the full-batch gradient), accumulation
+without communication until the last micro-batch, B-mask zeroing, clipping, AdamW.
+
+FSDP2 averages gradients over ranks by default; the divide factor is set to 1 because
+the loss pieces are already normalised by the global token/sequence counts.
+
+Diagnostics seam: ``attach(peft_model, cfg)`` (optional, picklable) runs on every rank
+before ``fully_shard`` and returns callbacks ``fn(step) -> dict | None``. Module hooks
+registered there survive sharding (the modules stay); Parameter objects do not
+(fully_shard replaces them with DTensor parameters), so look parameters up by name
+inside the callback. They are called on every rank after the last
+backward of each update, before masking and clipping; collectives are allowed inside
+them; rank 0's returned dicts are merged into the step metrics.
+
+Left out: tensor/sequence parallelism, CPU offload, and a separate reference model
+(the reference is this model with its adapters disabled).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from placement import mask_b_gradients
+from rl.grpo import (entropy_from_logits, policy_loss, sft_loss, token_logprobs,
+                     truncated_is_weights)
+from rl.learner.optim import build_optimizer, build_scheduler
+
+LOOPBACK = "127.0.0.1"
+# policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
+TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter; collective for DTensors."""
+    t = p.detach()
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def check_lora_shapes(peft_model, lora_config: dict) -> None:
+    """PEFT pattern keys are regexes that silently fall back to the default rank: check
+    that every rank_pattern key matched a LoRA module and gave it the rank asked for."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+              if isinstance(m, LoraLayer) and "default" in m.r}
+    for key, rank in (lora_config.get("rank_pattern") or {}).items():
+        hits = [n for n in layers if re.match(rf"(.*\.)?({key})$", n)]
+        if not hits:
+            raise ValueError(f"rank_pattern key {key!r} matched no LoRA module; use full module names "
+                             "(model.layers.0.mlp.down_proj, regex-escaped) that target_modules covers")
+        for n in hits:
+            a = layers[n].lora_A["default"].weight
+            if a.shape[0] != rank:
+                raise ValueError(f"{n}: lora_A has rank {a.shape[0]} but rank_pattern asks {rank}; "
+                                 "an earlier pattern key matched it first, make the keys disjoint")
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    # transformers names its repeated block classes in _no_split_modules (LlamaDecoderLayer...).
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} declares no decoder-layer class in _no_split_modules; "
+                         "FSDP2 needs one to shard per layer")
+    return layers
+
+
+class LearnerRank:
+    """One FSDP2 rank (a Ray actor body). Heavy setup happens in ``setup``."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.after_backward: list = []
+        self.steps = 0  # train_step calls
+        self.updates = 0  # optimizer steps taken (the schedule's clock)
+
+    # ------------------------------------------------------------------ setup
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def rendezvous_address(self, single_node: bool) -> tuple[str, int]:
+        """Where the other ranks find this one (rank 0): loopback when the whole group is on
+        this node, so torch.distributed listens on no external interface; else the node's IP."""
+        import ray
+
+        host = LOOPBACK if single_node else ray.util.get_node_ip_address()
+        with socket.socket() as s:
+            s.bind((host, 0))
+            return host, s.getsockname()[1]
+
+    def setup(self, cfg, model_path: str, lora_config: dict, b_masks, addr: str, port: int,
+              attach=None, plan=None) -> None:
+        from peft import LoraConfig, get_peft_model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        from rl.models import load_model
+
+        self.cfg = cfg
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        else:
+            # Ray set one thread for this fractional-CPU actor; learner ranks compute while
+            # the rollout workers wait, so they share the host's cores (rl/resources.py).
+            from rl.resources import cpu_threads
+
+            torch.set_num_threads(cpu_threads(cfg.cluster.cpu_threads, cfg.learner.num_ranks))
+        if not cuda and addr == LOOPBACK:
+            # Gloo binds its pair sockets to the address the hostname resolves to, which may be an
+            # external interface even when the store is on loopback.
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
+                                rank=self.rank, world_size=self.world_size, timeout=timedelta(minutes=30))
+
+        # The same seed on every rank: each rank builds the full model and fully_shard keeps
+        # its slice, so LoRA's random A must be identical everywhere.
+        torch.manual_seed(cfg.trainer.seed)
+        model = load_model(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
+        model.config.use_cache = False
+        if cfg.learner.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if plan is not None:
+            from placement import apply_plan
+
+            # The plan's own A (seeded per module) is the A its B masks were scored for.
+            peft_model = apply_plan(model, plan, grad_hooks=False)
+            b_masks = b_masks or plan.b_masks()
+        else:
+            lora_config = {"task_type": "CAUSAL_LM", **{k: v for k, v in lora_config.items() if v is not None}}
+            peft_model = get_peft_model(model, LoraConfig(**lora_config))
+            check_lora_shapes(peft_model, lora_config)
+        if b_masks:
+            # A B-masked module trains only its unmasked B entries; its A stays as initialised.
+            params = dict(peft_model.named_parameters())
+            for name in b_masks:
+                if name not in params:
+                    raise ValueError(f"B mask for {name!r} names no parameter of the PEFT model; masks are "
+                                     "keyed by lora_B parameter names (PlacementPlan.b_masks())")
+                params[name.replace("lora_B", "lora_A")].requires_grad_(False)
+        if attach is not None:
+            self.after_backward = list(attach(peft_model, cfg) or [])
+
+        mp = cfg.learner.mixed_precision
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if mp == "bf16" or (mp == "auto" and cuda) else MixedPrecisionPolicy()
+        peft_model.to(self.device)
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        # One rank has nothing to shard: resharding after forward would only free the bf16 copy
+        # of the weights and cost a second gather (cast) in backward.
+        reshard = self.world_size > 1
+        for layer in _decoder_layers(peft_model.base_model.model):
+            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(peft_model, mesh=mesh, mp_policy=policy)
+        for m in peft_model.modules():
+            if isinstance(m, FSDPModule):
+                m.set_gradient_divide_factor(1.0)
+                if hasattr(m, "set_force_sum_reduction_for_comms"):
+                    m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        self.model = peft_model
+        self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        lc = cfg.learner
+        self.optimizer = build_optimizer(self.params, lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=lc.warmup_steps,
+                                         total_steps=cfg.trainer.steps * lc.updates_per_batch,
+                                         schedule=lc.schedule, min_lr_ratio=lc.min_lr_ratio)
+        self._dropout = getattr(model.config, "attention_dropout", 0.0) > 0 or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in peft_model.modules())
+
+    # ------------------------------------------------------------------ forward
+
+    def _micro_batches(self, shard: dict, label_mask: str) -> list[dict]:
+        """Chunks of micro_batch_size rows, each cut to its longest sequence (right padding)."""
+        out = []
+        B = shard["input_ids"].shape[0]
+        for s in range(0, B, self.cfg.learner.micro_batch_size):
+            mb = {k: v[s:s + self.cfg.learner.micro_batch_size] for k, v in shard.items()}
+            T = max(int(mb["attention_mask"].sum(dim=1).max()), 2)
+            mb = {k: (v[:, :T] if v.dim() == 2 else v).to(self.device) for k, v in mb.items()}
+            mb["num_tokens"] = float(shard["response_mask"][s:s + self.cfg.learner.micro_batch_size].sum())
+            ids = mb["input_ids"]
+            mb["labels"] = torch.where(mb[label_mask][:, 1:].bool(), ids[:, 1:], -100)
+            out.append(mb)
+        return out
+
+    def _logprobs(self, mb: dict, temperature: float, entropy: bool = False):
+        """Per-token logprobs [b, t] (0 at position 0) and, if asked, the summed entropy over
+        response tokens (only those rows of the logits, a chunk at a time: no [b, t, V] copy)."""
+        logits = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
+        lp = F.pad(token_logprobs(logits, mb["labels"], temperature), (1, 0))
+        ent = None
+        if entropy:
+            with torch.no_grad():
+                rows, cols = mb["response_mask"][:, 1:].nonzero(as_tuple=True)
+                ent = logits.new_zeros((), dtype=torch.float32)
+                for s in range(0, rows.numel(), 2048):
+                    chunk = logits.detach()[rows[s:s + 2048], cols[s:s + 2048]]
+                    ent = ent + entropy_from_logits(chunk[None], temperature).sum()
+        return lp, ent
+
+    @torch.no_grad()
+    def logprobs(self, shard: dict, temperature: float) -> torch.Tensor:
+        self.model.eval()
+        T = shard["input_ids"].shape[1]
+        rows = [F.pad(self._logprobs(mb, temperature)[0], (0, T - mb["input_ids"].shape[1])).cpu()
+                for mb in self._micro_batches(shard, "attention_mask")]
+        return torch.cat(rows)
+
+    # ------------------------------------------------------------------ train
+
+    def _loss(self, lp, mb: dict, totals: dict):
+        a, mask = self.cfg.algorithm, mb["response_mask"]
+        agg = dict(loss_agg=a.loss_agg, max_tokens=totals["max_tokens"],
+                   num_sequences=totals["num_sequences"], num_tokens=totals["num_tokens"])
+        if a.loss == "sft":
+            return sft_loss(lp, mask, **agg), {}
+        w = truncated_is_weights(mb["old"], mb["rollout_logprobs"], mask, a.tis_cap) if a.tis_cap else None
+        return policy_loss(lp, mb["old"], mb["advantages"], mask, epsilon_low=a.epsilon_low,
+                           epsilon_high=a.epsilon_high, ref_logprobs=mb.get("ref"), kl_coef=a.kl_coef,
+                           kl_estimator=a.kl_estimator, is_weights=w, **agg)
+
+    @torch.no_grad()
+    def _reference(self, mb: dict, temperature: float) -> torch.Tensor:
+        self.model.eval()
+        with self.model.disable_adapter():
+            ref, _ = self._logprobs(mb, temperature)
+        self.model.train()
+        return ref
+
+    def train_step(self, shard: dict, totals: dict) -> dict:
+        a, lc = self.cfg.algorithm, self.cfg.learner
+        sft, mu = a.loss == "sft", lc.updates_per_batch
+        temperature = 1.0 if sft else self.cfg.rollout.temperature
+        mbs = self._micro_batches(shard, "response_mask")
+        T = shard["input_ids"].shape[1]
+        if not sft and mu > 1 and self._dropout:
+            # With dropout, pass 0's logprobs carry its dropout mask; old logprobs must not.
+            with torch.no_grad():
+                self.model.eval()
+                for mb in mbs:
+                    mb["old"] = self._logprobs(mb, temperature)[0]
+        # The learning rate this step's first update uses (the scheduler moves after each update).
+        lr = self.optimizer.param_groups[0]["lr"]
+        # Metrics stay on the device until the end: a .item() per micro-batch would stall the queue.
+        zero = torch.zeros((), device=self.device)
+        sums = {"loss": zero, "pg_loss": zero, "entropy_sum": zero, **{f"{k}_tok": zero for k in TOKEN_MEAN_METRICS}}
+        learner_lp, diag, norms, skipped = [], {}, [], 0.0
+        for u in range(mu):
+            self.model.train()
+            loss_sum = zero
+            for i, mb in enumerate(mbs):
+                self.model.set_requires_gradient_sync(i == len(mbs) - 1)
+                if not sft and a.kl_coef > 0 and "ref" not in mb:
+                    mb["ref"] = self._reference(mb, temperature)
+                lp, ent = self._logprobs(mb, temperature, entropy=(u == 0))
+                if u == 0:
+                    # Before any update this model's logprobs ARE the old policy's: reuse them
+                    # instead of a separate no-grad pass (unless dropout made them noisy above).
+                    mb.setdefault("old", lp.detach())
+                    learner_lp.append(F.pad(mb["old"], (0, T - lp.shape[1])))
+                    sums["entropy_sum"] = sums["entropy_sum"] + ent
+                loss, m = self._loss(lp, mb, totals)
+                loss.backward()
+                loss_sum = loss_sum + loss.detach()
+                sums["pg_loss"] = sums["pg_loss"] + m.get("pg_loss", loss.detach()) / mu
+                for k in TOKEN_MEAN_METRICS:
+                    if k in m:
+                        sums[f"{k}_tok"] = sums[f"{k}_tok"] + m[k] * mb["num_tokens"] / mu
+            sums["loss"] = sums["loss"] + loss_sum / mu
+            norm, skip, d = self._update(loss_sum)
+            diag.update(d)
+            norms.append(norm)
+            skipped += skip
+        self.steps += 1
+        finite = [g for g in norms if math.isfinite(g)]
+        out = {k: float(v) for k, v in sums.items()}
+        out.update(lr=lr, skipped=skipped, grad_norm=sum(finite) / len(finite) if finite else norms[-1],
+                   learner_logprobs=torch.cat(learner_lp).cpu(), diagnostics=diag if self.rank == 0 else {})
+        return out
+
+    def _update(self, local_loss: torch.Tensor) -> tuple[float, float, dict]:
+        """Mask, clip and step; a non-finite loss on any rank or grad norm skips the step."""
+        diag = {}
+        for fn in self.after_backward:
+            diag.update(fn(self.steps) or {})
+        if self.b_masks:
+            mask_b_gradients(self.model, self.b_masks)
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.max_grad_norm)
+        bad = (~torch.isfinite(local_loss.reshape(1))).float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        norm = float(_full(norm))
+        skipped = bool(bad.item()) or not math.isfinite(norm)
+        if not skipped:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.updates += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm, float(skipped), diag
+
+    # ------------------------------------------------------------------ state
+
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        """Full LoRA tensors under the model's parameter names (collective)."""
+        return {n: _full(p).cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
+
+    def export_adapter(self, version: int):
+        """The adapter as an AdapterPayload on rank 0 (collective); None elsewhere."""
+        from rl.rollout.sync import make_payload
+
+        payload = make_payload(self.model, version)
+        return payload if self.rank == 0 else None
+
+    def state_for_save(self) -> dict | None:
+        """Everything a checkpoint holds, gathered to rank 0 (collective); None elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        payload = self.export_adapter(self.updates)
+        optim = get_optimizer_state_dict(self.model, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        return {"adapter": payload, "optimizer": optim,
+                "scheduler": self.scheduler.state_dict(),
+                "counters": {"steps": self.steps, "updates": self.updates, "world_size": self.world_size}}
+
+    def load_state(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        # PEFT's files drop the adapter name from the keys; the live model has ".default.".
+        by_file_key = {n.replace(".default", ""): n for n, _ in self.model.named_parameters() if "lora_" in n}
+        missing = sorted(set(by_file_key) - set(state["adapter"]))
+        if missing:
+            raise ValueError(f"checkpoint adapter lacks {len(missing)} LoRA tensors (e.g. {missing[0]}); "
+                             "it was saved with a different placement/LoRA config")
+        sd = {by_file_key[k]: v for k, v in state["adapter"].items()}
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, sd, options=opts)
+        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.steps, self.updates = state["counters"]["steps"], state["counters"]["updates"]
+
+    def shutdown(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()

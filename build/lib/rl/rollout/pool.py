@@ -1,0 +1,82 @@
+"""The set of rollout worker actors, as the driver sees it: one call to generate, one to sync.
+
+It spreads prompts over the workers, and it is where a dead worker is replaced: a
+worker that dies (its process killed, its node lost) is restarted in the same bundle,
+given the newest adapter, and its share of the prompts is generated again, so the run
+goes on. The adapter is kept by reference only (an ObjectRef in Ray's object store),
+so a restart costs no extra copy on the driver.
+"""
+from __future__ import annotations
+
+import logging
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rl.evaluate import split_evenly
+
+log = logging.getLogger(__name__)
+_DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+class RolloutPool:
+    def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int, layout, cluster_cfg):
+        from rl.rollout.worker import RolloutWorker
+
+        self._cls, self._cfg, self._path, self._dtype, self._seed = RolloutWorker, rollout_cfg, model_path, dtype, seed
+        self._layout, self._gpus, self._threads = layout, cluster_cfg.gpus_per_rollout_worker, cluster_cfg.cpu_threads
+        self._adapter = None  # ObjectRef of the newest AdapterPayload
+        self.restarts = 0
+        self.workers = [self._start(i) for i in range(rollout_cfg.num_workers)]
+        ray.get([w.ping.remote() for w in self.workers])
+
+    def _start(self, i: int):
+        strategy = PlacementGroupSchedulingStrategy(
+            self._layout.placement_group, placement_group_bundle_index=self._layout.rollout_bundles[i])
+        return self._cls.options(num_cpus=0.5, num_gpus=self._gpus, scheduling_strategy=strategy,
+                                 max_concurrency=1).remote(self._cfg, self._path, self._dtype, self._seed + 7919 * i,
+                                                           self._threads, i)
+
+    def _restart(self, i: int) -> None:
+        log.warning("rollout worker %d died; restarting it and re-syncing the adapter", i)
+        self.restarts += 1
+        try:
+            ray.kill(self.workers[i])
+        except Exception:  # already gone
+            pass
+        self.workers[i] = self._start(i)
+        if self._adapter is not None:
+            ray.get(self.workers[i].load_adapter.remote(self._adapter))
+
+    def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> list[list]:
+        chunks = split_evenly(prompt_ids, len(self.workers))
+        refs = {i: self.workers[i].generate.remote(c, sampling) for i, c in enumerate(chunks) if c}
+        out: dict[int, list] = {}
+        for i, ref in refs.items():
+            for attempt in range(retries + 1):
+                try:
+                    out[i] = ray.get(ref)
+                    break
+                except _DEAD:
+                    if attempt == retries:
+                        raise
+                    self._restart(i)
+                    ref = self.workers[i].generate.remote(chunks[i], sampling)
+        return [group for i in sorted(out) for group in out[i]]
+
+    def sync(self, payload_ref) -> None:
+        """Serve ``payload_ref`` (an AdapterPayload in the object store) on every worker."""
+        self._adapter = payload_ref
+        for i, w in enumerate(self.workers):
+            try:
+                ray.get(w.load_adapter.remote(payload_ref))
+            except _DEAD:
+                self._restart(i)
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            try:
+                ray.kill(w)
+            except Exception:
+                pass

@@ -1,0 +1,143 @@
+"""The vLLM rollout engine: an in-process vLLM that serves the current adapter version.
+
+vLLM runs in the calling process (no engine-core subprocess, ``uni`` executor), which
+inside a Ray actor gives a start of seconds and nothing left behind when the actor
+dies. Adapters are served through vLLM's LoRA support, never by merging them into
+the base weights:
+
+- each version is written to a fresh temporary folder (under ``/dev/shm`` where it
+  exists), registered under a NEW ``lora_int_id`` (vLLM caches adapters by id, so a
+  re-used id would serve the old weights), and the previous id is removed;
+- the folder is deleted as soon as vLLM has loaded it, so a killed actor leaks nothing;
+- ranks are checked against ``rollout.max_lora_rank`` before anything is submitted,
+  because an over-rank adapter hangs an in-process vLLM instead of raising;
+- per-module PEFT scales are folded into B (see :mod:`rl.rollout.sync`).
+
+Logprobs are vLLM's ``processed_logprobs``: the distribution after temperature and
+top-p, which is what :mod:`rl.rollout.worker` promises.
+
+Left out: prefix caching tuning, speculative decoding, multi-GPU tensor parallelism
+(one worker is one engine on one device; scale out with more workers).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from rl.rollout.worker import Completion, SamplingSpec, check_prompts
+from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
+
+# The ranks vLLM accepts for max_lora_rank.
+VLLM_RANK_CAPS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def served_rank_cap(max_lora_rank: int) -> int:
+    """The smallest rank cap vLLM accepts that is at least ``rollout.max_lora_rank``."""
+    for cap in VLLM_RANK_CAPS:
+        if cap >= max_lora_rank:
+            return cap
+    raise ValueError(f"rollout.max_lora_rank={max_lora_rank} exceeds vLLM's largest LoRA rank "
+                     f"{VLLM_RANK_CAPS[-1]}; lower it or use rollout.engine=hf")
+
+
+def _adapter_root() -> str | None:
+    # RAM-backed when available: the folder lives for milliseconds and is read once.
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+class VLLMEngine:
+    def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        extra = {}
+        if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
+        self.max_lora_rank = rollout_cfg.max_lora_rank
+        self.max_model_len = rollout_cfg.max_model_len
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=rollout_cfg.max_model_len,
+            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+            enforce_eager=rollout_cfg.enforce_eager,
+            enable_lora=True,
+            max_lora_rank=served_rank_cap(rollout_cfg.max_lora_rank),
+            # One adapter serves all requests; room for two so the next version is
+            # loaded before the previous one is dropped.
+            max_loras=1,
+            max_cpu_loras=2,
+            logprobs_mode="processed_logprobs",
+            distributed_executor_backend="uni",
+            disable_log_stats=True,
+            **extra,
+        )
+        self._lora = None  # the LoRARequest being served
+        self._version: int | None = None
+        self._next_id = 1
+
+    # ------------------------------------------------------------------ generation
+
+    def _params(self, spec: SamplingSpec, prompt_index: int):
+        from vllm import SamplingParams
+
+        # vLLM gives child i of a request seed+i; spacing prompts by n keeps every
+        # completion's stream distinct while the whole batch stays reproducible.
+        seed = None if spec.seed is None else spec.seed + prompt_index * spec.n
+        return SamplingParams(n=1 if spec.temperature == 0 else spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
+                              top_p=spec.top_p, seed=seed, logprobs=0)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        sampling.validate()
+        check_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens)
+        if not prompt_ids:
+            return []
+        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
+        params = [self._params(sampling, i) for i in range(len(prompt_ids))]
+        outs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        rows = [[_completion(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
+        return [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows]
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_adapter(self, payload: AdapterPayload) -> None:
+        from vllm.lora.request import LoRARequest
+
+        check_servable(payload.peft_config)
+        check_ranks(payload.peft_config, self.max_lora_rank, payload.tensors)
+        tensors, config = fold_scales_for_vllm(payload.tensors, payload.peft_config)
+        lora_id = self._next_id
+        self._next_id += 1
+        folder = tempfile.mkdtemp(prefix=f"placerl-lora-v{payload.version}-", dir=_adapter_root())
+        try:
+            write_peft_adapter(AdapterPayload(payload.version, tensors, config), folder)
+            request = LoRARequest(lora_name=f"v{payload.version}-id{lora_id}", lora_int_id=lora_id,
+                                  lora_path=folder)
+            # Loads now, so that a broken adapter fails here and not in the middle of a rollout.
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not register adapter version {payload.version}")
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        previous, self._lora, self._version = self._lora, request, payload.version
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+
+    def adapter_version(self) -> int | None:
+        return self._version
+
+    def loaded_lora_ids(self) -> set[int]:
+        return set(self.llm.llm_engine.list_loras())
+
+
+def _completion(c) -> Completion:
+    ids = list(c.token_ids)
+    if c.logprobs is None or len(c.logprobs) != len(ids):
+        raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} logprobs "
+                           f"for {len(ids)} tokens")
+    lps = [float(pos[tok].logprob) for pos, tok in zip(c.logprobs, ids)]
+    reason = c.finish_reason if c.finish_reason in ("stop", "length") else str(c.finish_reason)
+    return Completion(token_ids=ids, logprobs=lps, text=c.text, finish_reason=reason)

@@ -1,0 +1,158 @@
+"""Rollout: the engine interface, the engine factory and the Ray actor that hosts one.
+
+Two engines sit behind :class:`RolloutEngine` and pass the same tests:
+
+- ``vllm`` (:mod:`rl.rollout.vllm_engine`): an in-process vLLM engine inside the actor,
+  adapters served by version through vLLM's LoRA support;
+- ``hf`` (:mod:`rl.rollout.hf_engine`): plain transformers batched sampling with a KV cache,
+  for hosts without vLLM; the adapter is applied with PEFT.
+
+What ``Completion.logprobs`` means (both engines agree, the learner relies on it):
+the log-probability of each generated token under the distribution it was sampled
+from, i.e. ``log_softmax(logits / temperature)``, renormalised over the top-p nucleus
+when ``top_p < 1``. Greedy decoding (``temperature == 0``) reports
+``log_softmax(logits)``. A learner that computes ``log_softmax(logits / T)`` on the
+same tokens therefore reproduces them exactly when ``top_p == 1``. The generated
+stop token (eos) is part of ``token_ids`` and has a logprob: it is an action too.
+
+Left out: streaming, per-request adapters (one adapter version serves every request
+of a worker), stop strings (stopping is on the model's eos token ids only).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+from rl.rollout.sync import AdapterPayload
+
+
+@dataclass
+class SamplingSpec:
+    n: int = 1  # completions per prompt
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None  # None: the engine's own seeded stream
+
+    def validate(self) -> "SamplingSpec":
+        if self.n < 1:
+            raise ValueError(f"sampling.n={self.n} must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise ValueError(f"sampling.temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if 0 < self.temperature < 1e-5:  # vLLM silently turns these greedy; say so instead
+            raise ValueError(f"sampling.temperature={self.temperature} is below 1e-5; use 0 for greedy")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
+        return self
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # generated tokens only, the stop token included when it was generated
+    logprobs: list[float]  # one per token; see the module docstring for which distribution
+    text: str  # decoded without special tokens
+    finish_reason: str  # "stop" (an eos token) | "length" (max_new_tokens reached)
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        """``[prompt][n]`` completions for token-id prompts."""
+
+    def load_adapter(self, payload: AdapterPayload) -> None:
+        """Serve this adapter version from the next ``generate`` on."""
+
+    def adapter_version(self) -> int | None:
+        """The version being served, None for the bare base model."""
+
+
+def check_prompts(prompt_ids: list[list[int]], max_model_len: int, max_new_tokens: int) -> None:
+    """One-line errors for prompts that no engine could serve."""
+    for i, p in enumerate(prompt_ids):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(p) + max_new_tokens > max_model_len:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens, which with max_new_tokens={max_new_tokens} exceeds "
+                f"rollout.max_model_len={max_model_len}; raise max_model_len or shorten the prompt")
+
+
+def make_engine(rollout_cfg, model_path: str, dtype: str, seed: int) -> RolloutEngine:
+    """The engine named by ``rollout_cfg.engine`` (``rl.config.RolloutConfig``)."""
+    if rollout_cfg.engine == "vllm":
+        from rl.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(rollout_cfg, model_path, dtype, seed)
+    if rollout_cfg.engine == "hf":
+        from rl.rollout.hf_engine import HFEngine
+
+        return HFEngine(rollout_cfg, model_path, dtype, seed)
+    raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not known; choose vllm or hf")
+
+
+def served_config(rollout_cfg, adapter_rank: int):
+    """``rollout_cfg`` serving adapters of at most ``adapter_rank``.
+
+    vLLM computes every adapter padded to its max_lora_rank: rank-8 adapters under a cap
+    of 64 made CPU rollouts 5x slower. ``rollout.max_lora_rank`` stays the upper bound, so
+    an adapter above it still fails in one line when it is loaded.
+    """
+    return dataclasses.replace(rollout_cfg, max_lora_rank=min(adapter_rank, rollout_cfg.max_lora_rank))
+
+
+class LocalRolloutWorker:
+    """One engine and its adapter state; :data:`RolloutWorker` runs it as a Ray actor in its own process."""
+
+    def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int, cpu_threads: int = 0,
+                 index: int = 0):
+        """``cpu_threads``: cluster.cpu_threads (0: automatic, rl/resources.py); ``index``:
+        this worker's place among the pool's workers, which picks the cores it binds."""
+        from rl.resources import cpu_threads as threads_for, usable_cores
+
+        # In-process vLLM: a fast start, and no child processes left behind when the actor dies.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        n = threads_for(cpu_threads, rollout_cfg.num_workers)
+        cores = usable_cores()
+        first = (index * n) % cores
+        # Ray set one thread for this fractional-CPU actor. vLLM's CPU backend binds its
+        # threads itself and, left to "auto", keeps a core back for a scheduler process
+        # that the in-process engine does not have: name the cores instead.
+        os.environ["OMP_NUM_THREADS"] = str(n)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{first}-{min(first + n, cores) - 1}")
+        import torch
+
+        torch.set_num_threads(n)
+        self.engine = make_engine(rollout_cfg, model_path, dtype, seed)
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        return self.engine.generate(prompt_ids, sampling)
+
+    def load_adapter(self, payload: AdapterPayload) -> int:
+        # Pass the payload as an object-store reference (ray.put once, every worker
+        # reads it); Ray resolves a top-level reference before this method runs.
+        self.engine.load_adapter(payload)
+        return payload.version
+
+    def adapter_version(self) -> int | None:
+        return self.engine.adapter_version()
+
+    def ping(self) -> str:
+        return "ok"
+
+
+_ACTOR = None
+
+
+def __getattr__(name: str):
+    # Built on first use so that this module imports on hosts without Ray (the hf engine alone).
+    global _ACTOR
+    if name == "RolloutWorker":
+        if _ACTOR is None:
+            import ray
+
+            _ACTOR = ray.remote(LocalRolloutWorker)
+        return _ACTOR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

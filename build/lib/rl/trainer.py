@@ -1,0 +1,260 @@
+"""The GRPO driver: a single controller that wires actors together, top to bottom.
+
+One step::
+
+    prompts --(RolloutPool: vLLM actors, current adapter)--> G completions per prompt
+            --(RewardRunner: isolated, timed-out reward functions)--> rewards
+            --(grpo.group_advantages)--> advantages --(batch.grpo_batch)--> TrainBatch
+            --(LearnerGroup: FSDP2 ranks, PEFT LoRA)--> one optimizer update
+            --(export_adapter -> Ray object store -> load_adapter)--> rollout workers
+
+With ``algorithm.loss=sft`` the rollout and reward stages are replaced by the gold
+solutions, so SFT and GRPO differ only in the loss (the regime contrast needs that).
+
+Left out on purpose: asynchronous (off-policy) rollouts; rollout and update alternate,
+so the policy that samples is the one that learns, up to the logprob mismatch that is
+measured every step. Generation-time reward shaping beyond what the reward library
+does, and multi-turn / tool-use rollouts.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from rl import checkpoint as ckpt
+from rl.learner.batch import grpo_batch, sft_batch
+from rl.config import Config
+from rl.data import PromptSampler, attach_prompts, load_task
+from rl.evaluate import accuracy, eval_runner
+from rl.grpo import group_advantages, zero_variance_groups
+from rl.metrics_log import MetricsLog
+from rl.models import load_tokenizer, resolve_model
+from rl.rollout.worker import served_config
+
+log = logging.getLogger("placerl")
+
+
+def run_dir_for(cfg: Config, recipe: str = "run") -> Path:
+    name = cfg.logging.run_name or f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.logging.output_dir) / name
+
+
+def make_plan(cfg: Config, model_path: str, rows: list[dict]):
+    """The adapter placement: a saved plan, or the configured scorer run on a probe set."""
+    from placement import PlacementPlan, plan_from_config
+    from rl.rollout.sync import check_ranks
+
+    if cfg.placement.plan:
+        plan = PlacementPlan.load(cfg.placement.plan)
+    else:
+        plan = plan_from_config(cfg.placement, model_path, rows[: cfg.placement.probe_samples])
+    lora = plan.to_peft_config()
+    lora_dict = json.loads(json.dumps(lora.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    # Checked here, before any actor starts: vLLM hangs on an adapter above its cap.
+    check_ranks(lora_dict, cfg.rollout.max_lora_rank)
+    return plan, lora_dict
+
+
+class Trainer:
+    """Owns the actors of one run and the loop that drives them."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        from rewards import RewardRunner
+        from rl.cluster import init_ray
+        from rl.learner.group import LearnerGroup
+        from rl.resources import reserve
+        from rl.rollout.pool import RolloutPool
+
+        self.cfg, self.run_dir = cfg, run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.yaml")
+        torch.manual_seed(cfg.trainer.seed)
+        init_ray(cfg.cluster.address, max(cfg.cluster.num_cpus, cfg.learner.num_ranks + cfg.rollout.num_workers + 1),
+                 cfg.cluster.object_store_mb)
+
+        self.model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+        self.tok = load_tokenizer(self.model_path)
+        self.train_rows = attach_prompts(load_task(cfg.data, "train"), self.tok, cfg.data)
+        self.test_rows = attach_prompts(load_task(cfg.data, "test"), self.tok, cfg.data)[: cfg.trainer.eval_size]
+        self.sampler = PromptSampler(len(self.train_rows), seed=cfg.data.seed)
+
+        self.plan, lora_dict = make_plan(cfg, self.model_path, self.train_rows)
+        self.plan.save(run_dir / "plan.json")
+        self.layout = layout = reserve(cfg)
+        # The plan builds the PEFT model itself (seeded A, verified shapes, B masks); the
+        # diagnostics hooks go on before FSDP2 wraps it.
+        attach = None
+        if cfg.diagnostics.enabled:
+            from rl.diagnostics.capture import attach_to_learner as attach
+        self.learner = LearnerGroup(cfg, self.model_path, lora_dict, plan=self.plan, attach=attach,
+                                    placement_group=layout.placement_group)
+        needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
+        # The plan never changes during a run: serve at its largest rank (rl/rollout/worker.py says why).
+        served = served_config(cfg.rollout, self.plan.max_rank())
+        self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
+                                   layout, cfg.cluster) if needs_rollout else None
+        self.rewards = RewardRunner.from_config(cfg.reward, group_size=cfg.rollout.group_size)
+        self.eval_rewards = eval_runner(cfg.reward.timeout_s)
+        self.metrics = MetricsLog(run_dir, cfg.logging, cfg.to_dict())
+        self.step, self.adapter_version = 0, 0
+
+    def _rollout_dtype(self) -> str:
+        if self.cfg.rollout.dtype != "auto":
+            return self.cfg.rollout.dtype
+        return "bfloat16" if torch.cuda.is_available() else self.cfg.model.dtype
+
+    # ------------------------------------------------------------------ state
+
+    def resume(self) -> bool:
+        path = ckpt.resolve_resume(self.cfg.trainer.resume, self.run_dir)
+        if path is None:
+            return False
+        state = ckpt.load_driver_state(path)
+        self.learner.load(str(Path(path) / "learner"))
+        self.sampler.load_state_dict(state["sampler"])
+        self.step, self.adapter_version = state["step"], state["adapter_version"]
+        ckpt.set_rng_state(state["rng"])
+        self._sync()
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def save(self) -> Path:
+        state = {"sampler": self.sampler.state_dict(), "adapter_version": self.adapter_version}
+        return ckpt.save_checkpoint(self.run_dir, self.step, state, self.learner.save,
+                                    keep=self.cfg.trainer.keep_checkpoints)
+
+    def _sync(self) -> float:
+        if self.rollout is None:
+            return 0.0
+        t = time.perf_counter()
+        self.adapter_version += 1
+        self.rollout.sync(self.learner.export_adapter(self.adapter_version))
+        return time.perf_counter() - t
+
+    # ------------------------------------------------------------------ phases
+
+    def _sampling(self, greedy: bool = False):
+        from rl.rollout.worker import SamplingSpec
+
+        r = self.cfg.rollout
+        if greedy:
+            return SamplingSpec(n=1, max_new_tokens=r.eval_max_new_tokens, temperature=0.0)
+        return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                            top_p=r.top_p, seed=self.cfg.trainer.seed * 100_003 + self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.test_rows or self.rollout is None:
+            return {}
+        groups = self.rollout.generate([r["prompt_ids"] for r in self.test_rows], self._sampling(greedy=True))
+        return accuracy(self.test_rows, [g[0].text for g in groups], self.eval_rewards)
+
+    def grpo_step(self, rows: list[dict]) -> dict[str, float]:
+        cfg, G, m = self.cfg, self.cfg.rollout.group_size, {}
+        t0 = time.perf_counter()
+        groups = self.rollout.generate([r["prompt_ids"] for r in rows], self._sampling())
+        completions = [c for g in groups for c in g]
+        flat_rows = [r for r in rows for _ in range(G)]
+        t1 = time.perf_counter()
+        scored = self.rewards.score([r["prompt"] for r in flat_rows], [c.text for c in completions],
+                                    {k: [r[k] for r in flat_rows] for k in ("question", "answer", "gold")},
+                                    completion_ids=[c.token_ids for c in completions])
+        t2 = time.perf_counter()
+        rewards = torch.tensor(scored.total, dtype=torch.float64)
+        adv = group_advantages(rewards, G, std_normalize=cfg.algorithm.std_normalize)
+        flat = zero_variance_groups(rewards, G)
+        keep = torch.ones(len(completions), dtype=torch.bool)
+        if cfg.algorithm.filter_zero_variance:
+            keep = ~flat.repeat_interleave(G)
+        new_tokens = sum(len(c.token_ids) for c in completions)
+        m.update(scored.metrics())
+        m.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+                  "groups/zero_variance_frac": flat.float().mean().item(),
+                  "rollout/response_tokens_mean": new_tokens / len(completions),
+                  "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+                  "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
+                  "throughput/rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9)})
+        if not keep.any():  # every group was flat: nothing to learn from this batch
+            m["learner/skipped_flat_batch"] = 1.0
+            return m
+        idx = keep.nonzero().flatten().tolist()
+        batch = grpo_batch([flat_rows[i]["prompt_ids"] for i in idx], [completions[i] for i in idx],
+                           adv[idx], self.tok.pad_token_id, cfg.rollout.max_new_tokens, cfg.algorithm.overlong_mask)
+        t3 = time.perf_counter()
+        m.update({f"learner/{k}": v for k, v in self.learner.train_step(batch).items()})
+        m["time/learner_s"] = time.perf_counter() - t3
+        return m
+
+    def sft_step(self, rows: list[dict]) -> dict[str, float]:
+        eos = self.tok.eos_token_id
+        answers = [self.tok(r["answer"], add_special_tokens=False)["input_ids"][: self.cfg.rollout.max_new_tokens - 1]
+                   + [eos] for r in rows]
+        batch = sft_batch([r["prompt_ids"] for r in rows], answers, self.tok.pad_token_id, self.cfg.rollout.max_new_tokens)
+        t = time.perf_counter()
+        m = {f"learner/{k}": v for k, v in self.learner.train_step(batch).items()}
+        m["time/learner_s"] = time.perf_counter() - t
+        return m
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        resumed = self.resume()
+        if not resumed and cfg.trainer.eval_size:
+            self.metrics.log(0, {f"eval/{k}": v for k, v in self.evaluate().items()})
+        bar = tqdm(total=cfg.trainer.steps, initial=self.step, disable=not cfg.logging.progress,
+                   desc="grpo" if cfg.algorithm.loss == "grpo" else "sft", dynamic_ncols=True)
+        final_eval: dict = {}
+        while self.step < cfg.trainer.steps:
+            t = time.perf_counter()
+            rows = [self.train_rows[i] for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
+            m = self.grpo_step(rows) if cfg.algorithm.loss == "grpo" else self.sft_step(rows)
+            self.step += 1
+            m["time/sync_s"] = self._sync() if not m.get("learner/skipped_flat_batch") else 0.0
+            m["time/step_s"] = time.perf_counter() - t
+            if self.rollout is not None:
+                m["rollout/worker_restarts"] = float(self.rollout.restarts)
+            last = self.step == cfg.trainer.steps
+            if cfg.trainer.eval_every and self.step % cfg.trainer.eval_every == 0 or (last and cfg.trainer.eval_size):
+                final_eval = self.evaluate()
+                m.update({f"eval/{k}": v for k, v in final_eval.items()})
+            self.metrics.log(self.step, m)
+            if self.step % cfg.trainer.save_every == 0 or last:
+                self.save()
+            bar.set_postfix(reward=f"{m.get('reward/mean', float('nan')):.3f}",
+                            loss=f"{m.get('learner/loss', float('nan')):.4f}")
+            bar.update(1)
+        bar.close()
+        return final_eval
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.rewards.close()
+        self.eval_rewards.close()
+        if self.rollout is not None:
+            self.rollout.shutdown()
+        self.learner.shutdown()
+        # Give the bundles back, so that later runs in the same Ray (compare, regime,
+        # a notebook) find the resources free.
+        from ray.util import remove_placement_group
+
+        remove_placement_group(self.layout.placement_group)
+
+
+def train(cfg: Config, recipe: str = "run") -> Path:
+    """Run (or resume) training; returns the run folder with metrics, config and checkpoints."""
+    # Without logging.run_name every run gets a fresh timestamped folder, so resume=auto
+    # only finds a checkpoint when the name is fixed (as the recipes and `ray job submit` do).
+    run_dir = run_dir_for(cfg, recipe)
+    trainer = Trainer(cfg, run_dir)
+    try:
+        final = trainer.fit()
+    finally:
+        trainer.close()
+    (run_dir / "final_eval.json").write_text(json.dumps(final, indent=1))
+    return run_dir
