@@ -20,8 +20,9 @@ from placement.modules import kind_of, layer_of
 from placement.plan import PlacementPlan
 
 TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-LOG_SCALE = {"page", "gradrank"}  # scores spanning orders of magnitude
-SCORE_NAME = {"page": "PAGE", "plop": "NFN", "gradrank": "mean ||G||_F^2 per step",
+LOG_SCALE = {"page", "page_topk", "gradrank", "gradrank_shuffled"}  # scores spanning orders of magnitude
+SCORE_NAME = {"page": "PAGE", "page_topk": "PAGE", "plop": "NFN", "gradrank": "mean ||G||_F^2 per step",
+              "gradrank_shuffled": "mean ||G||_F^2 per step",
               "bmask": "entries of B selected", "bmask_random": "entries of B selected"}
 
 
@@ -83,9 +84,12 @@ def _details_lines(plan: PlacementPlan) -> list[str]:
     out: list[str] = []
     if "top_module" in d:  # page
         kind = kind_of(d["top_module"])
-        out += [f"Dominant module: **{d['top_module']}**, {100 * d['top_share_total']:.1f}% of the total PAGE "
-                f"over {len(plan.scores)} modules, {100 * d['top_share_in_type']:.1f}% of the PAGE of all {kind} modules.",
-                "", "Share of total PAGE by module type:", ""]
+        out += [f"Global top module: **{d['top_module']}**, {100 * d['top_share_total']:.1f}% of the total PAGE "
+                f"over {len(plan.scores)} modules, {100 * d['top_share_in_type']:.1f}% of the PAGE of all {kind} modules."]
+        if "dominant_module" in d:  # DomLoRA's choice is the top down_proj, which may differ
+            out += ["", f"DomLoRA's dominant down projection: **{d['dominant_module']}**"
+                        f"{' (also the global top)' if d['dominant_is_global_top'] else ''}."]
+        out += ["", "Share of total PAGE by module type:", ""]
         out += _table(["type", "share"], [[k, f"{100 * v:.2f}%"] for k, v in
                                           sorted(d["type_share"].items(), key=lambda kv: -kv[1])])
         if "top_by_type" in d:
@@ -119,7 +123,7 @@ def markdown(plan: PlacementPlan, png_name: str | None = None, title: str = "", 
     lines = [f"# {title or f'Placement report: {plan.scorer}'}", ""]
     lines += _table(["", ""], [
         ["model", plan.model or "?"], ["scorer", plan.scorer],
-        ["budget", plan.budget or "empty (uniform: base rank; page, plop, random: top_k units)"],
+        ["budget", plan.budget or "empty (uniform: base rank; page, page_topk, plop, random: top_k units)"],
         ["alpha policy", plan.alpha_policy], ["adapters placed", len(plan.adapters)],
         ["ranks", ", ".join(f"{r} x{c}" for r, c in sorted(ranks.items()))],
         ["trainable parameters", f"{trainable:,}"],
@@ -133,7 +137,7 @@ def markdown(plan: PlacementPlan, png_name: str | None = None, title: str = "", 
     if plan.scores:
         kinds, layers, mat = score_matrix(plan)
         label = SCORE_NAME.get(plan.scorer, "score")
-        if plan.scorer == "page":  # shares read better than raw energies
+        if plan.scorer in ("page", "page_topk"):  # shares read better than raw energies
             mat, label = 100 * mat / np.nansum(mat), "% of total PAGE"
         lines += ["", f"Scores ({label}) by layer and module type:", ""]
         lines += _table(["layer"] + kinds, [[l] + [_fmt(mat[i, j]) for i in range(len(kinds))]

@@ -18,7 +18,7 @@ from placement.budget import allocate_ranks
 from placement.modules import candidate_modules
 from placement.scorers import _REGISTRY
 
-BUDGETS = {"uniform": "", "random": "", "page": "", "plop": "", "gradrank": "rank=100",
+BUDGETS = {"uniform": "", "random": "", "page": "", "page_topk": "", "plop": "", "gradrank": "rank=100",
            "bmask": "fraction=0.02", "bmask_random": "params=300"}
 
 
@@ -118,9 +118,12 @@ def test_every_scorer_round_trips_to_the_planned_peft_model(plans, scorer, tiny_
 
 
 def test_selection_scorers_spend_budgets(plans, tiny_model_path, tok, rows):
-    page = plans["page"]
-    top2 = sorted(page.scores, key=page.scores.get, reverse=True)[:2]
-    assert page.module_names() == top2  # DomLoRA with top_k=2
+    page, topk = plans["page"], plans["page_topk"]
+    top2 = sorted(topk.scores, key=topk.scores.get, reverse=True)[:2]
+    assert topk.module_names() == top2  # the global top_k=2 by PAGE, any type
+    downs = [n for n in page.scores if n.endswith(".down_proj")]
+    assert page.module_names() == sorted(downs, key=page.scores.get, reverse=True)[:2]  # DomLoRA, top_k=2
+    assert page.scores == topk.scores and page.details["dominant_module"] == page.module_names()[0]
     assert len(plans["random"].adapters) == 2 and plans["random"].module_names() != top2
     assert len(plans["uniform"].adapters) == 14 and plans["uniform"].trainable_parameters() == page.baseline_params
     plop = plans["plop"]
@@ -132,6 +135,34 @@ def test_selection_scorers_spend_budgets(plans, tiny_model_path, tok, rows):
     assert sum(int(a.mask.sum()) for a in bm.adapters) == int(0.02 * bm.baseline_params)
     with pytest.raises(ValueError, match="bmask needs 'params=N' or 'fraction=F'"):
         score_model("bmask", _model(tiny_model_path), build_probe(tok, rows[:2]), Budget.parse(""), ScorerSettings())
+
+
+def test_domlora_takes_the_dominant_down_proj_not_the_global_top():
+    from placement.modules import ModuleInfo
+    from placement.scorers.page import dominant_down_projections
+
+    cands = [ModuleInfo(f"model.layers.{l}.{t}", t.rsplit(".", 1)[1], l, 8, 8)
+             for l in range(3) for t in ("self_attn.v_proj", "mlp.down_proj")]
+    # As on SmolLM2: a v_proj holds the global maximum; DomLoRA still goes to a down_proj.
+    scores = {"model.layers.0.self_attn.v_proj": 1.0, "model.layers.1.self_attn.v_proj": 9.0,
+              "model.layers.2.self_attn.v_proj": 2.0, "model.layers.0.mlp.down_proj": 3.0,
+              "model.layers.1.mlp.down_proj": 0.5, "model.layers.2.mlp.down_proj": 4.0}
+    order = [m.name for m in dominant_down_projections(cands, scores)]
+    assert order == ["model.layers.2.mlp.down_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="add down_proj to placement.target_modules.*page_topk"):
+        dominant_down_projections([m for m in cands if m.kind == "v_proj"], scores)
+
+
+def test_page_places_one_down_proj_on_the_tiny_model(tiny_model_path, tok, rows):
+    probe = build_probe(tok, rows[:2], "sft", max_tokens=96)
+    settings = ScorerSettings(rank=4, alpha=8.0, target_modules=("v_proj", "down_proj"))
+    model = _model(tiny_model_path)
+    dom, top = (score_model(s, model, probe, Budget.parse(""), settings) for s in ("page", "page_topk"))
+    best_down = max((n for n in dom.scores if n.endswith("down_proj")), key=dom.scores.get)
+    assert dom.module_names() == [best_down] and top.module_names() == [max(top.scores, key=top.scores.get)]
+    assert dom.details["dominant_is_global_top"] == (best_down == top.module_names()[0])
+    with pytest.raises(ValueError, match="page_topk"):
+        score_model("page", model, probe, Budget.parse(""), ScorerSettings(target_modules=("v_proj",)))
 
 
 @pytest.mark.parametrize("policy", ["proportional", "rslora"])
@@ -221,7 +252,7 @@ def test_mask_b_gradients_rejects_masks_naming_no_parameter(tiny_model_path):
 # ----------------------------------------------------------------------------- registry
 
 def test_registry_lists_builtins_and_rejects_unknown_names():
-    assert {"uniform", "random", "page", "plop", "bmask", "gradrank"} <= set(available_scorers())
+    assert {"uniform", "random", "page", "page_topk", "plop", "bmask", "gradrank"} <= set(available_scorers())
     with pytest.raises(ValueError, match="placement.scorer='pagee' is not a known scorer"):
         get_scorer("pagee")
 
