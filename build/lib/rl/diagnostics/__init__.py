@@ -1,1 +1,0 @@
-"""Gradient diagnostics: capture hooks, per-capture statistics, pure tensor statistics, metric records and the TRL callback."""
