@@ -107,7 +107,7 @@ def test_cross_step_history_lags_and_window():
     g = torch.tensor([1.0, -2.0, 3.0, -4.0])
     hist = CrossStepHistory(lags=2, window=3)
     first = hist.update(g.clone())
-    assert first == {}
+    assert first == {"zero_grad": 0.0}
     second = hist.update(-g)
     assert second["cos_lag1"] == pytest.approx(-1.0) and second["sign_agree"] == 0.0
     assert "sign_consistency" not in second  # window not full yet
@@ -128,4 +128,121 @@ def test_importance_spread_and_top_share():
     assert imp.top_share == pytest.approx(0.7)  # top ceil(0.3 * 4) = 2 layers: 0.4 + 0.3
     flat = tensor_stats.importance({str(i): 5.0 for i in range(10)})
     assert flat.spread == pytest.approx(1.0) and flat.top_share == pytest.approx(0.3)
+    assert flat.gini == pytest.approx(0.0) and imp.gini == pytest.approx(0.25) and imp.top_count == 2
     assert tensor_stats.importance({"a": 0.0, "b": 1.0}).spread == math.inf
+
+
+def _brute_consistency(window: list[torch.Tensor]) -> float:
+    """Entry by entry, with Python ints: |number of + minus number of -| / T, averaged."""
+    total = 0.0
+    for i in range(window[0].numel()):
+        s = sum((1 if float(g[i]) > 0 else -1 if float(g[i]) < 0 else 0) for g in window)
+        total += abs(s) / len(window)
+    return total / window[0].numel()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sign_window_leaves_zero_captures_out(seed):
+    gen = torch.Generator().manual_seed(seed)
+    window, caps = 5, []
+    for t in range(14):  # GRPO-like: some captures are all-zero (every group flat)
+        zero = bool(torch.rand(1, generator=gen) < 0.35)
+        g = torch.zeros(40) if zero else torch.randn(40, generator=gen) * (torch.rand(40, generator=gen) > 0.1)
+        caps.append(g)
+    hist = CrossStepHistory(lags=2, window=window)
+    nonzero: list[torch.Tensor] = []
+    for g in caps:
+        out = hist.update(g.clone())
+        if not g.any():
+            assert out == {"zero_grad": 1.0}
+            continue
+        nonzero.append(g)
+        if len(nonzero) >= window:
+            expect = _brute_consistency(nonzero[-window:])
+            assert out["sign_consistency"] == pytest.approx(expect)
+            assert tensor_stats.sign_consistency(nonzero[-window:]) == pytest.approx(expect)
+        else:
+            assert "sign_consistency" not in out
+        if len(nonzero) > 1:  # the lag is the previous non-zero capture
+            assert out["cos_lag1"] == pytest.approx(tensor_stats.cosine(g, nonzero[-2]), abs=1e-6)
+    assert len(nonzero) >= window  # the seeds give full windows
+
+
+def test_pure_sign_consistency_skips_zero_captures_against_brute_force():
+    gen = torch.Generator().manual_seed(3)
+    live = [torch.randn(30, generator=gen) for _ in range(3)]
+    seq = [live[0], torch.zeros(30), live[1], torch.zeros(30), live[2]]
+    assert tensor_stats.sign_consistency(seq) == pytest.approx(_brute_consistency(live))
+    assert math.isnan(tensor_stats.sign_consistency([torch.zeros(3), torch.zeros(3)]))
+
+
+def test_sign_consistency_chance_by_enumeration_and_the_old_bias():
+    import itertools
+
+    for T in range(1, 9):
+        brute = sum(abs(sum(p)) for p in itertools.product((-1, 1), repeat=T)) / (2 ** T * T)
+        assert tensor_stats.sign_consistency_chance(T) == pytest.approx(brute)
+    assert tensor_stats.sign_consistency_chance(5) == pytest.approx(0.375)
+    # Random signs, 3 or 4 of 5 captures non-zero: dividing by the window (the old count)
+    # gives E|S_k| / 5 = 0.300 for both k; leaving the zeros out gives the chance level of k.
+    for k in (3, 4):
+        old = sum(abs(sum(p)) for p in itertools.product((-1, 1), repeat=k)) / (2 ** k * 5)
+        assert old == pytest.approx(0.300)
+        gen = torch.Generator().manual_seed(k)
+        seq = [torch.randn(200_000, generator=gen) for _ in range(k)] + [torch.zeros(200_000)] * (5 - k)
+        assert tensor_stats.sign_consistency(seq) == pytest.approx(tensor_stats.sign_consistency_chance(k), abs=3e-3)
+
+
+def test_gini_and_top_k_share():
+    assert tensor_stats.gini([1, 1, 1, 1]) == pytest.approx(0.0)
+    assert tensor_stats.gini([0, 0, 0, 4]) == pytest.approx(0.75)  # (n - 1) / n
+    assert tensor_stats.gini([1, 2, 3, 4]) == pytest.approx(0.25)  # mean |x_i - x_j| / (2 mean)
+    assert tensor_stats.top_k_share([1, 2, 3, 4], 1) == pytest.approx(0.4)
+    assert tensor_stats.top_k_share([1, 2, 3, 4], 4) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        tensor_stats.gini([1, -1])
+
+
+def test_bootstrap_intervals():
+    from rl.diagnostics.confidence import bootstrap_ci, seed_capture_ci
+
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(400, generator=gen).tolist()
+    ci = bootstrap_ci(v)
+    half = 1.96 / math.sqrt(400)
+    assert ci.low < ci.estimate < ci.high and ci.n == 400
+    assert 0.85 * half < (ci.high - ci.low) / 2 < 1.15 * half
+    assert bootstrap_ci([0.3] * 5).text() == "0.300 [0.300, 0.300]"
+    assert bootstrap_ci([float("nan")]).n == 0
+    # Captures tight around seed-specific means far apart: the seed level must show in the interval.
+    runs = [[m + 0.001 * i for i in range(30)] for m in (0.0, 1.0, 2.0)]
+    two_level, pooled = seed_capture_ci(runs), bootstrap_ci([x for r in runs for x in r])
+    assert two_level.n == 3 and two_level.estimate == pytest.approx(1.0145)
+    assert two_level.high - two_level.low > 4 * (pooled.high - pooled.low)
+
+
+def test_paired_difference_ci():
+    from rl.diagnostics.confidence import paired_difference_ci
+
+    rng = torch.Generator().manual_seed(1)
+    base = [(torch.rand(1000, generator=rng) < 0.3).float().tolist() for _ in range(3)]
+    same = paired_difference_ci(base, base)
+    assert same.estimate == 0.0 and same.low < 0.01 and same.high > -0.01
+    # The arm solves what each base seed solved plus 10% of the problems more.
+    arm = [[1.0 if i % 10 == 0 else x for i, x in enumerate(r)] for r in base]
+    ci = paired_difference_ci(base, arm)
+    expect = sum(sum(a) - sum(b) for a, b in zip(arm, base)) / 3000
+    assert ci.estimate == pytest.approx(expect) and ci.excludes(0.0) and ci.low > 0.03
+    with pytest.raises(ValueError, match="same 1000 problems"):
+        paired_difference_ci(base, [r[:10] for r in arm])
+
+
+def test_chance_levels():
+    from rl.diagnostics.confidence import chance_level
+
+    assert chance_level("diag/lora/cos_lag2_mean") == 0.0
+    assert chance_level("diag/G/down_proj/sign_agree_mean") == 0.5
+    assert chance_level("sign_consistency_mean", window=5) == pytest.approx(0.375)
+    assert chance_level("importance_top30_share", layers=30) == pytest.approx(0.3)
+    assert chance_level("importance_top30_share", layers=24) == pytest.approx(8 / 24)
+    assert chance_level("importance_gini") == 0.0 and chance_level("eff_rank_mean") is None

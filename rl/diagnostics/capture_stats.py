@@ -11,11 +11,14 @@ holds about 0.6 GB (pinned when an accelerator computes against it).
 Metric names: ``diag/<kind>/<module>/<stat>`` per module (kind ``G`` or ``lora``),
 ``diag/<kind>/<type>/<stat>_mean`` per module type (when several are watched),
 ``diag/<kind>/<stat>_mean`` over all modules, ``diag/<kind>/<layer>/importance`` and
-``diag/<kind>/importance_spread`` / ``importance_top30_share`` over layers, and
+``diag/<kind>/importance_spread`` / ``importance_top30_share`` / ``importance_gini`` over
+layers, and
 ``diag/step`` (the step the capture belongs to). A layer's gradient norm is that of its
 watched modules together, ``N_l = sqrt(sum_m ||g_m||^2)``. For LoRA, ``norm`` covers
 both factors, ``eff_rank``/``stable_rank`` are those of dL/dB (d_out x r), and
 ``*_A`` those of dL/dA; cosines and signs use both factors flattened together.
+``zero_grad`` is 1 for an all-zero gradient; such a capture stays out of the cosine lags
+and the sign window (which then span the last non-zero captures).
 
 Left out: anything about how the gradients were obtained (rl/diagnostics/capture.py does that)
 and the maths itself (rl/diagnostics/tensor_stats.py).
@@ -49,7 +52,7 @@ class CrossStepHistory:
 
     def update(self, flat: torch.Tensor) -> dict[str, float]:
         """Statistics of ``flat`` (float32, 1-D, a copy the caller gives up) against the past,
-        then remember it.
+        then remember it; an all-zero ``flat`` is only counted (``zero_grad``), never remembered.
 
         The same statistics as ``tensor_stats.cosine``/``sign_agreement``, computed in float32
         with cached norms and an int8 sign product. The past is stored on the host; when
@@ -58,7 +61,11 @@ class CrossStepHistory:
         """
         dev = flat.device
         norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
-        out = {}
+        if norm == 0:
+            # An all-zero gradient (every GRPO group flat) has no direction and no signs: it stays
+            # out of the history, so lags and the sign window count non-zero captures only.
+            return {"zero_grad": 1.0}
+        out = {"zero_grad": 0.0}
         for k in range(1, len(self.past) + 1):
             past, past_norm = self.past[-k]
             denom = norm * past_norm
@@ -140,6 +147,8 @@ class CaptureStatistics:
         flat = flat.detach().reshape(-1).to(dtype=torch.float32, copy=True)
         if kind == "lora":  # the norm of a LoRA gradient covers both factors
             stats["norm"] = float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+        if stats["norm"] == 0:  # no gradient, no rank: NaN keeps it out of every mean
+            stats["eff_rank"] = stats["stable_rank"] = float("nan")
         stats.update(hist.update(flat))
         return stats
 
@@ -163,11 +172,12 @@ class CaptureStatistics:
         norms = {layer: math.sqrt(sq) for layer, sq in layer_sq.items()}
         for layer, n in norms.items():
             self._layer_norm_sum[kind][layer] += n
-        if len(norms) > 1:
+        if len(norms) > 1 and sum(norms.values()) > 0:
             imp = tensor_stats.importance(norms)
             out.update({f"diag/{kind}/{layer}/importance": s for layer, s in imp.shares.items()})
             out[f"diag/{kind}/importance_spread"] = imp.spread
             out[f"diag/{kind}/importance_top30_share"] = imp.top_share
+            out[f"diag/{kind}/importance_gini"] = imp.gini
         return out
 
     def summary(self) -> dict:
@@ -183,7 +193,8 @@ class CaptureStatistics:
         for kind, sums in self._layer_norm_sum.items():
             if len(sums) > 1 and sum(sums.values()) > 0:
                 imp = tensor_stats.importance(dict(sums))
-                run_importance[kind] = {"shares": imp.shares, "spread": imp.spread, "top30_share": imp.top_share}
+                run_importance[kind] = {"shares": imp.shares, "spread": imp.spread, "top30_share": imp.top_share,
+                                        "gini": imp.gini}
         return {"captures": list(self.captures), "metrics": metrics, "importance_run": run_importance}
 
     def close(self) -> None:

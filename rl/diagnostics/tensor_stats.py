@@ -175,18 +175,58 @@ def sign_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def sign_consistency(grads: Sequence[torch.Tensor]) -> float:
-    """Mean over entries of |sum_t sign g_t| / T for T gradients of one parameter (zeros count 0)."""
+    """Mean over entries of |sum_t sign g_t| / T over the T gradients of one parameter that are
+    not all zero (a zero entry inside a non-zero gradient counts 0); NaN when every one is zero.
+
+    An all-zero gradient (a GRPO batch whose groups all had equal rewards) says nothing
+    about signs: counted in T it would pull the statistic toward 0 while its chance level
+    stays that of a full window. With 3 or 4 random non-zero signs in a window of 5 the
+    old count gave exactly 0.300 whatever the data, against 0.375 for 5 random signs.
+    """
     if len(grads) == 0:
         raise ValueError("sign_consistency needs at least one gradient")
     total = torch.zeros(grads[0].numel(), dtype=torch.int32, device=grads[0].device)
+    count = 0
     for g in grads:
-        total += torch.sign(g.detach().reshape(-1)).to(torch.int32)
-    return sign_consistency_from_sum(total, len(grads))
+        sign = torch.sign(g.detach().reshape(-1)).to(torch.int32)
+        if bool(sign.any()):
+            total += sign
+            count += 1
+    return sign_consistency_from_sum(total, count) if count else float("nan")
 
 
 def sign_consistency_from_sum(sign_sum: torch.Tensor, count: int) -> float:
-    """The same statistic from a running sum of signs over ``count`` gradients."""
+    """The same statistic from a running sum of signs over ``count`` non-zero gradients."""
     return int(sign_sum.abs().sum(dtype=torch.int64)) / (sign_sum.numel() * count)
+
+
+def sign_consistency_chance(count: int) -> float:
+    """E|S| / T for S the sum of T independent fair random signs: sign consistency's chance level.
+
+    1 for T = 1, 0.5 for T = 2 and 3, 0.375 for T = 4 and 5; it falls like sqrt(2 / (pi T)).
+    """
+    if count < 1:
+        raise ValueError(f"sign_consistency_chance needs at least one sign, got {count}")
+    return sum(math.comb(count, k) * abs(2 * k - count) for k in range(count + 1)) / (2 ** count * count)
+
+
+def gini(values: Sequence[float]) -> float:
+    """Gini coefficient of non-negative values: 0 when all are equal, (n - 1) / n when one holds all."""
+    v = sorted(float(x) for x in values)
+    if not v or any(x < 0 or math.isnan(x) for x in v):
+        raise ValueError(f"gini needs non-negative values, got {list(values)[:5]}")
+    total = sum(v)
+    if total == 0:
+        return float("nan")
+    n = len(v)
+    return sum((2 * (i + 1) - n - 1) * x for i, x in enumerate(v)) / (n * total)
+
+
+def top_k_share(values: Sequence[float], k: int) -> float:
+    """The share of the total held by the ``k`` largest values."""
+    v = sorted((float(x) for x in values), reverse=True)
+    total = sum(v)
+    return sum(v[:k]) / total if total > 0 else float("nan")
 
 
 @dataclass(frozen=True)
@@ -196,20 +236,29 @@ class Importance:
     shares: dict[str, float]
     spread: float  # max I / min I (inf when some layer has zero gradient)
     top_share: float  # the share held by the top ceil(30%) of layers
+    gini: float  # 0 when every layer has the same share
+
+    @property
+    def top_count(self) -> int:
+        """How many layers ``top_share`` covers."""
+        return top_count(len(self.shares))
+
+
+def top_count(n: int, top_fraction: float = TOP_SHARE_FRACTION) -> int:
+    return max(1, math.ceil(top_fraction * n - 1e-9))
 
 
 def importance(norms: dict[str, float], top_fraction: float = TOP_SHARE_FRACTION) -> Importance:
-    """Shares of the total gradient norm per layer, the max/min spread and the top-30% share."""
+    """Shares of the total gradient norm per layer, the max/min spread, the top-30% share and the Gini."""
     if not norms:
         raise ValueError("importance needs the gradient norm of at least one layer")
     if any(v < 0 or math.isnan(v) for v in norms.values()):
         raise ValueError(f"importance needs non-negative norms, got {norms}")
     total = sum(norms.values())
     if total == 0:
-        return Importance({k: float("nan") for k in norms}, float("nan"), float("nan"))
+        return Importance({k: float("nan") for k in norms}, float("nan"), float("nan"), float("nan"))
     shares = {k: v / total for k, v in norms.items()}
     lo, hi = min(shares.values()), max(shares.values())
     spread = hi / lo if lo > 0 else float("inf")
-    n_top = max(1, math.ceil(top_fraction * len(shares) - 1e-9))
-    top = sum(sorted(shares.values(), reverse=True)[:n_top])
-    return Importance(shares, spread, top)
+    top = top_k_share(list(shares.values()), top_count(len(shares), top_fraction))
+    return Importance(shares, spread, top, gini(list(shares.values())))
