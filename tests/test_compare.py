@@ -108,6 +108,7 @@ def test_run_result_pooling_and_the_sqrt_r_verdict():
 
 def test_placement_specs_and_seeds():
     from launch import compare
+    from rl.experiments import compare as runner
 
     assert compare.parse_placement("gradrank:proportional") == ("gradrank:proportional", "gradrank", "proportional")
     assert compare.parse_placement("page") == ("page", "page", "")
@@ -118,8 +119,8 @@ def test_placement_specs_and_seeds():
     assert compare.parse_seeds("0, 1,2") == [0, 1, 2]
     with pytest.raises(ValueError, match="--seeds"):
         compare.parse_seeds("0,x")
-    assert compare.watched_types(["down_proj", "v_proj"], ["model.layers.3.mlp.down_proj"]) == ["down_proj"]
-    assert compare.watched_types(["down_proj"], ["model.layers.3.self_attn.o_proj"]) == ["o_proj"]
+    assert runner.watched_types(["down_proj", "v_proj"], ["model.layers.3.mlp.down_proj"]) == ["down_proj"]
+    assert runner.watched_types(["down_proj"], ["model.layers.3.self_attn.o_proj"]) == ["o_proj"]
     assert compare.main(["--config", str(TINY), "--placements", "gradrank:sideways"]) == 2
 
 

@@ -14,7 +14,7 @@ papers claim:
 
 A difference within ``tolerance`` (relative) is called a tie rather than a direction.
 
-Left out: running anything (launch/regime.py does), plots (rl/experiments/plots.py) and
+Left out: running anything (rl/experiments/regime.py does), plots (rl/experiments/plots.py) and
 significance tests: a handful of captures per run gives a direction, not a p-value.
 """
 from __future__ import annotations
