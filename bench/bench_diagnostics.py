@@ -32,7 +32,8 @@ import time
 
 import torch
 
-from rl.config import ALL_LINEAR, DiagnosticsConfig
+from core.lora import DEFAULT_TARGET_MODULES
+from rl.config import DiagnosticsConfig
 from rl.diagnostics.capture import GradientDiagnostics
 
 SMOLLM2_SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -53,7 +54,7 @@ def build(model: str, rank: int, device: torch.device):
 
         base = load_model(resolve_model(model), "float32")
     base.config.use_cache = False
-    peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR))
+    peft = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(DEFAULT_TARGET_MODULES)))
     return peft.to(device)
 
 

@@ -26,7 +26,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import sys
 import time
 import traceback
@@ -101,12 +100,6 @@ def page_section(path: str, tok, args) -> tuple[dict, object, object]:
     return out, uniform, plan
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def grpo_shaped_batch(B: int, prompt: int, response: int, vocab: int):
     from rl.learner.group import TrainBatch
 
@@ -124,14 +117,15 @@ def learner_step(path: str, plan, batch, args) -> dict:
     from rl.config import config_from_dict
     from rl.learner.group import split_batch
     from rl.learner.rank import LearnerRank
-    from rl.rollout.sync import lora_config_to_dict
+    from core.lora import lora_config_to_dict
+    from rl.cluster import LOOPBACK, free_port
 
     cfg = config_from_dict({"model": {"name": path}, "trainer": {"steps": 1000},
                             "learner": {"micro_batch_size": args.micro_batch, "lr": 1e-5},
                             "rollout": {"temperature": 1.0}})
     _reset_peak()
     rank = LearnerRank(0, 1)
-    rank.setup(cfg, path, lora_config_to_dict(plan.to_peft_config()), None, "127.0.0.1", _free_port(), None, plan)
+    rank.setup(cfg, path, lora_config_to_dict(plan.to_peft_config()), None, LOOPBACK, free_port(), None, plan)
     try:
         shard = split_batch(batch, 1)[0]
         totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),

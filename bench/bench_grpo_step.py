@@ -40,6 +40,7 @@ def trl_step_times(args) -> list[float]:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from core.lora import DEFAULT_TARGET_MODULES
     from rewards.gsm8k import gsm8k_flexible
     from rl.config import DataConfig
     from rl.data import attach_prompts, load_task
@@ -70,7 +71,7 @@ def trl_step_times(args) -> list[float]:
                      save_strategy="no", bf16=False, gradient_accumulation_steps=accumulate, temperature=1.0, beta=0.0,
                      epsilon_high=0.28, dataloader_num_workers=0, seed=0)
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                      target_modules=list(DEFAULT_TARGET_MODULES))
     trainer = GRPOTrainer(model=load_model(path), reward_funcs=reward, args=cfg, train_dataset=ds,
                           processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
     trainer.train()

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import tempfile
 import time
 
 import torch
 import torch.multiprocessing as mp
 
-LORA = {"r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                      "gate_proj", "up_proj", "down_proj"]}
+from core.lora import DEFAULT_TARGET_MODULES
+from rl.cluster import LOOPBACK, free_port
+
+LORA = {"r": 16, "lora_alpha": 32, "target_modules": list(DEFAULT_TARGET_MODULES)}
 
 
 def build_model(spec: str, out_dir: str) -> str:
@@ -84,7 +85,7 @@ def _rank_main(rank, n, port, path, mbs, batch, steps, queue):
 
     _threads(n)
     r = LearnerRank(rank, n)
-    r.setup(make_cfg(path, n, mbs), path, LORA, None, "127.0.0.1", port)
+    r.setup(make_cfg(path, n, mbs), path, LORA, None, LOOPBACK, port)
     shard = split_batch(batch, n)[rank]
     totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
               "max_tokens": batch.max_tokens}
@@ -118,9 +119,7 @@ def _rank_main(rank, n, port, path, mbs, batch, steps, queue):
 
 
 def run_learner(n, path, mbs, batch, steps):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     procs = [ctx.Process(target=_rank_main, args=(i, n, port, path, mbs, batch, steps, queue)) for i in range(n)]

@@ -19,6 +19,8 @@ import random
 import sys
 from pathlib import Path
 
+from core.lora import DEFAULT_TARGET_MODULES
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="placerl score", description="score a model and write a LoRA PlacementPlan")
@@ -30,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--alpha-policy", default="fixed", choices=["fixed", "proportional", "rslora"])
-    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    p.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES))
     p.add_argument("--top-k", type=int, default=1, help="modules (page, random) or types (plop) kept")
     p.add_argument("--probe-samples", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=512, help="prompt + answer tokens per probe sample")

@@ -21,13 +21,13 @@ Left out: optimizer construction (the learner's job) and merging adapters into w
 from __future__ import annotations
 
 import math
-import re
 import zlib
 from typing import Any
 
 import torch
 from torch import nn
 
+from core.lora import pattern_matches
 from placement.plan import ADAPTER_NAME, PlacementPlan
 
 
@@ -36,11 +36,6 @@ def lora_a_init(module_name: str, rank: int, d_in: int, seed: int) -> torch.Tens
     gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module_name.encode())) % (2**63))
     bound = 1.0 / math.sqrt(d_in)
     return (torch.rand(rank, d_in, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).float()
-
-
-def _pattern_matches(key: str, name: str) -> bool:
-    # PEFT's own rule (peft.utils.other.get_pattern_key).
-    return re.match(rf"(.*\.)?({key})$", name) is not None
 
 
 def check_peft_config(model: nn.Module, config: Any) -> None:
@@ -54,7 +49,7 @@ def check_peft_config(model: nn.Module, config: Any) -> None:
                                  "fix the module name in the plan")
     for attr in ("rank_pattern", "alpha_pattern"):
         for key in getattr(config, attr, None) or {}:
-            if not any(_pattern_matches(key, n) for n in names):
+            if not any(pattern_matches(key, n) for n in names):
                 raise ValueError(f"{attr} key '{key}' matches no module of the model; "
                                  "PEFT would silently use the default; fix or drop the key")
 

@@ -25,7 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from placement.settings import ALPHA_POLICIES, lora_scale
+from core.lora import lora_scale
+from placement.settings import ALPHA_POLICIES
 
 FORMAT_VERSION = 1
 ADAPTER_NAME = "default"
@@ -133,7 +134,7 @@ class PlacementPlan:
         return self.alpha_policy == "rslora"
 
     def scale(self, spec: AdapterSpec) -> float:
-        return lora_scale(spec.rank, spec.alpha, self.alpha_policy)
+        return lora_scale(spec.rank, spec.alpha, self.use_rslora)
 
     def trainable_parameters(self, model_or_shapes: Any = None) -> int:
         """Trainable adapter parameters: r (d_in + d_out) per dense adapter, mask entries otherwise.

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from core.lora import DEFAULT_TARGET_MODULES
 from placement.modules import kind_of, layer_of
 from placement.plan import PlacementPlan
 
-TYPE_ORDER = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOG_SCALE = {"page", "page_topk", "gradrank", "gradrank_shuffled"}  # scores spanning orders of magnitude
 SCORE_NAME = {"page": "PAGE", "page_topk": "PAGE", "plop": "NFN", "gradrank": "mean ||G||_F^2 per step",
               "gradrank_shuffled": "mean ||G||_F^2 per step",
@@ -29,7 +29,7 @@ SCORE_NAME = {"page": "PAGE", "page_topk": "PAGE", "plop": "NFN", "gradrank": "m
 def score_matrix(plan: PlacementPlan) -> tuple[list[str], list[int], np.ndarray]:
     """(types, layers, scores[type, layer]) with NaN where a module has no score."""
     names = list(plan.scores) or plan.module_names()
-    kinds = sorted({kind_of(n) for n in names}, key=lambda k: (TYPE_ORDER.index(k) if k in TYPE_ORDER else 99, k))
+    kinds = sorted({kind_of(n) for n in names}, key=lambda k: (DEFAULT_TARGET_MODULES.index(k) if k in DEFAULT_TARGET_MODULES else 99, k))
     layers = sorted({layer_of(n) for n in names})
     mat = np.full((len(kinds), len(layers)), np.nan)
     for n in names:

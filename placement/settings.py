@@ -12,12 +12,12 @@ Alpha policies (scale s is what multiplies B A in the forward pass):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.lora import DEFAULT_TARGET_MODULES, lora_scale
+
 ALPHA_POLICIES = ("fixed", "proportional", "rslora")
-DEFAULT_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class ScorerSettings:
     rank: int = 8
     alpha: float = 16.0
     alpha_policy: str = "fixed"
-    target_modules: tuple[str, ...] = DEFAULT_TYPES
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     top_k: int = 1
     seed: int = 0
     dropout: float = 0.0
@@ -52,7 +52,7 @@ class ScorerSettings:
         return alpha_for(rank, self.rank, self.alpha, self.alpha_policy)
 
     def scale_for(self, rank: int) -> float:
-        return lora_scale(rank, self.alpha_for(rank), self.alpha_policy)
+        return lora_scale(rank, self.alpha_for(rank), self.alpha_policy == "rslora")
 
     def option(self, name: str, default: Any) -> Any:
         return self.options.get(name, default)
@@ -63,7 +63,3 @@ def alpha_for(rank: int, base_rank: int, base_alpha: float, policy: str) -> floa
         return base_alpha * rank / base_rank
     return float(base_alpha)
 
-
-def lora_scale(rank: int, alpha: float, policy: str) -> float:
-    """The factor PEFT multiplies B A by for this rank and alpha."""
-    return alpha / math.sqrt(rank) if policy == "rslora" else alpha / rank

@@ -8,8 +8,16 @@ so local clusters pin every address to 127.0.0.1.
 from __future__ import annotations
 
 import os
+import socket
 
 LOOPBACK = "127.0.0.1"
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on at ``host`` now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def loopback_env() -> dict[str, str]:

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from core.lora import DEFAULT_TARGET_MODULES
 from rl.typed_yaml import ConfigError, build, merge, parse_overrides
-
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -183,7 +182,7 @@ class PlacementConfig:
     rank: int = 8  # the uniform baseline's rank; budgets are measured against it
     alpha: float = 16.0
     alpha_policy: str = "fixed"  # fixed | proportional (alpha/r constant) | rslora
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
     budget: str = ""  # "" = the uniform baseline; "rank=N", "params=N" or "fraction=F"
     top_k: int = 1  # with an empty budget: modules kept by page/random, module types by plop
     probe_samples: int = 32

@@ -45,6 +45,7 @@ def run_dir_for(cfg: Config, recipe: str = "run") -> Path:
 
 def make_plan(cfg: Config, model_path: str, rows: list[dict]):
     """The adapter placement: a saved plan, or the configured scorer run on a probe set."""
+    from core.lora import lora_config_to_dict
     from placement import PlacementPlan, plan_from_config
     from rl.rollout.sync import check_ranks
 
@@ -52,8 +53,7 @@ def make_plan(cfg: Config, model_path: str, rows: list[dict]):
         plan = PlacementPlan.load(cfg.placement.plan)
     else:
         plan = plan_from_config(cfg.placement, model_path, rows[: cfg.placement.probe_samples])
-    lora = plan.to_peft_config()
-    lora_dict = json.loads(json.dumps(lora.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    lora_dict = lora_config_to_dict(plan.to_peft_config())
     # Checked here, before any actor starts: vLLM hangs on an adapter above its cap.
     check_ranks(lora_dict, cfg.rollout.max_lora_rank)
     return plan, lora_dict

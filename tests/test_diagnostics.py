@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rl.diagnostics import tensor_stats
-from rl.config import ALL_LINEAR, ConfigError, DiagnosticsConfig
+from core.lora import DEFAULT_TARGET_MODULES
+from rl.config import ConfigError, DiagnosticsConfig
 from rl.diagnostics.capture import GradientDiagnostics
 
 
@@ -25,7 +26,7 @@ def lora_model(tiny_model_path):
     torch.manual_seed(0)
     model = load_model(tiny_model_path, "float32")
     # init_lora_weights=False gives B != 0, so dL/dA != 0 and both factors are exercised
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR, init_lora_weights=False)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGET_MODULES), init_lora_weights=False)
     return get_peft_model(model, cfg)
 
 
@@ -191,7 +192,7 @@ def test_callback_inside_a_trl_grpo_step(tiny_model_path, tmp_path):
     cb = GradientDiagnosticsCallback(_cfg(every=1, lags=1, window=2))
     trainer = GRPOTrainer(model=load_model(tiny_model_path), reward_funcs=length_reward, args=args,
                           train_dataset=data, processing_class=load_tokenizer(tiny_model_path),
-                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=ALL_LINEAR),
+                          peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGET_MODULES)),
                           callbacks=[cb])
     cb.trainer = trainer
     trainer.train()

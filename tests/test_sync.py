@@ -14,13 +14,13 @@ import os
 import pytest
 import torch
 
+from core.lora import lora_config_from_dict
 from rl.config import RolloutConfig
 from rl.rollout.worker import SamplingSpec, make_engine
 from rl.rollout.sync import (
     check_ranks,
     fold_scales_for_vllm,
     gather_lora_state,
-    lora_config_from_dict,
     make_payload,
     module_scales,
     write_peft_adapter,

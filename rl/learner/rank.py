@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
-import socket
 import sys
 from datetime import timedelta
 
@@ -34,20 +32,15 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from core.lora import full_tensor, pattern_matches
 from placement import mask_b_gradients
+from rl.cluster import LOOPBACK, free_port
 from rl.grpo import (entropy_from_logits, policy_loss, sft_loss, token_logprobs,
                      truncated_is_weights)
 from rl.learner.optim import build_optimizer, build_scheduler
 
-LOOPBACK = "127.0.0.1"
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
 TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
-
-
-def _full(p: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly sharded) parameter; collective for DTensors."""
-    t = p.detach()
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def check_lora_shapes(peft_model, lora_config: dict) -> None:
@@ -58,7 +51,7 @@ def check_lora_shapes(peft_model, lora_config: dict) -> None:
     layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
               if isinstance(m, LoraLayer) and "default" in m.r}
     for key, rank in (lora_config.get("rank_pattern") or {}).items():
-        hits = [n for n in layers if re.match(rf"(.*\.)?({key})$", n)]
+        hits = [n for n in layers if pattern_matches(key, n)]
         if not hits:
             raise ValueError(f"rank_pattern key {key!r} matched no LoRA module; use full module names "
                              "(model.layers.0.mlp.down_proj, regex-escaped) that target_modules covers")
@@ -101,9 +94,7 @@ class LearnerRank:
         import ray
 
         host = LOOPBACK if single_node else ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        return host, free_port(host)
 
     def setup(self, cfg, model_path: str, lora_config: dict, b_masks, addr: str, port: int,
               attach=None, plan=None) -> None:
@@ -308,7 +299,7 @@ class LearnerRank:
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.learner.max_grad_norm)
         bad = (~torch.isfinite(local_loss.reshape(1))).float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        norm = float(_full(norm))
+        norm = float(full_tensor(norm))
         skipped = bool(bad.item()) or not math.isfinite(norm)
         if not skipped:
             self.optimizer.step()
@@ -321,7 +312,7 @@ class LearnerRank:
 
     def lora_state(self) -> dict[str, torch.Tensor]:
         """Full LoRA tensors under the model's parameter names (collective)."""
-        return {n: _full(p).cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
+        return {n: full_tensor(p).cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
 
     def export_adapter(self, version: int):
         """The adapter as an AdapterPayload on rank 0 (collective); None elsewhere."""

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from rl.rollout.worker import Completion, SamplingSpec, check_prompts
-from rl.rollout.sync import AdapterPayload, check_ranks, lora_config_from_dict
+from core.lora import lora_config_from_dict
+from rl.rollout.sync import AdapterPayload, check_ranks
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -19,15 +19,13 @@ object store (NCCL broadcast of the adapter is not needed at LoRA sizes).
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
 import json
-import math
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import torch
+
+from core.lora import full_tensor, lora_config_to_dict, lora_scale
 
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -43,37 +41,6 @@ class AdapterPayload:
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
-
-
-# ----------------------------------------------------------------------------- config
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, (set, frozenset)):
-        return sorted(_jsonable(v) for v in value)
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _jsonable(dataclasses.asdict(value))
-    return value
-
-
-def lora_config_to_dict(config) -> dict:
-    """A PEFT ``LoraConfig`` as a plain JSON-able dict (sets sorted, enums as strings)."""
-    out = _jsonable(config.to_dict())
-    json.dumps(out)  # fail here, not on a worker, if some field still is not JSON-able
-    return out
-
-
-def lora_config_from_dict(d: dict):
-    """The inverse of :func:`lora_config_to_dict`; unknown keys (from newer PEFT) are dropped."""
-    from peft import LoraConfig
-
-    names = {f.name for f in dataclasses.fields(LoraConfig)} - {"peft_type"}
-    return LoraConfig(**{k: v for k, v in d.items() if k in names})
 
 
 def make_payload(peft_model, version: int, adapter_name: str = "default") -> AdapterPayload:
@@ -97,10 +64,7 @@ def gather_lora_state(peft_model, adapter_name: str = "default") -> dict[str, to
     for name, p in peft_model.named_parameters():
         if "lora_" not in name:
             continue
-        t = p.detach()
-        if hasattr(t, "full_tensor"):  # DTensor under FSDP2
-            t = t.full_tensor()
-        full[name] = t.to("cpu", copy=True)
+        full[name] = full_tensor(p).to("cpu", copy=True)
     # PEFT strips the adapter name and keeps only that adapter's keys.
     out = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=adapter_name)
     return {k: v.contiguous() for k, v in out.items()}
@@ -157,16 +121,11 @@ def _pattern_value(pattern: dict, module: str, default):
     return pattern.get(key, default)
 
 
-def peft_scale(rank: int, alpha: float, use_rslora: bool) -> float:
-    """PEFT's LoRA scale: alpha / r, or alpha / sqrt(r) for rsLoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
 def module_scales(tensors: dict[str, torch.Tensor], peft_config: dict) -> dict[str, float]:
     """Each module's PEFT scale, from its actual rank and its (pattern-resolved) alpha."""
     alpha_pattern = peft_config.get("alpha_pattern") or {}
     rslora = bool(peft_config.get("use_rslora", False))
-    return {m: peft_scale(r, float(_pattern_value(alpha_pattern, m, peft_config["lora_alpha"])), rslora)
+    return {m: lora_scale(r, float(_pattern_value(alpha_pattern, m, peft_config["lora_alpha"])), rslora)
             for m, r in module_ranks(tensors).items()}
 
 
