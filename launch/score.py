@@ -8,7 +8,12 @@ writes ``plan.json`` (give it to training as ``placement.plan=...``), ``<name>.m
 ``answer``) and rendered with the tokenizer's chat template and the training prompts'
 instruction.
 
-Left out: GRPO probes (they need rollouts; training builds them) and remote data.
+The probe's regime is ``--probe-source``: ``auto`` (the scorer's own: grpo for bmask and
+gradrank, sft otherwise), ``sft`` (cross-entropy on the gold solutions) or ``grpo`` (one
+rollout and reward pass of the model, with the sampling, group size and rewards of
+``--config``'s recipe, on ``--probe-engine``; see placement/rollout_probe.py).
+
+Left out: remote data.
 """
 from __future__ import annotations
 
@@ -39,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=4, help="probe steps for bmask and gradrank")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="dtype of the forward/backward passes (scores accumulate in float32)")
+    p.add_argument("--probe-source", default="auto", choices=["auto", "sft", "grpo"],
+                   help="the probe's loss: the scorer's own regime (auto), gold solutions (sft) or rollouts (grpo)")
+    p.add_argument("--probe-engine", default="hf", choices=["hf", "vllm"], help="rollout engine of a grpo probe")
+    p.add_argument("--config", default="", help="recipe whose rollout, reward and algorithm sections a grpo probe uses")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="", help="output folder (default runs/placement/<model>-<scorer>)")
     p.add_argument("--name", default="", help="file name of the report and heatmap (default: the scorer)")
@@ -57,8 +66,10 @@ def read_jsonl(data: str) -> list[dict]:
 
 
 def render_rows(rows: list[dict], tokenizer, count: int, seed: int) -> list[dict]:
-    """``count`` rows drawn with ``seed``, as {"prompt": chat-rendered text, "answer": gold solution}."""
+    """``count`` rows drawn with ``seed``: the chat-rendered prompt (text and ids), the gold
+    solution and its final answer (what the rewards grade against)."""
     from rl.config import DataConfig
+    from rl.data import parse_gold
 
     instruction = DataConfig().instruction
     picked = random.Random(seed).sample(range(len(rows)), min(count, len(rows)))
@@ -69,8 +80,26 @@ def render_rows(rows: list[dict], tokenizer, count: int, seed: int) -> list[dict
             raise ValueError(f"data row {i} has no 'question'/'answer'; the probe needs GSM8K-style rows")
         messages = [{"role": "user", "content": f"{instruction}\n\n{row['question']}"}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out.append({"prompt": prompt, "answer": row["answer"]})
+        out.append({"prompt": prompt, "answer": row["answer"], "question": row["question"],
+                    "gold": row.get("gold") or parse_gold(row["answer"]),
+                    "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"]})
     return out
+
+
+def probe_rows(args, path: str, tokenizer) -> tuple[list[dict], str, dict]:
+    """The probe rows, their regime and (grpo) the rollout's summary."""
+    from placement.rollout_probe import grpo_probe_rows
+    from placement.scorers import probe_source_for
+    from rl.config import load_config
+
+    rows = render_rows(read_jsonl(args.data), tokenizer, args.probe_samples, args.seed)
+    source = probe_source_for(args.scorer, args.probe_source)
+    if source == "sft":
+        return rows, source, {}
+    cfg = load_config(args.config or None, [f"model.name={path}", f"placement.probe_engine={args.probe_engine}",
+                                            f"placement.seed={args.seed}"])
+    rows, summary = grpo_probe_rows(cfg, path, rows)
+    return rows, source, summary
 
 
 def main(argv: list[str]) -> int:
@@ -91,12 +120,16 @@ def main(argv: list[str]) -> int:
         scorer = get_scorer(args.scorer)
         path = resolve_model(args.model)
         tokenizer = load_tokenizer(path)
+        probe, source, rollout = None, "", {}
+        if scorer.needs_probe:  # before the scoring model loads: a grpo probe's engine comes and goes first
+            rows, source, rollout = probe_rows(args, path, tokenizer)
+            probe = build_probe(tokenizer, rows, source, args.max_tokens)
         model = load_scoring_model(path, args.dtype)
-        probe = None
-        if scorer.needs_probe:
-            rows = render_rows(read_jsonl(args.data), tokenizer, args.probe_samples, args.seed)
-            probe = build_probe(tokenizer, rows, "sft", args.max_tokens)
         plan = score_model(args.scorer, model, probe, budget, settings, model_name=args.model)
+        if probe is not None:
+            plan.details["probe_source"] = source
+        if rollout:
+            plan.details["probe_rollout"] = rollout
     except (ValueError, FileNotFoundError) as e:
         print(f"placerl score: {e}", file=sys.stderr)
         return 2
@@ -104,8 +137,12 @@ def main(argv: list[str]) -> int:
     plan.save(out / "plan.json")
     notes = []
     if probe is not None:
+        loss = "mean cross-entropy over the gold solution" if source == "sft" else (
+            f"the policy-gradient loss on {rollout['group_size']} sampled completions per prompt "
+            f"({rollout['flat_groups']} of {rollout['prompts']} groups had equal rewards and were left out; "
+            f"mean reward {rollout['reward_mean']:.3f})")
         notes = [f"Probe: {probe.num_samples} samples from {Path(args.data).name or 'data'} "
-                 f"(seed {args.seed}), {probe.num_tokens:,} tokens, mean cross-entropy over the gold solution."]
+                 f"(seed {args.seed}), {probe.num_tokens:,} tokens, {loss}."]
     paths = write_report(plan, out, stem=args.name or args.scorer, title=args.title, notes=notes)
     print(f"placerl score: {len(plan.adapters)} adapters, {plan.trainable_parameters():,} trainable parameters "
           f"({100 * plan.trainable_parameters() / plan.baseline_params:.3f}% of uniform), "

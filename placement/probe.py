@@ -134,7 +134,11 @@ def _fit(prompt: list[int], response: list[int], max_tokens: int) -> tuple[list[
 
 
 def build_probe(tokenizer, rows: list[dict], source: str = "sft", max_tokens: int = 512) -> ProbeBatch:
-    """A probe from rows with "prompt" (chat-rendered) and "answer" (sft) or "completions"/"rewards" (grpo)."""
+    """A probe from rows with "prompt" (chat-rendered) and "answer" (sft) or "completions"/"rewards" (grpo).
+
+    Optional: "prompt_ids" and "completion_ids" (token ids, used instead of tokenising the
+    text) and "advantages" (used instead of std-normalising the rewards here); the GRPO
+    rows of ``placement.rollout_probe`` carry all three."""
     if source not in ("sft", "grpo"):
         raise ValueError(f"placement.probe_source={source!r} is not one of sft, grpo")
     if not rows:
@@ -145,7 +149,7 @@ def build_probe(tokenizer, rows: list[dict], source: str = "sft", max_tokens: in
     for n, row in enumerate(rows):
         if "prompt" not in row:
             raise ValueError(f"probe row {n} has no 'prompt'; rows need the chat-rendered prompt text")
-        prompt = _ids(tokenizer, row["prompt"])
+        prompt = list(row["prompt_ids"]) if "prompt_ids" in row else _ids(tokenizer, row["prompt"])
         if source == "sft":
             if "answer" not in row:
                 raise ValueError(f"probe row {n} has no 'answer'; placement.probe_source=sft needs gold solutions")
@@ -154,9 +158,14 @@ def build_probe(tokenizer, rows: list[dict], source: str = "sft", max_tokens: in
             comps, rewards = row.get("completions"), row.get("rewards")
             if not comps or rewards is None or len(comps) != len(rewards):
                 raise ValueError(f"probe row {n} needs 'completions' and as many 'rewards' for probe_source=grpo")
-            r = torch.tensor(rewards, dtype=torch.float64)
-            adv = (r - r.mean()) / (r.std(unbiased=False) + ADV_EPS)
-            responses = [_ids(tokenizer, c) for c in comps]
+            if "advantages" in row:  # as the run computes them (rl.grpo.group_advantages)
+                adv = torch.tensor(row["advantages"], dtype=torch.float64)
+            else:
+                r = torch.tensor(rewards, dtype=torch.float64)
+                adv = (r - r.mean()) / (r.std(unbiased=False) + ADV_EPS)
+            # The sampled token ids when given: re-tokenising decoded text need not give them back.
+            responses = [list(c) for c in row["completion_ids"]] if "completion_ids" in row else \
+                [_ids(tokenizer, c) for c in comps]
             coefs = (adv / len(comps)).tolist()
         for resp, coef in zip(responses, coefs):
             p, resp = _fit(prompt, resp, max_tokens)

@@ -4,8 +4,9 @@ This is the one entry the trainer calls (``plan_from_config``) and the one the
 ``placerl score`` command calls (``score_model``). A plan file named in the config
 (``placement.plan``) overrides the scorer and is returned as written.
 
-Left out: rendering prompts (the caller passes chat-rendered rows) and rollouts (a
-GRPO probe takes completions and rewards that the caller generated).
+``placement.probe_source`` (``auto`` resolves to the scorer's own regime) picks the probe's
+loss. Left out: rendering prompts (the caller passes chat-rendered rows) and rollouts (a
+GRPO probe takes completions and rewards that ``placement.rollout_probe`` generated).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from placement.budget import Budget
 from placement.plan import PlacementPlan
 from placement.probe import ProbeBatch, build_probe
-from placement.scorers import get_scorer
+from placement.scorers import get_scorer, probe_source_for
 from placement.settings import ScorerSettings
 
 
@@ -69,15 +70,22 @@ def plan_from_config(placement_cfg, model_path: str, probe_rows: list[dict] | No
     settings = ScorerSettings.from_config(placement_cfg)
     budget = Budget.parse(placement_cfg.budget)
     scorer = get_scorer(placement_cfg.scorer)
-    model = load_scoring_model(model_path, placement_cfg.probe_dtype)
+    source = probe_source_for(placement_cfg.scorer, placement_cfg.probe_source)
     probe = None
     if scorer.needs_probe:
         rows = list(probe_rows or [])[: placement_cfg.probe_samples]
         if not rows:
             raise ValueError(f"placement.scorer={placement_cfg.scorer} needs probe rows; "
                              "pass prompts with gold answers (probe_source=sft) or rollouts (grpo)")
-        probe = build_probe(load_tokenizer(model_path), rows, placement_cfg.probe_source, max_tokens)
+        if source == "grpo" and "completions" not in rows[0]:
+            raise ValueError(f"placement.scorer={placement_cfg.scorer} with probe_source=grpo needs rows with "
+                             "completions and rewards; build them with placement.rollout_probe.grpo_probe_rows "
+                             "(rl.trainer.make_plan does), or set placement.probe_source=sft")
+        probe = build_probe(load_tokenizer(model_path), rows, source, max_tokens)
+    model = load_scoring_model(model_path, placement_cfg.probe_dtype)
     plan = score_model(placement_cfg.scorer, model, probe, budget, settings, model_name=model_path)
+    if probe is not None:
+        plan.details["probe_source"] = source
     if model.device.type == "cuda":
         # The caller (a training driver) shares the GPU with rollout and learner actors next.
         del model

@@ -186,7 +186,11 @@ class PlacementConfig:
     budget: str = ""  # "" = the uniform baseline; "rank=N", "params=N" or "fraction=F"
     top_k: int = 1  # with an empty budget: modules kept by page/random, module types by plop
     probe_samples: int = 32
-    probe_source: str = "sft"  # sft (gold solutions) | grpo (rollouts)
+    # auto: the scorer's own regime (grpo for bmask and gradrank, whose papers score policy-gradient
+    # gradients; sft for page, as DomLoRA's 32 supervised samples) | sft (gold solutions) | grpo
+    # (one rollout and reward pass of the current policy: placement/rollout_probe.py)
+    probe_source: str = "auto"
+    probe_engine: str = "hf"  # the GRPO probe's rollout engine: hf (in this process) | vllm
     probe_steps: int = 4  # probe batches for bmask (sign consistency) and gradrank
     probe_dtype: str = "float32"  # bfloat16 halves scoring memory; see placement.scoring.PROBE_DTYPES
     dropout: float = 0.0
@@ -200,7 +204,8 @@ class PlacementConfig:
                "name at least one module type")
         _check(self.top_k >= 1, f"{p}.top_k", self.top_k, "must be >= 1")
         _check(self.probe_samples >= 1, f"{p}.probe_samples", self.probe_samples, "must be >= 1")
-        _one_of(f"{p}.probe_source", self.probe_source, ["sft", "grpo"])
+        _one_of(f"{p}.probe_source", self.probe_source, ["auto", "sft", "grpo"])
+        _one_of(f"{p}.probe_engine", self.probe_engine, ["hf", "vllm"])
         _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
         _one_of(f"{p}.probe_dtype", self.probe_dtype, ["float32", "bfloat16"])
         _check(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "must be in [0, 1)")

@@ -46,13 +46,15 @@ def run_dir_for(cfg: Config, recipe: str = "run") -> Path:
 def make_plan(cfg: Config, model_path: str, rows: list[dict]):
     """The adapter placement: a saved plan, or the configured scorer run on a probe set."""
     from core.lora import lora_config_to_dict
-    from placement import PlacementPlan, plan_from_config
+    from placement import PlacementPlan
+    from placement.rollout_probe import plan_for_run
     from rl.rollout.sync import check_ranks
 
     if cfg.placement.plan:
         plan = PlacementPlan.load(cfg.placement.plan)
     else:
-        plan = plan_from_config(cfg.placement, model_path, rows[: cfg.placement.probe_samples])
+        # A GRPO-regime probe (placement.probe_source) rolls out the policy before any actor starts.
+        plan = plan_for_run(cfg, model_path, rows)
     lora_dict = lora_config_to_dict(plan.to_peft_config())
     # Checked here, before any actor starts: vLLM hangs on an adapter above its cap.
     check_ranks(lora_dict, cfg.rollout.max_lora_rank)
@@ -103,9 +105,9 @@ class Trainer:
         self.step, self.adapter_version = 0, 0
 
     def _rollout_dtype(self) -> str:
-        if self.cfg.rollout.dtype != "auto":
-            return self.cfg.rollout.dtype
-        return "bfloat16" if torch.cuda.is_available() else self.cfg.model.dtype
+        from rl.rollout.worker import rollout_dtype
+
+        return rollout_dtype(self.cfg)
 
     # ------------------------------------------------------------------ state
 

@@ -19,7 +19,7 @@ from placement.modules import candidate_modules
 from placement.scorers import _REGISTRY
 
 BUDGETS = {"uniform": "", "random": "", "page": "", "page_topk": "", "plop": "", "gradrank": "rank=100",
-           "bmask": "fraction=0.02", "bmask_random": "params=300"}
+           "gradrank_shuffled": "rank=100", "bmask": "fraction=0.02", "bmask_random": "params=300"}
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +131,23 @@ def test_selection_scorers_spend_budgets(plans, tiny_model_path, tok, rows):
     grad = plans["gradrank"]
     assert sum(a.rank for a in grad.adapters) <= 100 and sum(a.rank for a in grad.adapters) >= 93
     assert grad.details["alpha_policy"] == "fixed" and 0.99 < sum(grad.details["layer_importance"].values()) < 1.01
+    shuffled = plans["gradrank_shuffled"]
+    assert shuffled.module_names() == grad.module_names() and shuffled.scores == grad.scores
+    assert sorted(a.rank for a in shuffled.adapters) == sorted(a.rank for a in grad.adapters)
+    assert shuffled.details["gradrank_layer_rank"] == grad.details["layer_rank"]
     bm = plans["bmask"]
     assert sum(int(a.mask.sum()) for a in bm.adapters) == int(0.02 * bm.baseline_params)
     with pytest.raises(ValueError, match="bmask needs 'params=N' or 'fraction=F'"):
         score_model("bmask", _model(tiny_model_path), build_probe(tok, rows[:2]), Budget.parse(""), ScorerSettings())
+
+
+def test_shuffled_ranks_are_a_seeded_permutation():
+    from placement.scorers.gradrank import shuffled_ranks
+
+    ranks = {l: 1 + l % 7 for l in range(30)}
+    a, b, c = shuffled_ranks(ranks, 0), shuffled_ranks(ranks, 0), shuffled_ranks(ranks, 1)
+    assert a == b and a != c and a != ranks
+    assert sorted(a) == sorted(ranks) and sorted(a.values()) == sorted(ranks.values())
 
 
 def test_domlora_takes_the_dominant_down_proj_not_the_global_top():

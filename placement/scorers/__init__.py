@@ -24,13 +24,21 @@ Scorer = Callable[..., "PlacementPlan"]  # noqa: F821 - (model, probe, budget, s
 _REGISTRY: dict[str, Scorer] = {}
 
 
-def register_scorer(name: str, *, needs_probe: bool = True) -> Callable[[Scorer], Scorer]:
+PROBE_SOURCES = ("sft", "grpo")
+
+
+def register_scorer(name: str, *, needs_probe: bool = True, probe_source: str = "sft") -> Callable[[Scorer], Scorer]:
+    """``probe_source``: the regime the scorer's probe comes from when ``placement.probe_source=auto``."""
+    if probe_source not in PROBE_SOURCES:
+        raise ValueError(f"scorer {name!r}: probe_source={probe_source!r} is not one of {', '.join(PROBE_SOURCES)}")
+
     def decorate(fn: Scorer) -> Scorer:
         old = _REGISTRY.get(name)
         if old is not None and (old.__module__, old.__qualname__) != (fn.__module__, fn.__qualname__):
             raise ValueError(f"scorer {name!r} is already registered by {old.__module__}; pick another name")
         fn.scorer_name = name
         fn.needs_probe = needs_probe
+        fn.probe_source = probe_source
         _REGISTRY[name] = fn
         return fn
 
@@ -57,11 +65,17 @@ def get_scorer(name: str) -> Scorer:
         if name not in _REGISTRY:  # a plain function: register it under its entry-point name
             if not callable(fn):
                 raise ValueError(f"entry point {name!r} in group {ENTRY_POINT_GROUP} is not callable")
-            register_scorer(name, needs_probe=getattr(fn, "needs_probe", True))(fn)
+            register_scorer(name, needs_probe=getattr(fn, "needs_probe", True),
+                            probe_source=getattr(fn, "probe_source", "sft"))(fn)
         return _REGISTRY[name]
     known = sorted(set(_REGISTRY) | set(eps))
     raise ValueError(f"placement.scorer={name!r} is not a known scorer; choose one of {', '.join(known)} "
                      f"or install a package that declares it in the {ENTRY_POINT_GROUP!r} entry-point group")
+
+
+def probe_source_for(name: str, configured: str) -> str:
+    """``placement.probe_source`` resolved: ``auto`` becomes the scorer's own regime."""
+    return get_scorer(name).probe_source if configured == "auto" else configured
 
 
 def available_scorers() -> list[str]:

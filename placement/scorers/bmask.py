@@ -72,7 +72,7 @@ def plan_from_masks(scorer, masks, cands, budget, settings, details):
                     details=details)
 
 
-@register_scorer("bmask")
+@register_scorer("bmask", probe_source="grpo")
 def score(model, probe, budget, settings):
     cands = candidate_modules(model, settings.target_modules)
     k = entry_budget(budget, cands, settings)

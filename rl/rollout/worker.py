@@ -93,6 +93,15 @@ def make_engine(rollout_cfg, model_path: str, dtype: str, seed: int) -> RolloutE
     raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not known; choose vllm or hf")
 
 
+def rollout_dtype(cfg) -> str:
+    """``rollout.dtype``, with auto = bfloat16 on a GPU and the model's dtype elsewhere."""
+    if cfg.rollout.dtype != "auto":
+        return cfg.rollout.dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else cfg.model.dtype
+
+
 def served_config(rollout_cfg, adapter_rank: int):
     """``rollout_cfg`` serving adapters of at most ``adapter_rank``.
 
