@@ -17,6 +17,7 @@ COMMANDS = {
     "reward": ("launch.reward", "try reward functions on a file of completions"),
     "regime": ("launch.regime", "SFT-versus-GRPO gradient regime contrast report"),
     "compare": ("launch.compare", "compare placements under one budget"),
+    "stability": ("launch.stability", "PAGE's dominant module over probe sets and checkpoints"),
 }
 
 

@@ -48,7 +48,10 @@ DEFAULT_PLACEMENTS = "uniform,gradrank:proportional,gradrank:fixed,gradrank:rslo
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="placerl compare", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="a recipe under launch/configs/")
-    ap.add_argument("--placements", default=DEFAULT_PLACEMENTS, help="comma list of scorer[:alpha_policy]")
+    ap.add_argument("--placements", default=DEFAULT_PLACEMENTS,
+                    help="comma list of scorer[:alpha_policy][+key=value...], e.g. uniform+rank=1")
+    ap.add_argument("--baseline", default="",
+                    help="the placement every other one is compared with, problem by problem (default: the first)")
     ap.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: trainer.steps)")
     ap.add_argument("--budget", default=None, help="placement.budget for every run ('' = the uniform baseline)")
@@ -62,19 +65,36 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
-def parse_placement(spec: str) -> tuple[str, str, str]:
-    """``gradrank:proportional`` -> (label, scorer, alpha_policy); the policy is '' when not given."""
+ARM_KEYS_FIXED = ("placement.scorer", "placement.seed", "placement.plan", "placement.alpha_policy")
+
+
+def parse_placement(spec: str) -> tuple[str, str, str, tuple[str, ...]]:
+    """``scorer[:alpha_policy][+key=value...]`` -> (label, scorer, alpha_policy, arm overrides).
+
+    ``gradrank:proportional`` runs gradrank with alpha proportional to rank; ``uniform+rank=1``
+    runs uniform LoRA at rank 1; ``bmask+budget=fraction=0.05`` gives bmask its own budget.
+    A key without a dot is a ``placement`` key. The policy is '' when not given.
+    """
     from placement import available_scorers
     from placement.settings import ALPHA_POLICIES
 
-    scorer, _, policy = spec.strip().partition(":")
+    head, *extras = spec.strip().split("+")
+    scorer, _, policy = head.partition(":")
     known = available_scorers()
     if scorer not in known:
         raise ValueError(f"--placements entry {spec!r}: unknown scorer {scorer!r}; choose one of {', '.join(known)}")
     if policy and policy not in ALPHA_POLICIES:
         raise ValueError(f"--placements entry {spec!r}: alpha policy {policy!r} is not one of "
                          f"{', '.join(ALPHA_POLICIES)} (write scorer[:alpha_policy], e.g. gradrank:proportional)")
-    return spec.strip(), scorer, policy
+    arm = []
+    for e in extras:
+        key, eq, value = e.partition("=")
+        key = key.strip() if "." in key else f"placement.{key.strip()}"
+        if not eq or not key.startswith("placement.") or key in ARM_KEYS_FIXED:
+            raise ValueError(f"--placements entry {spec!r}: {e!r} must be key=value for a placement key other than "
+                             f"scorer, seed, plan and alpha_policy (e.g. uniform+rank=1, bmask+budget=fraction=0.05)")
+        arm.append(f"{key}={value}")
+    return spec.strip(), scorer, policy, tuple(arm)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -101,7 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if not specs or len({s[0] for s in specs}) != len(specs):
             raise ValueError(f"--placements {args.placements!r} must name at least one placement, each once")
         seeds = parse_seeds(args.seeds)
-        cfg = load_config(args.config, run_overrides(opts, specs[0][1], specs[0][2], seeds[0], Path("."), "check"))
+        for spec in specs:  # every arm's config is checked before anything runs
+            cfg = load_config(args.config, run_overrides(opts, spec[1], spec[2], seeds[0], Path("."), "check", spec[3]))
+        if args.baseline and args.baseline not in {s[0] for s in specs}:
+            raise ValueError(f"--baseline {args.baseline!r} is not one of --placements")
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,26 +1,25 @@
-"""``placerl regime``: SFT and GRPO on the same model, data, placement and seed, then a report.
+"""``placerl regime``: SFT and GRPO on the same model, data, placement and seeds, then a report.
 
-    placerl regime --config launch/configs/gsm8k_grpo.yaml --steps 10 [--every 1] [key=value ...]
+    placerl regime --config launch/configs/gsm8k_grpo.yaml --steps 30 --seeds 0,1,2 [key=value ...]
 
-Two runs that differ only in ``algorithm.loss`` (``sft`` trains on the gold solutions,
-``grpo`` on sampled completions and rewards), both with gradient diagnostics on, are
-written under ``--out`` (``sft/`` and ``grpo/``); the GRPO run reuses the SFT run's
-placement plan file so that both train exactly the same adapters from the same
-initialisation. The report folder (``--report``, default ``<out>/report``) gets
-``report.md``, ``contrasts.json`` and PNG plots: effective rank, stable rank,
-cross-step cosine, sign agreement and importance spread for the rank-free G and for
-the LoRA gradients, side by side, with the direction of each contrast stated against
-the papers' claims.
+Per seed, two runs that differ only in ``algorithm.loss`` (``sft`` trains on the gold
+solutions, ``grpo`` on sampled completions and rewards), with the same number of
+sequences per step (``--unmatched``: SFT trains one gold solution per prompt), every
+linear module type watched at every step (``--every``), written under
+``--out``/seed<N>/ (``sft/`` and ``grpo/``); the GRPO run reuses the SFT run's placement
+plan file. Before training, the fixed-policy control measures the cosine between
+``--control-batches`` independent step-0 batches of each regime (0 skips it). The
+report folder (``--report``, default ``<out>/report``) gets ``report.md``,
+``contrasts.json`` and PNG plots: per statistic the seed-level mean with its 95%
+bootstrap CI, its chance level, and the GRPO-minus-SFT difference's CI, against the
+papers' claims.
 
 With ``--resume`` a run that died (a lost Ray node, an out-of-memory kill) continues
-from its newest checkpoint (``trainer.save_every``); a step logged twice keeps its
-last record.
+from its newest checkpoint (``trainer.save_every``); finished runs and the control are
+reused.
 
-Left out: several seeds per regime (run the command again with ``trainer.seed=N``),
-and GRPO variants beyond what overrides express.
-
-The experiment itself (the two runs and the report) lives in rl/experiments/regime.py;
-this file parses the command line and prints the outcome.
+The experiment itself (the runs, the control and the report) lives in
+rl/experiments/regime.py; this file parses the command line and prints the outcome.
 """
 from __future__ import annotations
 
@@ -31,8 +30,8 @@ from pathlib import Path
 
 from rl.config import ConfigError, load_config
 from rl.data import DataError
-from rl.experiments.regime import (RegimeOptions, RegimeRunError, out_dir, regime_overrides, train_regimes,
-                                   write_report)
+from rl.experiments.regime import (REGIMES, RegimeOptions, RegimeRunError, out_dir, regime_config, run_control,
+                                   train_regimes, write_report)
 
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
 
@@ -47,6 +46,11 @@ def parse_args(argv):
     ap.add_argument("--report", default="", help="folder for the report (default <out>/report)")
     ap.add_argument("--resume", action="store_true",
                     help="reuse runs in --out that finished; resume unfinished ones from their newest checkpoint")
+    ap.add_argument("--seeds", default="0", help="comma list of seeds; each runs both regimes (default 0)")
+    ap.add_argument("--unmatched", action="store_true",
+                    help="SFT trains prompts_per_step gold solutions per step instead of prompts_per_step x group_size")
+    ap.add_argument("--control-batches", type=int, default=4,
+                    help="independent step-0 batches per regime for the fixed-policy control (0: skip it)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs, e.g. rollout.group_size=4")
     return ap.parse_args(argv)
 
@@ -61,21 +65,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.every is not None and args.every < 1:
         print("error: --every must be >= 1", file=sys.stderr)
         return 2
+    if args.control_batches == 1 or args.control_batches < 0:
+        print("error: --control-batches must be 0 (no control) or >= 2", file=sys.stderr)
+        return 2
     opts = RegimeOptions(**vars(args))
     try:
+        seeds = opts.seed_list()
         out = out_dir(opts, load_config(args.config, args.overrides))
-        cfgs = {"sft": load_config(args.config, regime_overrides(opts, "sft", out))}
+        first = {loss: regime_config(opts, loss, out, seeds[0]) for loss in REGIMES}
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        cfgs = train_regimes(opts, out, cfgs)
+        control = run_control(opts, out, first)
+        cfgs = train_regimes(opts, out)
     except RegimeRunError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     report = Path(args.report) if args.report else out / "report"
-    contrasts = write_report(out, report, cfgs["grpo"], argv)
-    print(f"runs:   {out / 'sft'}  {out / 'grpo'}")
+    contrasts = write_report(out, report, cfgs, seeds, argv, control)
+    print(f"runs:   {out}/seed<N>/sft, grpo for seeds {', '.join(map(str, seeds))}")
     print(f"report: {report / 'report.md'}")
     for c in contrasts:
         print(f"  {c.sentence}")

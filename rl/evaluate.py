@@ -23,13 +23,22 @@ def split_evenly(items: list, parts: int) -> list[list]:
     return out
 
 
-def accuracy(rows: list[dict], completions: list[str], runner) -> dict[str, float]:
-    """Strict and flexible accuracy of one completion per row (pure scoring, no generation)."""
+def graded(rows: list[dict], completions: list[str], runner) -> dict[str, list[float]]:
+    """Per problem, in row order: 1.0 or 0.0 under ``strict`` and ``flexible`` grading (what paired
+    comparisons between runs on the same problems need)."""
     result = runner.score([r["prompt"] for r in rows], completions,
                           {k: [r[k] for r in rows] for k in ("question", "answer", "gold")})
+    return {name.split("_")[1]: [float(s or 0.0) for s in result.per_function[name]]
+            for name in ("gsm8k_strict", "gsm8k_flexible")}
+
+
+def accuracy(rows: list[dict], completions: list[str], runner,
+             per_problem: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """Strict and flexible accuracy of one completion per row (pure scoring, no generation);
+    ``per_problem``: the ``graded`` lists, when the caller has them already."""
+    marks = per_problem if per_problem is not None else graded(rows, completions, runner)
     out = {"n": float(len(rows))}
-    for name in ("gsm8k_strict", "gsm8k_flexible"):
-        scores = [s or 0.0 for s in result.per_function[name]]
-        out[f"accuracy_{name.split('_')[1]}"] = sum(scores) / max(1, len(scores))
+    for which, scores in marks.items():
+        out[f"accuracy_{which}"] = sum(scores) / max(1, len(scores))
     out["response_chars"] = sum(len(c) for c in completions) / max(1, len(completions))
     return out

@@ -29,13 +29,14 @@ from rl import checkpoint as ckpt
 from rl.learner.batch import grpo_batch, sft_batch
 from rl.config import Config
 from rl.data import PromptSampler, attach_prompts, load_task
-from rl.evaluate import accuracy, eval_runner
+from rl.evaluate import accuracy, eval_runner, graded
 from rl.grpo import group_advantages, zero_variance_groups
 from rl.metrics_log import MetricsLog
 from rl.models import load_tokenizer, resolve_model
 from rl.rollout.worker import served_config
 
 log = logging.getLogger("placerl")
+EVAL_PROBLEMS_FILE = "eval_problems.json"  # the final evaluation, 0/1 per test problem (strict, flexible)
 
 
 def run_dir_for(cfg: Config, recipe: str = "run") -> Path:
@@ -103,6 +104,7 @@ class Trainer:
         self.eval_rewards = eval_runner(cfg.reward.timeout_s)
         self.metrics = MetricsLog(run_dir, cfg.logging, cfg.to_dict())
         self.step, self.adapter_version = 0, 0
+        self.eval_problems: dict[str, list[float]] = {}  # the last evaluation, problem by problem
 
     def _rollout_dtype(self) -> str:
         from rl.rollout.worker import rollout_dtype
@@ -152,7 +154,10 @@ class Trainer:
         if not self.test_rows or self.rollout is None:
             return {}
         groups = self.rollout.generate([r["prompt_ids"] for r in self.test_rows], self._sampling(greedy=True))
-        return accuracy(self.test_rows, [g[0].text for g in groups], self.eval_rewards)
+        texts = [g[0].text for g in groups]
+        # Kept per problem: placements are compared problem by problem (paired) on the same test rows.
+        self.eval_problems = graded(self.test_rows, texts, self.eval_rewards)
+        return accuracy(self.test_rows, texts, self.eval_rewards, self.eval_problems)
 
     def grpo_step(self, rows: list[dict]) -> dict[str, float]:
         cfg, G, m = self.cfg, self.cfg.rollout.group_size, {}
@@ -259,4 +264,6 @@ def train(cfg: Config, recipe: str = "run") -> Path:
     finally:
         trainer.close()
     (run_dir / "final_eval.json").write_text(json.dumps(final, indent=1))
+    if final and trainer.eval_problems:
+        (run_dir / EVAL_PROBLEMS_FILE).write_text(json.dumps(trainer.eval_problems))
     return run_dir

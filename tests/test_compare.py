@@ -106,12 +106,30 @@ def test_run_result_pooling_and_the_sqrt_r_verdict():
     assert "FAILED: RuntimeError: boom" in md and "50.0% [" in md and "uniform seed 1: RuntimeError: boom" in md
 
 
+def test_paired_against_the_baseline():
+    base = [{"flexible": [1.0, 0.0] * 50, "strict": [0.0] * 100}] * 2
+    better = [{"flexible": [1.0] * 100, "strict": [0.0] * 100}] * 3
+    rows = cr.paired_against({"uniform": base, "page": better, "empty": []}, "uniform")
+    assert [r["placement"] for r in rows] == ["page"] and rows[0]["seeds"] == 3
+    assert rows[0]["flexible"]["difference"] == pytest.approx(0.5) and rows[0]["flexible"]["low"] > 0.35
+    assert rows[0]["strict"]["difference"] == 0.0
+    table = cr.paired_table(rows)
+    assert "**+50.0 [" in table and "| page | 3 | 100 |" in table
+
+
 def test_placement_specs_and_seeds():
     from launch import compare
     from rl.experiments import compare as runner
 
-    assert compare.parse_placement("gradrank:proportional") == ("gradrank:proportional", "gradrank", "proportional")
-    assert compare.parse_placement("page") == ("page", "page", "")
+    assert compare.parse_placement("gradrank:proportional") == ("gradrank:proportional", "gradrank", "proportional", ())
+    assert compare.parse_placement("page") == ("page", "page", "", ())
+    assert compare.parse_placement("uniform+rank=1") == ("uniform+rank=1", "uniform", "", ("placement.rank=1",))
+    assert compare.parse_placement("bmask+budget=fraction=0.05")[3] == ("placement.budget=fraction=0.05",)
+    with pytest.raises(ValueError, match="placement key other than scorer"):
+        compare.parse_placement("uniform+scorer=page")
+    with pytest.raises(ValueError, match="must be key=value"):
+        compare.parse_placement("uniform+rank")
+    assert runner.run_name("uniform+rank=1", 2) == "uniform_rank1-s2"
     with pytest.raises(ValueError, match="alpha policy 'propotional'"):
         compare.parse_placement("gradrank:propotional")
     with pytest.raises(ValueError, match="unknown scorer 'unifrom'"):
@@ -135,9 +153,10 @@ def test_compare_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
         raise RuntimeError("this scorer fails on purpose")
 
     reward = f'reward.functions=[{{name: "{REPO}/tests/data/reward_fns.py:with_bonus", weight: 1.0}}]'
-    rc = compare.main(["--config", str(TINY), "--placements", "fails_on_purpose,uniform", "--seeds", "0",
-                       "--steps", "2", "--out", str(tmp_path / "runs"), "trainer.eval_size=4", reward,
-                       "logging.progress=false", "logging.tensorboard=false", "trainer.save_every=100"])
+    rc = compare.main(["--config", str(TINY), "--placements", "fails_on_purpose,uniform,uniform+rank=1", "--seeds",
+                       "0", "--baseline", "uniform", "--steps", "2", "--out", str(tmp_path / "runs"),
+                       "trainer.eval_size=4", reward, "logging.progress=false", "logging.tensorboard=false",
+                       "trainer.save_every=100"])
     assert rc == 0
     results = {r["placement"]: r for r in json.loads((tmp_path / "runs" / "report" / "results.json").read_text())}
     uni, bad = results["uniform"], results["fails_on_purpose"]
@@ -148,3 +167,10 @@ def test_compare_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
     md = (tmp_path / "runs" / "report" / "report.md").read_text()
     assert "FAILED: RuntimeError: this scorer fails on purpose" in md
     assert (tmp_path / "runs" / "report" / "compare_accuracy.png").exists()
+    assert results["uniform+rank=1"]["rank_max"] == 1
+    marks = json.loads((tmp_path / "runs" / "uniform-s0" / "eval_problems.json").read_text())
+    assert len(marks["flexible"]) == len(marks["strict"]) == 4
+    assert sum(marks["flexible"]) / 4 == pytest.approx(uni["accuracy_flexible"])
+    paired = json.loads((tmp_path / "runs" / "report" / "paired.json").read_text())
+    assert [p["placement"] for p in paired] == ["uniform+rank=1"] and paired[0]["flexible"]["problems"] == 4
+    assert "Paired against the baseline" in md

@@ -246,3 +246,14 @@ def test_chance_levels():
     assert chance_level("importance_top30_share", layers=30) == pytest.approx(0.3)
     assert chance_level("importance_top30_share", layers=24) == pytest.approx(8 / 24)
     assert chance_level("importance_gini") == 0.0 and chance_level("eff_rank_mean") is None
+
+
+def test_seed_paired_difference():
+    from rl.diagnostics.confidence import seed_capture_difference_ci
+
+    base = [[0.1, 0.12, 0.11], [0.5, 0.52, 0.51], [0.9, 0.91, 0.92]]  # seeds far apart
+    arm = [[x + 0.05 for x in r] for r in base]  # every seed 0.05 higher
+    ci = seed_capture_difference_ci(base, arm)
+    assert ci.estimate == pytest.approx(0.05) and ci.excludes(0.0) and ci.high - ci.low < 0.03 and ci.n == 3
+    noise = seed_capture_difference_ci(base, [list(reversed(r)) for r in base])
+    assert not noise.excludes(0.0)

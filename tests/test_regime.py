@@ -53,8 +53,27 @@ def test_contrast_that_goes_the_papers_way():
     assert g["cos_lag1_mean"].n_sft == 2  # the first capture has no previous one
     assert g["importance_spread"].sft == pytest.approx(10.0) and g["importance_spread"].agrees
     assert g["eff_rank_mean"].sentence == "GRPO's G effective rank is higher than SFT's: 40.2 vs 3.20, as the papers report."
-    assert rr.tally(cs) == {"agree": len(cs), "opposite": 0, "tie": 0, "missing": 0}
+    assert rr.tally(cs) == {"agree": len(cs), "opposite": 0, "tie": 0, "inconclusive": 0, "missing": 0}
     assert {c.kind for c in cs} == {"G", "lora"}
+
+
+def test_seeded_contrasts_call_a_direction_only_when_the_ci_excludes_zero():
+    seeds = [(regime(**{**SFT_LIKE_PAPERS, "cos": 0.8 + 0.01 * k}, steps=6),
+              regime(**{**GRPO_LIKE_PAPERS, "cos": 0.05 + 0.01 * k}, steps=6)) for k in range(3)]
+    g = by_key(rr.seeded_contrasts(seeds, window=5))
+    cos = g["cos_lag1_mean"]
+    assert cos.went == "sft" and cos.agrees and cos.chance == 0.0 and cos.diff_ci.n == 3
+    assert cos.sft_ci.estimate == pytest.approx(0.81) and cos.diff_ci.high < 0
+    assert "chance level 0.000" in cos.sentence and "GRPO - SFT" in cos.sentence
+    assert g["run_importance_gini"].went == "sft" and g["run_importance_top30_share"].chance == pytest.approx(1 / 3)
+    # The same statistic drawn around one value in both regimes: no direction.
+    same = [(regime(**{**SFT_LIKE_PAPERS, "cos": c}, steps=4), regime(**{**SFT_LIKE_PAPERS, "cos": d}, steps=4))
+            for c, d in ((0.5, 0.6), (0.6, 0.5), (0.55, 0.55))]
+    flat = by_key(rr.seeded_contrasts(same, window=5))["cos_lag1_mean"]
+    assert flat.went == "inconclusive" and flat.agrees is None and "inconclusive" in flat.sentence
+    md = rr.markdown(rr.seeded_contrasts(seeds, window=5), [s for s, _ in seeds], [g for _, g in seeds],
+                     title="t", setup=[], plots=[])
+    assert "GRPO - SFT [95% CI]" in md and "| 3 |" in md
 
 
 def test_contrast_that_goes_the_other_way():
@@ -127,20 +146,33 @@ def test_regime_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
     from launch import regime
 
     reward = f'reward.functions=[{{name: "{REPO}/tests/data/reward_fns.py:with_bonus", weight: 1.0}}]'
-    rc = regime.main(["--config", str(TINY), "--steps", "2", "--out", str(tmp_path / "runs"),
-                      "--report", str(tmp_path / "report"), "trainer.eval_size=0", "logging.progress=false",
-                      "logging.tensorboard=false", "cluster.num_cpus=2", "trainer.save_every=100", reward])
+    rc = regime.main(["--config", str(TINY), "--steps", "2", "--seeds", "0,1", "--control-batches", "2",
+                      "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "report"), "trainer.eval_size=0",
+                      "logging.progress=false", "logging.tensorboard=false", "cluster.num_cpus=2",
+                      "trainer.save_every=100", "rollout.prompts_per_step=2", reward])
     assert rc == 0
     out = json.loads((tmp_path / "report" / "contrasts.json").read_text())
+    assert out["seeds"] == [0, 1]
     got = {(c["statistic"], c["gradient"]): c for c in out["contrasts"]}
     for kind in ("G", "lora"):
         eff = got[("eff_rank_mean", kind)]
-        assert eff["captures"] == [2, 2] and eff["sft"] > 0 and eff["grpo"] > 0
-        assert got[("cos_lag1_mean", kind)]["captures"] == [1, 1]
-        assert eff["went"] in ("sft", "grpo", "tie")
+        assert eff["captures"][0] == 4 and eff["sft_ci"]["n"] == 2 and eff["sft"] > 0
+        assert eff["grpo_minus_sft_ci"]["low"] <= eff["grpo_minus_sft_ci"]["high"]
+        assert eff["went"] in ("sft", "grpo", "inconclusive", "missing")
+        assert got[("cos_lag1_mean", kind)]["chance"] == 0.0
+        assert got[("sign_agree_mean", kind)]["chance"] == 0.5
+    # Matched: SFT trains prompts_per_step x group_size = 2 x 4 gold solutions per step.
+    assert out["per_step"]["sft"]["sequences"] == out["per_step"]["grpo"]["sequences"] == 8
+    control = out["fixed_policy_control"]
+    assert control["sft"]["batches"] == 2 and len(control["sft"]["cos_mean"]) == 1
+    assert control["sft"]["modules"] == 14 and -1 <= control["sft"]["cos_mean"][0] <= 1
     md = (tmp_path / "report" / "report.md").read_text()
-    assert "regime_statistics.png" in md and (tmp_path / "report" / "regime_statistics.png").exists()
-    sft_plan = json.loads((tmp_path / "runs" / "sft" / "plan.json").read_text())
-    grpo_plan = json.loads((tmp_path / "runs" / "grpo" / "plan.json").read_text())
-    assert sft_plan["adapters"] == grpo_plan["adapters"]  # the same placement in both regimes
-    assert (tmp_path / "runs" / "grpo" / "config.yaml").read_text().count("loss: grpo") == 1
+    assert "regime_statistics.png" in md and "Fixed-policy control" in md and "95% CI" in md
+    for seed in (0, 1):
+        run = tmp_path / "runs" / f"seed{seed}"
+        sft_plan = json.loads((run / "sft" / "plan.json").read_text())
+        grpo_plan = json.loads((run / "grpo" / "plan.json").read_text())
+        assert sft_plan["adapters"] == grpo_plan["adapters"]  # the same placement in both regimes
+        cfg = (run / "grpo" / "config.yaml").read_text()
+        assert cfg.count("loss: grpo") == 1 and "down_proj" in cfg and "q_proj" in cfg
+        assert f"seed: {seed}" in cfg

@@ -5,6 +5,7 @@
   captures: seeds are resampled, then captures within each drawn seed. Captures of one run
   are not independent draws (they share a trajectory), so the seed level carries the
   between-run variation that a pooled bootstrap over captures would hide.
+- ``seed_capture_difference_ci``: the same for arm minus base, seeds paired by position.
 - ``paired_difference_ci``: accuracy of arm B minus arm A on the same test problems,
   resampling problems (the same indices for both arms, which is what pairs them) and,
   with several seeds, seeds of each arm.
@@ -86,6 +87,27 @@ def seed_capture_ci(per_seed: Sequence[Sequence[float]], resamples: int = DEFAUL
         draws.append(_mean([_mean([r[rng.randrange(len(r))] for _ in r]) for r in picked]))
     lo, hi = _percentiles(draws, level)
     return Interval(_mean([_mean(r) for r in runs]), lo, hi, len(runs))
+
+
+def seed_capture_difference_ci(base: Sequence[Sequence[float]], arm: Sequence[Sequence[float]],
+                               resamples: int = DEFAULT_RESAMPLES, level: float = LEVEL, seed: int = 0) -> Interval:
+    """``seed_capture_ci`` of ``arm`` minus that of ``base``, seeds paired by position (seed k of
+    both arms shares the data order and initialisation): seed indices are drawn once for both,
+    then captures within each run."""
+    pairs = [(a, b) for a, b in ((_finite(x), _finite(y)) for x, y in zip(arm, base)) if a and b]
+    if not pairs:
+        return Interval(float("nan"), float("nan"), float("nan"), 0)
+    rng = random.Random(seed)
+
+    def draw_mean(r: list[float]) -> float:
+        return _mean([r[rng.randrange(len(r))] for _ in r])
+
+    draws = []
+    for _ in range(resamples):
+        picked = [pairs[rng.randrange(len(pairs))] for _ in pairs]
+        draws.append(_mean([draw_mean(a) - draw_mean(b) for a, b in picked]))
+    lo, hi = _percentiles(draws, level)
+    return Interval(_mean([_mean(a) - _mean(b) for a, b in pairs]), lo, hi, len(pairs))
 
 
 def paired_difference_ci(base: Sequence[Sequence[float]], arm: Sequence[Sequence[float]],

@@ -43,14 +43,18 @@ class CompareOptions:
     out: str = ""
     report: str = ""
     resume: bool = False
+    baseline: str = ""  # the placement the others are paired with (default: the first)
     overrides: list[str] = field(default_factory=list)
 
 
 def run_name(label: str, seed: int) -> str:
-    return f"{label.replace(':', '-')}-s{seed}"
+    return f"{label.replace(':', '-').replace('+', '_').replace('=', '')}-s{seed}"
 
 
-def run_overrides(opts: CompareOptions, scorer: str, policy: str, seed: int, out: Path, name: str) -> list[str]:
+def run_overrides(opts: CompareOptions, scorer: str, policy: str, seed: int, out: Path, name: str,
+                  arm: tuple[str, ...] = ()) -> list[str]:
+    """The user's overrides, what every run of the comparison shares, then the arm's own
+    placement keys (``uniform+rank=1``), which win."""
     extra = [f"placement.scorer={scorer}", f"trainer.seed={seed}", f"placement.seed={seed}",
              "diagnostics.enabled=true", f"logging.output_dir={out}", f"logging.run_name={name}",
              f"trainer.resume={'auto' if opts.resume else 'never'}"]
@@ -62,7 +66,7 @@ def run_overrides(opts: CompareOptions, scorer: str, policy: str, seed: int, out
         extra.append(f"placement.budget={opts.budget}")
     if opts.every is not None or not any(o.startswith("diagnostics.every=") for o in opts.overrides):
         extra.append(f"diagnostics.every={opts.every or 1}")
-    return [*opts.overrides, *extra]
+    return [*opts.overrides, *extra, *arm]
 
 
 def watched_types(patterns: list[str], plan_modules: list[str]) -> list[str]:
@@ -89,7 +93,8 @@ def one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def run_one(opts: CompareOptions, label: str, scorer: str, policy: str, seed: int, out: Path):
+def run_one(opts: CompareOptions, label: str, scorer: str, policy: str, seed: int, out: Path,
+            arm: tuple[str, ...] = ()):
     """Score, train and summarise one (placement, seed); errors come back in the result."""
     from rl.experiments import compare_report as cr
     from rl.diagnostics import records as dr
@@ -110,7 +115,7 @@ def run_one(opts: CompareOptions, label: str, scorer: str, policy: str, seed: in
                 shutil.rmtree(run_dir)  # metrics.jsonl appends: a stale run would mix in
             if opts.resume and partial.exists():
                 prior = json.loads(partial.read_text())["wall_s"]
-            overrides = run_overrides(opts, scorer, policy, seed, out, name)
+            overrides = run_overrides(opts, scorer, policy, seed, out, name, arm)
             cfg = load_config(opts.config, overrides)
             if opts.resume and scored.exists():  # an unfinished run: its plan, then its newest checkpoint
                 from placement import PlacementPlan
@@ -171,6 +176,18 @@ def setup_lines(opts: CompareOptions, argv: list[str], cfg, placements: list[str
             "wall time includes scoring the placement"]
 
 
+def per_problem_marks(results) -> dict[str, list[dict[str, list[float]]]]:
+    """Placement -> per seed, the final evaluation's 0/1 marks (strict, flexible) of each finished run."""
+    from rl.trainer import EVAL_PROBLEMS_FILE
+
+    out: dict[str, list] = {}
+    for r in results:
+        path = Path(r.run_dir) / EVAL_PROBLEMS_FILE
+        if r.ok and path.exists():
+            out.setdefault(r.placement, []).append(json.loads(path.read_text()))
+    return out
+
+
 def write_report(results, report: Path, opts: CompareOptions, argv, cfg, placements, seeds) -> None:
     from rl.experiments import compare_report as cr
     from rl.experiments import plots as report_plots
@@ -182,8 +199,11 @@ def write_report(results, report: Path, opts: CompareOptions, argv, cfg, placeme
     if shift:
         plots.append(shift)
     title = f"Placements under one budget: {cfg.model.name} ({cfg.data.task}, {opts.steps or cfg.trainer.steps} steps)"
-    (report / "report.md").write_text(cr.markdown(results, title=title, plots=plots,
-                                                  setup=setup_lines(opts, argv, cfg, placements, seeds)))
+    paired = cr.paired_against(per_problem_marks(results), opts.baseline or placements[0])
+    md = cr.markdown(results, title=title, plots=plots, setup=setup_lines(opts, argv, cfg, placements, seeds))
+    md += "\n## Paired against the baseline\n\n" + cr.paired_table(paired) + "\n"
+    (report / "report.md").write_text(md)
+    (report / "paired.json").write_text(json.dumps(paired, indent=1))
 
     def clean(x):
         if isinstance(x, float) and not math.isfinite(x):
@@ -197,11 +217,11 @@ def write_report(results, report: Path, opts: CompareOptions, argv, cfg, placeme
     (report / "results.json").write_text(json.dumps(clean([dataclasses.asdict(r) for r in results]), indent=1))
 
 
-def run_placements(opts: CompareOptions, specs: list[tuple[str, str, str]], seeds: list[int], out: Path):
+def run_placements(opts: CompareOptions, specs: list[tuple[str, str, str, tuple]], seeds: list[int], out: Path):
     """Each (placement, seed) in turn; yields its result as soon as it is done."""
     import ray
 
     _RAY_WAS_UP[:] = [ray.is_initialized()]
-    for label, scorer, policy in specs:
+    for label, scorer, policy, arm in specs:
         for seed in seeds:
-            yield run_one(opts, label, scorer, policy, seed, out)
+            yield run_one(opts, label, scorer, policy, seed, out, arm)

@@ -308,3 +308,39 @@ def markdown(results: list[RunResult], *, title: str, setup: list[str], plots: l
     if plots:
         out += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(out) + "\n"
+
+
+def paired_against(per_arm: dict[str, list[dict[str, list[float]]]], baseline: str) -> list[dict]:
+    """Each arm against ``baseline`` on the same test problems: per-seed 0/1 marks in, the paired
+    difference of mean accuracy with its 95% CI (problems and seeds resampled) out."""
+    from rl.diagnostics.confidence import paired_difference_ci
+
+    base = per_arm.get(baseline) or []
+    out = []
+    for arm, runs in per_arm.items():
+        if arm == baseline or not runs or not base:
+            continue
+        row = {"placement": arm, "baseline": baseline, "seeds": len(runs), "baseline_seeds": len(base)}
+        for which in ("flexible", "strict"):
+            ci = paired_difference_ci([r[which] for r in base], [r[which] for r in runs])
+            row[which] = {"difference": ci.estimate, "low": ci.low, "high": ci.high, "problems": ci.n}
+        out.append(row)
+    return out
+
+
+def paired_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no placement besides the baseline finished with a per-problem evaluation)"
+    lines = [f"Accuracy minus {rows[0]['baseline']}'s on the same test problems, in points (95% CI over problems "
+             "and seeds); a CI that excludes 0 is marked.", "",
+             "| placement | seeds | problems | flexible difference [95% CI] | strict difference [95% CI] |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        cells = []
+        for which in ("flexible", "strict"):
+            d = r[which]
+            mark = " **" if d["low"] > 0 or d["high"] < 0 else ""
+            cells.append(f"{mark}{100 * d['difference']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+                         f"{mark.strip() and '**'}")
+        lines.append(f"| {r['placement']} | {r['seeds']} | {r['flexible']['problems']} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)

@@ -1,18 +1,27 @@
-"""The SFT-versus-GRPO regime experiment: two controlled runs, then the contrast report.
+"""The SFT-versus-GRPO regime experiment: controlled pairs of runs per seed, a fixed-policy
+control, then the contrast report.
 
-Two runs that differ only in ``algorithm.loss`` (``sft`` trains on the gold solutions,
-``grpo`` on sampled completions and rewards), both with gradient diagnostics on, are
-written under one folder (``sft/`` and ``grpo/``); the GRPO run reuses the SFT run's
-placement plan file so that both train exactly the same adapters from the same
-initialisation. The report folder gets ``report.md``, ``contrasts.json`` and PNG plots
-(the numbers come from rl/experiments/regime_report.py, the figures from
-rl/experiments/plots.py).
+Per seed, two runs that differ only in ``algorithm.loss`` (``sft`` trains on the gold
+solutions, ``grpo`` on sampled completions and rewards), both with gradient diagnostics
+on, are written under ``<out>/seed<N>/`` (``sft/`` and ``grpo/``); the GRPO run reuses
+the SFT run's placement plan file so that both train exactly the same adapters from the
+same initialisation. A seed sets ``trainer.seed``, ``placement.seed`` and ``data.seed``.
+
+Matched by default: a GRPO step trains ``prompts_per_step x group_size`` sequences, so the
+SFT run trains that many gold solutions per step (``rollout.prompts_per_step`` scaled up),
+not one per prompt; the tokens per step that result are reported for both. Every linear
+module type is watched (``diagnostics.modules``, unless overridden) at every step.
+
+The fixed-policy control (rl/experiments/fixed_policy.py) measures, before training, the
+cosine and sign agreement between independent batches of each regime at step 0.
+
+The report folder gets ``report.md``, ``contrasts.json`` and PNG plots (the numbers come
+from rl/experiments/regime_report.py, the figures from rl/experiments/plots.py).
 
 With ``resume`` a run that died continues from its newest checkpoint; a finished run
-is reused.
+(and a finished control) is reused.
 
-Left out: the command line (launch/regime.py parses it and prints the outcome) and
-several seeds per regime.
+Left out: the command line (launch/regime.py parses it and prints the outcome).
 """
 from __future__ import annotations
 
@@ -21,10 +30,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.config import ConfigError, load_config
+from rl.config import ALL_LINEAR, ConfigError, load_config
 from rl.data import DataError
 
 REGIMES = ("sft", "grpo")
+CONTROL_FILE = "fixed_policy.json"
 
 
 @dataclass
@@ -37,21 +47,45 @@ class RegimeOptions:
     out: str = ""
     report: str = ""
     resume: bool = False
+    seeds: str = "0"
+    unmatched: bool = False  # SFT at prompts_per_step sequences per step (the old, unmatched pair)
+    control_batches: int = 4  # independent step-0 batches per regime for the fixed-policy control; 0: none
+
+    def seed_list(self) -> list[int]:
+        try:
+            seeds = [int(x) for x in self.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds {self.seeds!r} must be a comma list of integers, e.g. 0,1,2") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise ValueError(f"--seeds {self.seeds!r} must name at least one seed, each once")
+        return seeds
 
 
 class RegimeRunError(Exception):
     """One regime's run stopped on a configuration or data error; the message names the regime."""
 
 
-def regime_overrides(opts: RegimeOptions, loss: str, out: Path, plan: str = "") -> list[str]:
-    """The user's overrides, then what makes the two runs a controlled pair (these win)."""
-    extra = [f"algorithm.loss={loss}", "diagnostics.enabled=true", f"logging.output_dir={out}",
-             f"logging.run_name={loss}", f"trainer.resume={'auto' if opts.resume else 'never'}"]
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed{seed}"
+
+
+def regime_overrides(opts: RegimeOptions, loss: str, out: Path, plan: str = "", seed: int = 0,
+                     base_cfg=None) -> list[str]:
+    """The user's overrides, then what makes the two runs a controlled pair (these win).
+    ``base_cfg`` (the recipe with the user's overrides) sizes the matched SFT batch."""
+    extra = [f"algorithm.loss={loss}", "diagnostics.enabled=true", f"logging.output_dir={seed_dir(out, seed)}",
+             f"logging.run_name={loss}", f"trainer.resume={'auto' if opts.resume else 'never'}",
+             f"trainer.seed={seed}", f"placement.seed={seed}", f"data.seed={seed}"]
     if opts.steps is not None:
         extra.append(f"trainer.steps={opts.steps}")
     user_every = any(o.startswith("diagnostics.every=") for o in opts.overrides)
     if opts.every is not None or not user_every:
         extra.append(f"diagnostics.every={opts.every or 1}")
+    if not any(o.startswith("diagnostics.modules=") for o in opts.overrides):
+        extra.append(f"diagnostics.modules=[{','.join(ALL_LINEAR)}]")
+    if loss == "sft" and not opts.unmatched and base_cfg is not None:
+        r = base_cfg.rollout
+        extra.append(f"rollout.prompts_per_step={r.prompts_per_step * r.group_size}")
     if plan:
         extra.append(f"placement.plan={plan}")
     return [*opts.overrides, *extra]
@@ -69,61 +103,114 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
     return False
 
 
-def setup_lines(cfg, step_time: dict[str, float], argv: list[str]) -> list[str]:
+def setup_lines(cfgs: dict[str, object], seeds: list[int], per_step: dict[str, dict], argv: list[str]) -> list[str]:
+    cfg = cfgs["grpo"]
     p, r, d = cfg.placement, cfg.rollout, cfg.diagnostics
     return [f"command: `placerl regime {' '.join(argv)}`",
-            f"model: {cfg.model.name}; task: {cfg.data.task}; seed {cfg.trainer.seed} (data order seed {cfg.data.seed})",
-            f"steps: {cfg.trainer.steps}; prompts per step: {r.prompts_per_step}; GRPO group size: {r.group_size}; "
-            f"max new tokens: {r.max_new_tokens}; learning rate {cfg.learner.lr}",
+            f"model: {cfg.model.name}; task: {cfg.data.task}; seeds {', '.join(map(str, seeds))} "
+            "(each sets trainer.seed, placement.seed and data.seed; SFT and GRPO share it)",
+            f"steps: {cfg.trainer.steps}; GRPO: {r.prompts_per_step} prompts x group size {r.group_size}; "
+            f"SFT: {cfgs['sft'].rollout.prompts_per_step} gold solutions per step; max new tokens: "
+            f"{r.max_new_tokens}; learning rate {cfg.learner.lr}",
+            "per step (mean over steps and seeds): " + "; ".join(
+                f"{k.upper()} {v['sequences']:.0f} sequences, {v['tokens']:.0f} loss tokens" for k, v in per_step.items()),
             f"placement: scorer {p.scorer}, rank {p.rank}, alpha {p.alpha} ({p.alpha_policy}), budget "
-            f"{p.budget or 'uniform baseline'}, modules {', '.join(p.target_modules)}; the same plan file for both runs",
+            f"{p.budget or 'uniform baseline'}, modules {', '.join(p.target_modules)}; one plan file per seed for both runs",
             f"diagnostics: every {d.every} step(s) on modules {', '.join(d.modules)}; cosine lags {d.lags}, "
-            f"sign window {d.window}",
-            "training time (sum of logged step times, start-up excluded): "
-            + ", ".join(f"{k.upper()} {v:.0f} s" for k, v in step_time.items())]
+            f"sign window {d.window} non-zero captures",
+            "training time (sum of logged step times over seeds, start-up excluded): "
+            + ", ".join(f"{k.upper()} {v['time_s']:.0f} s" for k, v in per_step.items())]
 
 
-def write_report(out: Path, report: Path, cfg, argv: list[str]) -> list:
+def per_step_sizes(records: dict[str, list[list[dict]]], cfgs: dict) -> dict[str, dict]:
+    """Sequences and loss tokens per step, and the summed step time, per regime over all seeds."""
+    out = {}
+    for loss, runs in records.items():
+        tokens = [r["learner/tokens"] for recs in runs for r in recs if "learner/tokens" in r]
+        r = cfgs[loss].rollout
+        out[loss] = {"sequences": r.prompts_per_step * (r.group_size if loss == "grpo" else 1),
+                     "tokens": sum(tokens) / len(tokens) if tokens else float("nan"),
+                     "time_s": sum(x.get("time/step_s", 0.0) for recs in runs for x in recs)}
+    return out
+
+
+def write_report(out: Path, report: Path, cfgs: dict, seeds: list[int], argv: list[str],
+                 control: dict | None = None) -> list:
     from rl.diagnostics import records as dr
     from rl.experiments import regime_report as rr
     from rl.experiments import plots as report_plots
     from rl.metrics_log import read_metrics
 
-    sft, grpo = (dr.last_per_step(read_metrics(out / regime)) for regime in REGIMES)
-    contrasts = rr.regime_contrasts(sft, grpo)
-    step_time = {regime: sum(r.get("time/step_s", 0.0) for r in recs) for regime, recs in zip(REGIMES, (sft, grpo))}
+    runs = {loss: [dr.last_per_step(read_metrics(seed_dir(out, s) / loss)) for s in seeds] for loss in REGIMES}
+    window = cfgs["grpo"].diagnostics.window
+    contrasts = rr.seeded_contrasts(list(zip(runs["sft"], runs["grpo"])), window=window)
+    per_step = per_step_sizes(runs, cfgs)
     report.mkdir(parents=True, exist_ok=True)
+    sft, grpo = runs["sft"][0], runs["grpo"][0]
     plots = [report_plots.regime_statistics(sft, grpo, report), report_plots.regime_importance(sft, grpo, report)]
-    title = f"Gradient regimes: SFT vs GRPO on {cfg.model.name} ({cfg.data.task}, {cfg.trainer.steps} steps)"
-    (report / "report.md").write_text(rr.markdown(contrasts, sft, grpo, title=title,
-                                                  setup=setup_lines(cfg, step_time, argv), plots=plots))
-    summary = [{"statistic": c.statistic.key, "gradient": c.kind, "sft": c.sft, "grpo": c.grpo,
-                "captures": [c.n_sft, c.n_grpo], "papers_higher": c.statistic.papers_higher, "went": c.went,
-                "agrees": c.agrees, "sentence": c.sentence} for c in contrasts]
-    (report / "contrasts.json").write_text(json.dumps({"contrasts": summary, "tally": rr.tally(contrasts),
-                                                       "step_time_s": step_time}, indent=1, default=str))
+    cfg = cfgs["grpo"]
+    title = (f"Gradient regimes: SFT vs GRPO on {cfg.model.name} ({cfg.data.task}, {cfg.trainer.steps} steps, "
+             f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+    (report / "report.md").write_text(rr.markdown(contrasts, runs["sft"], runs["grpo"], title=title,
+                                                  setup=setup_lines(cfgs, seeds, per_step, argv), plots=plots,
+                                                  control=control))
+    summary = [rr.contrast_record(c) for c in contrasts]
+    (report / "contrasts.json").write_text(json.dumps({"seeds": seeds, "contrasts": summary,
+                                                       "tally": rr.tally(contrasts), "per_step": per_step,
+                                                       "fixed_policy_control": control}, indent=1, default=str))
     return contrasts
 
 
 def out_dir(opts: RegimeOptions, base_cfg) -> Path:
-    """The folder for both runs: ``--out``, else ``<logging.output_dir>/regime-<recipe>``."""
+    """The folder for all runs: ``--out``, else ``<logging.output_dir>/regime-<recipe>``."""
     return Path(opts.out or Path(base_cfg.logging.output_dir) / f"regime-{Path(opts.config).stem}")
 
 
-def train_regimes(opts: RegimeOptions, out: Path, cfgs: dict) -> dict:
-    """Train SFT, then GRPO on the SFT run's plan (the same adapters, ranks and A initialisation);
-    finished runs are reused under ``resume``. Returns the config of each regime."""
+def regime_config(opts: RegimeOptions, loss: str, out: Path, seed: int):
+    base = load_config(opts.config, opts.overrides)
+    plan = str(seed_dir(out, seed) / "sft" / "plan.json") if loss == "grpo" else ""
+    return load_config(opts.config, regime_overrides(opts, loss, out, plan, seed, base))
+
+
+def run_control(opts: RegimeOptions, out: Path, cfgs: dict) -> dict | None:
+    """The fixed-policy control for both regimes (seed of the first run), or None when switched off."""
+    if opts.control_batches == 0:
+        return None
+    path = out / CONTROL_FILE
+    if opts.resume and path.exists():
+        return json.loads(path.read_text())
+    from rl.data import attach_prompts, load_task
+    from rl.experiments.fixed_policy import control
+    from rl.models import load_tokenizer, resolve_model
+
+    cfg = cfgs["grpo"]
+    model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
+    rows = attach_prompts(load_task(cfg.data, "train"), load_tokenizer(model_path), cfg.data)
+    try:
+        result = {loss: control(cfgs[loss], loss, model_path, rows, opts.control_batches, cfg.trainer.seed)
+                  for loss in REGIMES}
+    except (ConfigError, DataError, ValueError) as e:
+        raise RegimeRunError(f"fixed-policy control: {e}") from e
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def train_regimes(opts: RegimeOptions, out: Path) -> dict:
+    """Per seed, train SFT, then GRPO on the SFT run's plan (the same adapters, ranks and A
+    initialisation); finished runs are reused under ``resume``. Returns the last seed's configs."""
     from rl.trainer import train
 
-    for loss in REGIMES:
-        try:
-            if loss == "grpo":
-                cfgs["grpo"] = load_config(opts.config, regime_overrides(opts, "grpo", out, str(out / "sft" / "plan.json")))
-            run_dir = out / loss
-            if prepare_run_dir(run_dir, opts.resume):
-                print(f"{loss}: reusing {run_dir}")
-                continue
-            train(cfgs[loss], recipe=loss)
-        except (ConfigError, DataError, ValueError) as e:
-            raise RegimeRunError(f"{loss} run: {e}") from e
+    cfgs = {}
+    for seed in opts.seed_list():
+        for loss in REGIMES:
+            try:
+                cfgs[loss] = regime_config(opts, loss, out, seed)
+                run_dir = seed_dir(out, seed) / loss
+                if prepare_run_dir(run_dir, opts.resume):
+                    print(f"seed {seed} {loss}: reusing {run_dir}")
+                    continue
+                train(cfgs[loss], recipe=loss)
+            except (ConfigError, DataError, ValueError) as e:
+                raise RegimeRunError(f"seed {seed} {loss} run: {e}") from e
     return cfgs
