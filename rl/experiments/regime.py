@@ -30,7 +30,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rl.config import ALL_LINEAR, ConfigError, load_config
+from core.lora import DEFAULT_TARGET_MODULES
+from rl.config import ConfigError, load_config
 from rl.data import DataError
 
 REGIMES = ("sft", "grpo")
@@ -82,7 +83,7 @@ def regime_overrides(opts: RegimeOptions, loss: str, out: Path, plan: str = "", 
     if opts.every is not None or not user_every:
         extra.append(f"diagnostics.every={opts.every or 1}")
     if not any(o.startswith("diagnostics.modules=") for o in opts.overrides):
-        extra.append(f"diagnostics.modules=[{','.join(ALL_LINEAR)}]")
+        extra.append(f"diagnostics.modules=[{','.join(DEFAULT_TARGET_MODULES)}]")
     if loss == "sft" and not opts.unmatched and base_cfg is not None:
         r = base_cfg.rollout
         extra.append(f"rollout.prompts_per_step={r.prompts_per_step * r.group_size}")
