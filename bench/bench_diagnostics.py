@@ -50,7 +50,7 @@ def build(model: str, rank: int, device: torch.device):
         torch.manual_seed(0)
         base = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE))
     else:
-        from rl.models import load_model, resolve_model
+        from core.models import load_model, resolve_model
 
         base = load_model(resolve_model(model), "float32")
     base.config.use_cache = False

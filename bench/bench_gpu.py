@@ -74,7 +74,7 @@ def data_rows(split: str) -> list[dict]:
 def page_section(path: str, tok, args) -> tuple[dict, object, object]:
     from launch.score import render_rows
     from placement import Budget, ScorerSettings, build_probe, score_model
-    from rl.models import load_model
+    from core.models import load_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = ScorerSettings(rank=args.rank, alpha=2.0 * args.rank)
@@ -166,7 +166,7 @@ def learner_section(path: str, plans: dict, vocab: int, args) -> dict:
 
 def adapter_payload(path: str, plan, version: int):
     from placement import apply_plan
-    from rl.models import load_model
+    from core.models import load_model
     from rl.rollout.sync import make_payload
 
     model = apply_plan(load_model(path, "float32"), plan)
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import AutoConfig
 
-    from rl.models import load_tokenizer, resolve_model
+    from core.models import load_tokenizer, resolve_model
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     path = resolve_model(args.model)

@@ -44,7 +44,7 @@ def trl_step_times(args) -> list[float]:
     from rewards.gsm8k import gsm8k_flexible
     from rl.config import DataConfig
     from rl.data import attach_prompts, load_task
-    from rl.models import load_model, load_tokenizer, resolve_model
+    from core.models import load_model, load_tokenizer, resolve_model
 
     path = resolve_model("smollm2-135m-instruct")
     tok = load_tokenizer(path)

@@ -33,7 +33,7 @@ LORA = {"r": 16, "lora_alpha": 32, "target_modules": list(DEFAULT_TARGET_MODULES
 def build_model(spec: str, out_dir: str) -> str:
     """A local checkpoint folder: ``tiny-llama``, a folder, or ``random-<hidden>x<layers>``."""
     if not spec.startswith("random-"):
-        from rl.models import resolve_model
+        from core.models import resolve_model
 
         return resolve_model(spec)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -137,7 +137,7 @@ def _plain_main(path, mbs, batch, steps, queue):
     from peft import LoraConfig, get_peft_model
 
     from rl.grpo import policy_loss, token_logprobs
-    from rl.models import load_model
+    from core.models import load_model
 
     _threads(1)
     cuda = torch.cuda.is_available()

@@ -59,7 +59,7 @@ def adapter_payload(model_path: str, version: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from rl.models import load_model
+    from core.models import load_model
     from rl.rollout.sync import make_payload
 
     model = get_peft_model(load_model(model_path, "float32"), LoraConfig(**LORA))
@@ -199,7 +199,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
 
-    from rl.models import load_tokenizer, resolve_model
+    from core.models import load_tokenizer, resolve_model
 
     path = resolve_model(args.model)
     tok = load_tokenizer(path)

@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from launch.score import read_jsonl, render_rows
     from placement import Budget, ScorerSettings, build_probe, score_model
     from placement.scoring import load_scoring_model
-    from rl.models import load_tokenizer, resolve_model
+    from core.models import load_tokenizer, resolve_model
 
     path = resolve_model(args.model)
     tok = load_tokenizer(path)

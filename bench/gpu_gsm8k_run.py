@@ -82,7 +82,7 @@ def evaluate(args, adapter_dir: str | None) -> dict:
     from launch.evaluate import read_adapter
     from rl.data import attach_prompts, load_task
     from rl.evaluate import accuracy, eval_runner
-    from rl.models import load_tokenizer, resolve_model
+    from core.models import load_tokenizer, resolve_model
     from rl.rollout.worker import SamplingSpec
     from rl.rollout.hf_engine import HFEngine
 

@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from rl.evaluate import accuracy, eval_runner
-        from rl.models import load_tokenizer, resolve_model
+        from core.models import load_tokenizer, resolve_model
         from rl.rollout.worker import SamplingSpec, make_engine, served_config
         from rl.rollout.sync import module_ranks
 

@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
         from placement.scorers import get_scorer
         from placement.scoring import load_scoring_model, score_model
         from placement.settings import ScorerSettings
-        from rl.models import load_tokenizer, resolve_model
+        from core.models import load_tokenizer, resolve_model
 
         budget = Budget.parse(args.budget)
         settings = ScorerSettings(rank=args.rank, alpha=args.alpha, alpha_policy=args.alpha_policy,

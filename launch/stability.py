@@ -49,7 +49,7 @@ def score_sets(policy_path: str, all_rows: dict[int, dict], index_sets: list[lis
     from placement.settings import ScorerSettings
     from placement.stability import tops
     from rl.config import load_config
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
 
     tokenizer = load_tokenizer(policy_path)
     settings = ScorerSettings(rank=args.rank, alpha=args.alpha, seed=args.seed)
@@ -71,7 +71,7 @@ def main(argv: list[str]) -> int:
     try:
         from launch.score import read_jsonl, render_rows
         from placement.stability import disjoint_sets, markdown, merged_policy, summarise
-        from rl.models import load_tokenizer, resolve_model
+        from core.models import load_tokenizer, resolve_model
 
         base = resolve_model(args.model)
         data = read_jsonl(args.data)

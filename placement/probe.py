@@ -3,8 +3,9 @@
 A probe is a small set of samples with a per-token loss weight:
 - ``sft``: prompt + gold solution; loss = mean cross-entropy over the solution tokens;
 - ``grpo``: prompt + G sampled completions with rewards; loss = the policy-gradient
-  surrogate at ratio 1, -(1/G) sum_i A_i mean_t log p(token), with group-normalised
-  advantages A_i = (r_i - mean r) / (std r + 1e-4). One sample is one prompt group.
+  surrogate at ratio 1, -(1/G) sum_i A_i mean_t log p(token), with the group-normalised
+  advantages that training uses, A_i = (r_i - mean r) / (std r + 1e-4) with the unbiased
+  std (core/advantages.py). One sample is one prompt group.
 
 Gradients of a frozen Linear weight W are never materialised by autograd: a forward
 hook keeps the module's input x and a hook on its output receives dL/dy, so for
@@ -26,8 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ADV_EPS = 1e-4
-
+from core.advantages import group_advantages
 
 @dataclass
 class MicroBatch:
@@ -158,11 +158,10 @@ def build_probe(tokenizer, rows: list[dict], source: str = "sft", max_tokens: in
             comps, rewards = row.get("completions"), row.get("rewards")
             if not comps or rewards is None or len(comps) != len(rewards):
                 raise ValueError(f"probe row {n} needs 'completions' and as many 'rewards' for probe_source=grpo")
-            if "advantages" in row:  # as the run computes them (rl.grpo.group_advantages)
+            if "advantages" in row:  # as the run computes them
                 adv = torch.tensor(row["advantages"], dtype=torch.float64)
             else:
-                r = torch.tensor(rewards, dtype=torch.float64)
-                adv = (r - r.mean()) / (r.std(unbiased=False) + ADV_EPS)
+                adv = group_advantages(torch.tensor(rewards, dtype=torch.float64), len(rewards))
             # The sampled token ids when given: re-tokenising decoded text need not give them back.
             responses = [list(c) for c in row["completion_ids"]] if "completion_ids" in row else \
                 [_ids(tokenizer, c) for c in comps]

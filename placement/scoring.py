@@ -36,7 +36,7 @@ def scoring_device() -> torch.device:
 
 def load_scoring_model(model_path: str, dtype: str = "float32", device: str | None = None) -> torch.nn.Module:
     """The model a scorer probes, in ``dtype``, on ``device`` (default: ``scoring_device()``)."""
-    from rl.models import load_model
+    from core.models import load_model
 
     if dtype not in PROBE_DTYPES:
         raise ValueError(f"placement.probe_dtype={dtype!r} is not one of {', '.join(PROBE_DTYPES)}")
@@ -65,7 +65,7 @@ def plan_from_config(placement_cfg, model_path: str, probe_rows: list[dict] | No
     """The plan a run's ``placement`` section asks for (see rl.config.PlacementConfig)."""
     if placement_cfg.plan:
         return PlacementPlan.load(placement_cfg.plan)
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
 
     settings = ScorerSettings.from_config(placement_cfg)
     budget = Budget.parse(placement_cfg.budget)

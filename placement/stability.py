@@ -54,7 +54,7 @@ def merged_policy(base_path: str, adapter_dir: str, out_dir: Path) -> str:
     """A model folder holding ``base_path`` with the PEFT adapter of ``adapter_dir`` merged in."""
     from peft import PeftModel
 
-    from rl.models import load_model, load_tokenizer
+    from core.models import load_model, load_tokenizer
 
     if not (Path(adapter_dir) / "adapter_config.json").exists():
         raise FileNotFoundError(f"--checkpoints {adapter_dir!r} holds no adapter_config.json; "

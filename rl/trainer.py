@@ -32,7 +32,7 @@ from rl.data import PromptSampler, attach_prompts, load_task
 from rl.evaluate import accuracy, eval_runner, graded
 from rl.grpo import group_advantages, zero_variance_groups
 from rl.metrics_log import MetricsLog
-from rl.models import load_tokenizer, resolve_model
+from core.models import load_tokenizer, resolve_model
 from rl.rollout.worker import served_config
 
 log = logging.getLogger("placerl")

@@ -23,14 +23,14 @@ GSM8K_SAMPLE = REPO / "tests" / "data" / "gsm8k"
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from rl.models import materialise_smollm2
+    from core.models import materialise_smollm2
 
     return str(materialise_smollm2())
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path(smollm2_path) -> str:
-    from rl.models import materialise_tiny_llama
+    from core.models import materialise_tiny_llama
 
     return str(materialise_tiny_llama())
 

@@ -103,7 +103,7 @@ def test_synthetic_train_and_test_differ():
 
 
 def test_prompts_use_chat_template(tiny_model_path):
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
 
     tok = load_tokenizer(tiny_model_path)
     text = render_prompt(tok, "What is 2+2?", "Be brief.")

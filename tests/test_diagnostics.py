@@ -21,7 +21,7 @@ from rl.diagnostics.capture import GradientDiagnostics
 def lora_model(tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
-    from rl.models import load_model
+    from core.models import load_model
 
     torch.manual_seed(0)
     model = load_model(tiny_model_path, "float32")
@@ -180,7 +180,7 @@ def test_callback_inside_a_trl_grpo_step(tiny_model_path, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
     from rl.diagnostics.trl_callback import SUMMARY_FILE, GradientDiagnosticsCallback
-    from rl.models import load_model, load_tokenizer
+    from core.models import load_model, load_tokenizer
 
     def length_reward(prompts, completions, **kwargs):
         return [float(len(c)) / 10.0 for c in completions]

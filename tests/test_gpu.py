@@ -177,7 +177,7 @@ def teacher_forced(model, prompt: list[int], completion: list[int], temperature:
 def random_adapter(model_path: str, version: int):
     from peft import LoraConfig, get_peft_model
 
-    from rl.models import load_model
+    from core.models import load_model
     from rl.rollout.sync import make_payload
 
     model = get_peft_model(load_model(model_path, "float32"), LoraConfig(**LORA))
@@ -192,7 +192,7 @@ def random_adapter(model_path: str, version: int):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_hf_engine_on_cuda_samples_n_with_consistent_logprobs(smollm2_path, dtype):
     from rl.config import RolloutConfig
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
     from rl.rollout.worker import SamplingSpec
     from rl.rollout.hf_engine import HFEngine
 

@@ -71,7 +71,7 @@ def test_rank_pattern_that_falls_back_is_caught(tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
     from rl.learner.rank import check_lora_shapes
-    from rl.models import load_model
+    from core.models import load_model
 
     # "layers.0.mlp.down" matches nothing (PEFT anchors at the end): PEFT silently uses r=4.
     cfg = {**LORA, "rank_pattern": {r"layers\.0\.mlp\.down": 8}}
@@ -153,7 +153,7 @@ class TestEquivalence:
         from peft import PeftModel
 
         from rl.grpo import token_logprobs
-        from rl.models import load_model
+        from core.models import load_model
 
         d = saved["dir"]
         for name in ("adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt"):

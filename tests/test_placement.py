@@ -24,13 +24,13 @@ BUDGETS = {"uniform": "", "random": "", "page": "", "page_topk": "", "plop": "",
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_path):
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 
 
 def _model(path):
-    from rl.models import load_model
+    from core.models import load_model
 
     return load_model(path, "float32")
 

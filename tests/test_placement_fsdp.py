@@ -25,7 +25,7 @@ def _worker(rank: int, world: int, port: int, model_path: str, plan_json: str, o
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from placement import PlacementPlan, apply_plan, mask_b_gradients
-    from rl.models import load_model
+    from core.models import load_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, port: int, model_path: str, plan_json: str, o
 def test_masks_hold_under_fsdp2_sharded_gradients(tiny_model_path, tmp_path):
     from placement import AdapterSpec, PlacementPlan
     from placement.modules import candidate_modules
-    from rl.models import load_model
+    from core.models import load_model
 
     cands = candidate_modules(load_model(tiny_model_path, "float32"), ["v_proj", "down_proj"])
     gen = torch.Generator().manual_seed(0)

@@ -24,14 +24,14 @@ MODULES = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_path):
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
 
     return load_tokenizer(tiny_model_path)
 
 
 @pytest.fixture()
 def model(tiny_model_path):
-    from rl.models import load_model
+    from core.models import load_model
 
     return load_model(tiny_model_path, "float32")
 
@@ -90,7 +90,7 @@ def test_per_sample_gradients_match_autograd_loop_grpo(model, tok, rows):
     got = per_sample_gradients(model, probe, MODULES, microbatch=3)
     for n in range(2):
         r = torch.tensor(rewards[n], dtype=torch.float64)
-        adv = (r - r.mean()) / (r.std(unbiased=False) + 1e-4)
+        adv = (r - r.mean()) / (r.std() + 1e-4)  # the unbiased std, as training uses
         p = tok(rows[n]["prompt"], add_special_tokens=False)["input_ids"]
         want = {m: 0 for m in MODULES}
         for i, c in enumerate(comps[n]):
@@ -144,7 +144,7 @@ def test_batch_gradients_do_not_depend_on_microbatch_size(model, tok, rows):
 
 
 def test_projected_batch_gradient_is_peft_lora_b_gradient(model, tok, rows, tiny_model_path):
-    from rl.models import load_model
+    from core.models import load_model
 
     probe = build_probe(tok, rows[:2], "sft", max_tokens=120)
     name = "model.layers.1.mlp.down_proj"

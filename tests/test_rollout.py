@@ -83,7 +83,7 @@ def stop_model(tiny_model_path, base_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_model(tiny_model_path):
-    from rl.models import load_model
+    from core.models import load_model
 
     return load_model(tiny_model_path, "float32").eval()
 

@@ -22,7 +22,7 @@ def _cfg(tiny_model_path, *extra):
 @pytest.fixture(scope="module")
 def train_rows(tiny_model_path):
     from rl.data import attach_prompts, load_task
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
 
     cfg = _cfg(tiny_model_path)
     return attach_prompts(load_task(cfg.data, "train"), load_tokenizer(tiny_model_path), cfg.data)
@@ -48,7 +48,7 @@ def test_probe_rows_carry_the_runs_advantages(probe_rows):
 
 
 def test_grpo_probe_gradient_is_the_policy_gradient(probe_rows, tiny_model_path):
-    from rl.models import load_model, load_tokenizer
+    from core.models import load_model, load_tokenizer
 
     rows, _ = probe_rows
     model = load_model(tiny_model_path, "float32")

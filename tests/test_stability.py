@@ -30,7 +30,7 @@ def test_stability_command_at_step_0_and_a_checkpoint(tiny_model_path, gsm8k_dir
     from peft import LoraConfig, get_peft_model
 
     from launch.stability import main
-    from rl.models import load_model
+    from core.models import load_model
 
     # A checkpoint's learner/ folder: a PEFT adapter with non-zero B, as training leaves it.
     peft = get_peft_model(load_model(tiny_model_path, "float32"),

@@ -66,7 +66,7 @@ def learner_model(base, config_kwargs, seed):
 
 @pytest.fixture(scope="module")
 def base(tiny_model_path):
-    from rl.models import load_model
+    from core.models import load_model
 
     return load_model(tiny_model_path, "float32").eval()
 
@@ -167,7 +167,7 @@ def _fsdp_gather(rank: int, world: int, init_file: str, model_path: str, out: st
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    from rl.models import load_model
+    from core.models import load_model
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

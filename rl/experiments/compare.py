@@ -78,7 +78,7 @@ def watched_types(patterns: list[str], plan_modules: list[str]) -> list[str]:
 def score_plan(cfg, path: Path):
     """The plan the trainer would build, scored here (same code path) and saved to ``path``."""
     from rl.data import attach_prompts, load_task
-    from rl.models import load_tokenizer, resolve_model
+    from core.models import load_tokenizer, resolve_model
     from rl.trainer import make_plan
 
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)

@@ -59,7 +59,7 @@ def control(cfg, loss: str, model_path: str, rows: list[dict], batches: int, see
     from placement.probe import batch_gradients, build_probe
     from placement.rollout_probe import grpo_probe_rows
     from placement.scoring import load_scoring_model
-    from rl.models import load_tokenizer
+    from core.models import load_tokenizer
 
     if batches < 2:
         raise ValueError(f"the fixed-policy control needs at least 2 batches, got {batches}")

@@ -182,7 +182,7 @@ def run_control(opts: RegimeOptions, out: Path, cfgs: dict) -> dict | None:
         return json.loads(path.read_text())
     from rl.data import attach_prompts, load_task
     from rl.experiments.fixed_policy import control
-    from rl.models import load_tokenizer, resolve_model
+    from core.models import load_tokenizer, resolve_model
 
     cfg = cfgs["grpo"]
     model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)

@@ -102,7 +102,7 @@ class LearnerRank:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-        from rl.models import load_model
+        from core.models import load_model
 
         self.cfg = cfg
         cuda = torch.cuda.is_available()

@@ -62,7 +62,7 @@ class HFEngine:
                  device: str | None = None, max_batch_sequences: int = 256):
         from transformers import GenerationConfig
 
-        from rl.models import load_model, load_tokenizer
+        from core.models import load_model, load_tokenizer
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = load_model(model_path, _default_dtype(dtype, self.device)).to(self.device).eval()
