@@ -11,7 +11,7 @@ instruction.
 The probe's regime is ``--probe-source``: ``auto`` (the scorer's own: grpo for bmask and
 gradrank, sft otherwise), ``sft`` (cross-entropy on the gold solutions) or ``grpo`` (one
 rollout and reward pass of the model, with the sampling, group size and rewards of
-``--config``'s recipe, on ``--probe-engine``; see placement/rollout_probe.py).
+``--config``'s recipe, on ``--probe-engine``; see rl/placement_probe.py).
 
 Left out: remote data.
 """
@@ -88,7 +88,7 @@ def render_rows(rows: list[dict], tokenizer, count: int, seed: int) -> list[dict
 
 def probe_rows(args, path: str, tokenizer) -> tuple[list[dict], str, dict]:
     """The probe rows, their regime and (grpo) the rollout's summary."""
-    from placement.rollout_probe import grpo_probe_rows
+    from rl.placement_probe import grpo_probe_rows
     from placement.scorers import probe_source_for
     from rl.config import load_config
 

@@ -44,7 +44,7 @@ def score_sets(policy_path: str, all_rows: dict[int, dict], index_sets: list[lis
     """PAGE's top modules on each probe set of one policy."""
     from placement.budget import Budget
     from placement.probe import build_probe
-    from placement.rollout_probe import grpo_probe_rows
+    from rl.placement_probe import grpo_probe_rows
     from placement.scoring import load_scoring_model, score_model
     from placement.settings import ScorerSettings
     from placement.stability import tops

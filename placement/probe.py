@@ -138,7 +138,7 @@ def build_probe(tokenizer, rows: list[dict], source: str = "sft", max_tokens: in
 
     Optional: "prompt_ids" and "completion_ids" (token ids, used instead of tokenising the
     text) and "advantages" (used instead of std-normalising the rewards here); the GRPO
-    rows of ``placement.rollout_probe`` carry all three."""
+    rows of ``rl.placement_probe`` carry all three."""
     if source not in ("sft", "grpo"):
         raise ValueError(f"placement.probe_source={source!r} is not one of sft, grpo")
     if not rows:

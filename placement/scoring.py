@@ -6,7 +6,7 @@ This is the one entry the trainer calls (``plan_from_config``) and the one the
 
 ``placement.probe_source`` (``auto`` resolves to the scorer's own regime) picks the probe's
 loss. Left out: rendering prompts (the caller passes chat-rendered rows) and rollouts (a
-GRPO probe takes completions and rewards that ``placement.rollout_probe`` generated).
+GRPO probe takes completions and rewards that ``rl.placement_probe`` generated).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def plan_from_config(placement_cfg, model_path: str, probe_rows: list[dict] | No
                              "pass prompts with gold answers (probe_source=sft) or rollouts (grpo)")
         if source == "grpo" and "completions" not in rows[0]:
             raise ValueError(f"placement.scorer={placement_cfg.scorer} with probe_source=grpo needs rows with "
-                             "completions and rewards; build them with placement.rollout_probe.grpo_probe_rows "
+                             "completions and rewards; build them with rl.placement_probe.grpo_probe_rows "
                              "(rl.trainer.make_plan does), or set placement.probe_source=sft")
         probe = build_probe(load_tokenizer(model_path), rows, source, max_tokens)
     model = load_scoring_model(model_path, placement_cfg.probe_dtype)

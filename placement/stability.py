@@ -8,7 +8,7 @@ many sets agree with the most frequent choice. A checkpoint is scored as the pol
 is: its adapter merged into the base weights.
 
 Left out: the command line (launch/stability.py) and the probe's rollouts (a grpo probe
-set is built by placement.rollout_probe like any other).
+set is built by rl.placement_probe like any other).
 """
 from __future__ import annotations
 

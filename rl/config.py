@@ -188,7 +188,7 @@ class PlacementConfig:
     probe_samples: int = 32
     # auto: the scorer's own regime (grpo for bmask and gradrank, whose papers score policy-gradient
     # gradients; sft for page, as DomLoRA's 32 supervised samples) | sft (gold solutions) | grpo
-    # (one rollout and reward pass of the current policy: placement/rollout_probe.py)
+    # (one rollout and reward pass of the current policy: rl/placement_probe.py)
     probe_source: str = "auto"
     probe_engine: str = "hf"  # the GRPO probe's rollout engine: hf (in this process) | vllm
     probe_steps: int = 4  # probe batches for bmask (sign consistency) and gradrank

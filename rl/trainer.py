@@ -48,7 +48,7 @@ def make_plan(cfg: Config, model_path: str, rows: list[dict]):
     """The adapter placement: a saved plan, or the configured scorer run on a probe set."""
     from core.lora import lora_config_to_dict
     from placement import PlacementPlan
-    from placement.rollout_probe import plan_for_run
+    from rl.placement_probe import plan_for_run
     from rl.rollout.sync import check_ranks
 
     if cfg.placement.plan:

@@ -30,7 +30,7 @@ def train_rows(tiny_model_path):
 
 @pytest.fixture(scope="module")
 def probe_rows(tiny_model_path, train_rows):
-    from placement.rollout_probe import grpo_probe_rows
+    from rl.placement_probe import grpo_probe_rows
 
     return grpo_probe_rows(_cfg(tiny_model_path), tiny_model_path, train_rows[:3])
 
@@ -84,7 +84,7 @@ def test_make_plan_uses_the_scorers_regime(tiny_model_path, train_rows):
 
 
 def test_flat_groups_give_a_clear_error(tiny_model_path, train_rows):
-    from placement.rollout_probe import grpo_probe_rows
+    from rl.placement_probe import grpo_probe_rows
 
     cfg = _cfg(tiny_model_path, "reward.functions=[{name: gsm8k_flexible}]")  # a random model scores 0
     with pytest.raises(ValueError, match="equal rewards.*placement.probe_source=sft"):

@@ -9,7 +9,7 @@ level, drift explains none of it; below it, the policy's motion is decorrelating
 
 Each batch is the size of one training step of its regime: GRPO, prompts_per_step
 prompts with group_size completions each (one rollout and reward pass,
-``placement.rollout_probe``; groups with equal rewards have no gradient and are left
+``rl.placement_probe``; groups with equal rewards have no gradient and are left
 out); SFT, as many gold solutions as the regime's own step trains on. The gradient is
 that of the frozen weight (the rank-free G of the diagnostics) for every watched module,
 from the probe's hooks; its loss weights each sequence by the mean over its tokens
@@ -57,7 +57,7 @@ def pair_statistics(grads: list[dict[str, torch.Tensor]]) -> list[dict[str, floa
 def control(cfg, loss: str, model_path: str, rows: list[dict], batches: int, seed: int) -> dict:
     """Pairwise cosines and sign agreements between ``batches`` independent step-0 batches of ``loss``."""
     from placement.probe import batch_gradients, build_probe
-    from placement.rollout_probe import grpo_probe_rows
+    from rl.placement_probe import grpo_probe_rows
     from placement.scoring import load_scoring_model
     from core.models import load_tokenizer
 
