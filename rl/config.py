@@ -34,8 +34,9 @@ def _one_of(key: str, value: Any, choices: typing.Iterable[str]) -> None:
 
 @dataclass
 class ModelConfig:
-    # A hub id ("Qwen/Qwen2.5-0.5B-Instruct"), a local checkpoint folder, or a builtin
-    # alias: "smollm2-135m-instruct" (materialised from a pip package) or "tiny-llama".
+    # A hub id ("Qwen/Qwen2.5-0.5B-Instruct"), a local checkpoint folder, a .gguf file
+    # (dequantised once to a bf16 folder in the cache), or a builtin alias:
+    # "smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct" (from pip packages) or "tiny-llama".
     name: str = "smollm2-135m-instruct"
     dtype: str = "float32"  # learner parameters; mixed precision is learner.mixed_precision
     cache_dir: str = ""  # where builtin models are materialised; default ~/.cache/placerl
@@ -82,8 +83,14 @@ class RolloutConfig:
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.4
     cpu_kv_cache_gb: float = 1.0  # vLLM's KV cache on CPU hosts
-    enforce_eager: bool = True
-    dtype: str = "auto"  # auto follows the learner's compute dtype
+    # auto: eager on CPU, CUDA graphs on a GPU (launch-bound decoding is 3-5x faster with
+    # graphs); true/false force it.
+    enforce_eager: bool | str = "auto"
+    # vLLM's sleep mode frees the KV cache and offloads the weights while the learner steps.
+    # auto: on when rollout workers share GPUs with learner ranks (cluster.colocate) on a
+    # GPU host; true/false force it (true needs a GPU).
+    sleep_mode: bool | str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on a GPU, else the learner's model.dtype
     eval_max_new_tokens: int = 256
 
     def validate(self, p: str) -> None:
@@ -99,6 +106,9 @@ class RolloutConfig:
         _check(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization",
                self.gpu_memory_utilization, "must be in (0, 1]")
         _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        for key in ("enforce_eager", "sleep_mode"):
+            value = getattr(self, key)
+            _check(isinstance(value, bool) or value == "auto", f"{p}.{key}", value, "auto, true or false")
 
 
 @dataclass

@@ -62,6 +62,22 @@ def make_plan(cfg: Config, model_path: str, rows: list[dict]):
     return plan, lora_dict
 
 
+def rollout_settings(cfg: Config, dtype: str):
+    """``cfg.rollout`` with sleep mode resolved for this placement, checked against the host:
+    a setting vLLM cannot serve fails here in one line, before Ray or any actor starts."""
+    import dataclasses
+
+    from rl.rollout.vllm_engine import check_vllm_dtype, resolve_sleep_mode
+
+    r = cfg.rollout
+    if r.engine != "vllm":
+        return dataclasses.replace(r, sleep_mode=False)
+    on_gpu = torch.cuda.is_available() and cfg.cluster.gpus_per_rollout_worker > 0
+    check_vllm_dtype(dtype, on_gpu)
+    colocated = cfg.cluster.colocate and cfg.cluster.gpus_per_learner_rank > 0
+    return dataclasses.replace(r, sleep_mode=resolve_sleep_mode(r.sleep_mode, colocated, on_gpu))
+
+
 class Trainer:
     """Owns the actors of one run and the loop that drives them."""
 
@@ -73,6 +89,7 @@ class Trainer:
         from rl.rollout.pool import RolloutPool
 
         self.cfg, self.run_dir = cfg, run_dir
+        self.served = rollout_settings(cfg, self._rollout_dtype())  # fails in one line before anything starts
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.yaml")
         torch.manual_seed(cfg.trainer.seed)
@@ -97,13 +114,13 @@ class Trainer:
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
         # The plan never changes during a run: serve at its largest rank (rl/rollout/worker.py says why).
-        served = served_config(cfg.rollout, self.plan.max_rank())
+        served = served_config(self.served, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster) if needs_rollout else None
         self.rewards = RewardRunner.from_config(cfg.reward, group_size=cfg.rollout.group_size)
         self.eval_rewards = eval_runner(cfg.reward.timeout_s)
         self.metrics = MetricsLog(run_dir, cfg.logging, cfg.to_dict())
-        self.step, self.adapter_version = 0, 0
+        self.step, self.adapter_version, self.wake_s = 0, 0, 0.0
         self.eval_problems: dict[str, list[float]] = {}  # the last evaluation, problem by problem
 
     def _rollout_dtype(self) -> str:
@@ -135,6 +152,9 @@ class Trainer:
         if self.rollout is None:
             return 0.0
         t = time.perf_counter()
+        self.rollout.wake_up()
+        self.wake_s = time.perf_counter() - t
+        t = time.perf_counter()
         self.adapter_version += 1
         self.rollout.sync(self.learner.export_adapter(self.adapter_version))
         return time.perf_counter() - t
@@ -142,13 +162,13 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def _sampling(self, greedy: bool = False):
-        from rl.rollout.worker import SamplingSpec
+        from rl.rollout.worker import SamplingSpec, step_seed
 
         r = self.cfg.rollout
         if greedy:
             return SamplingSpec(n=1, max_new_tokens=r.eval_max_new_tokens, temperature=0.0)
         return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                            top_p=r.top_p, seed=self.cfg.trainer.seed * 100_003 + self.step)
+                            top_p=r.top_p, seed=step_seed(self.cfg.trainer.seed, self.step))
 
     def evaluate(self) -> dict[str, float]:
         if not self.test_rows or self.rollout is None:
@@ -165,6 +185,9 @@ class Trainer:
         groups = self.rollout.generate([r["prompt_ids"] for r in rows], self._sampling())
         completions = [c for g in groups for c in g]
         flat_rows = [r for r in rows for _ in range(G)]
+        t1 = time.perf_counter()
+        self.rollout.sleep()  # the learner gets the rollout's accelerator memory (sleep mode)
+        m["time/sleep_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         scored = self.rewards.score([r["prompt"] for r in flat_rows], [c.text for c in completions],
                                     {k: [r[k] for r in flat_rows] for k in ("question", "answer", "gold")},
@@ -222,7 +245,9 @@ class Trainer:
             rows = [self.train_rows[i] for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
             m = self.grpo_step(rows) if cfg.algorithm.loss == "grpo" else self.sft_step(rows)
             self.step += 1
+            self.wake_s = 0.0
             m["time/sync_s"] = self._sync() if not m.get("learner/skipped_flat_batch") else 0.0
+            m["time/wake_s"] = self.wake_s
             m["time/step_s"] = time.perf_counter() - t
             if self.rollout is not None:
                 m["rollout/worker_restarts"] = float(self.rollout.restarts)

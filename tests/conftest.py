@@ -36,6 +36,17 @@ def tiny_model_path(smollm2_path) -> str:
 
 
 @pytest.fixture(scope="session")
+def float32_vllm() -> None:
+    """For tests that check vLLM in float32 (tolerances of 1e-3 need it): they run where vLLM
+    runs on the CPU. vLLM's GPU LoRA kernels take float16/bfloat16 only, so on a GPU host
+    they skip; tests/test_gpu.py checks the same paths in bfloat16 there."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("float32 vLLM: its GPU LoRA kernels take fp16/bf16 only (tests/test_gpu.py covers bf16)")
+
+
+@pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
     """A folder with a small GSM8K train.jsonl and test.jsonl."""
     return GSM8K_SAMPLE

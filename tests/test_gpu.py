@@ -1,4 +1,4 @@
-"""The GPU path: FSDP2 over NCCL on two GPUs, the plain-transformers engine on CUDA, a GRPO run.
+"""The GPU path: FSDP2 over NCCL on two GPUs, both rollout engines on CUDA, GRPO runs.
 
 Skipped where torch sees no GPU (CI); the 2-GPU test also needs a second one. On a
 GPU host: ``pytest tests/test_gpu.py -q`` (see docs/gpu.md for the environment).
@@ -18,6 +18,11 @@ Tolerances, and why:
   which flips barely reach while a wrong shard or a missed reduction goes far past.
   A gradient scaled by a constant (a wrong divide factor) leaves Adam's update nearly
   alone: the gradients and the grad-norm metric catch it.
+- vLLM in bfloat16 (CUDA graphs, sleep mode) after a sync vs the learner's PEFT model in
+  fp32, teacher-forced on vLLM's own samples: mean within 0.05 and median within 0.03 (bf16
+  weights and activations; about 0.003 was seen on an H200), while the base model without
+  the adapter is off by more than twice the mean and by more than 0.02: a stale, unscaled
+  or missing adapter shows.
 - Engine logprobs vs a teacher-forced forward of the engine's own model: fp32 within
   2e-3 (cached vs uncached attention kernels); bf16 within 0.1 mean and 0.05 median
   (a bf16 logit of magnitude 20 carries about 0.04 of rounding). An off-by-one
@@ -234,11 +239,16 @@ def test_hf_engine_on_cuda_samples_n_with_consistent_logprobs(smollm2_path, dtyp
 # ----------------------------------------------------------------------------- GRPO on one GPU
 
 def engine_device(worker_self):
-    return str(next(worker_self.engine.model.parameters()).device)
+    engine = worker_self.engine
+    if hasattr(engine, "model"):  # hf: the engine's own torch model
+        return str(next(engine.model.parameters()).device)
+    from vllm.platforms import current_platform  # vLLM: the platform it runs on, and sleep mode
+
+    return f"{current_platform.device_type} sleeps={engine.sleeps}"
 
 
-def run_tiny(tmp_path, steps: int, before_fit=None) -> tuple[dict, dict]:
-    """The tiny recipe on one GPU (learner rank and hf rollout worker colocated) for ``steps``."""
+def run_tiny(tmp_path, steps: int, before_fit=None, engine: str = "hf") -> tuple[dict, dict]:
+    """The tiny recipe on one GPU (learner rank and rollout worker colocated) for ``steps``."""
     import ray
     from ray.util.placement_group import PlacementGroup
 
@@ -246,9 +256,9 @@ def run_tiny(tmp_path, steps: int, before_fit=None) -> tuple[dict, dict]:
 
     cfg = load_config(REPO / "launch" / "configs" / "tiny.yaml", [
         f"logging.output_dir={tmp_path}", "logging.run_name=gpu", "logging.progress=false",
-        "logging.tensorboard=false", "rollout.engine=hf", f"trainer.steps={steps}", "trainer.save_every=2",
+        "logging.tensorboard=false", f"rollout.engine={engine}", f"trainer.steps={steps}", "trainer.save_every=2",
         "trainer.eval_size=4", "cluster.colocate=true", "cluster.gpus_per_learner_rank=0.5",
-        "cluster.gpus_per_rollout_worker=0.4"])
+        "cluster.gpus_per_rollout_worker=0.4", "rollout.gpu_memory_utilization=0.25"])
     groups_before = set(ray.util.placement_group_table())
     trainer = Trainer(cfg, tmp_path / "gpu")
     try:
@@ -265,16 +275,18 @@ def run_tiny(tmp_path, steps: int, before_fit=None) -> tuple[dict, dict]:
 
 
 @pytest.mark.slow
-def test_tiny_grpo_run_colocated_on_one_gpu_then_resumed(ray_local, tiny_model_path, tmp_path):
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_tiny_grpo_run_colocated_on_one_gpu_then_resumed(ray_local, tiny_model_path, tmp_path, engine):
     from safetensors.torch import load_file
 
     from rl.checkpoint import MARKER
     from rl.metrics_log import read_metrics
 
-    _, seen = run_tiny(tmp_path, steps=2)
+    _, seen = run_tiny(tmp_path, steps=2, engine=engine)
     learner, rollout = seen["learner"], seen["rollout"]
     assert learner["device"].startswith("cuda") and learner["backend"] == "nccl"
-    assert rollout.startswith("cuda")
+    # vLLM colocated on a GPU sleeps while the learner steps (rollout.sleep_mode: auto).
+    assert rollout.startswith("cuda") if engine == "hf" else rollout == "cuda sleeps=True"
     assert learner["gpu_ids"], "the learner rank was given no GPU by Ray"
     saved = tmp_path / "gpu" / "checkpoints" / "step-000002"
     assert (saved / MARKER).exists() and (saved / "learner" / "adapter_model.safetensors").exists()
@@ -285,12 +297,98 @@ def test_tiny_grpo_run_colocated_on_one_gpu_then_resumed(ray_local, tiny_model_p
         disk = load_file(str(saved / "learner" / "adapter_model.safetensors"))
         return {"restored_exactly": live.keys() == disk.keys() and all(torch.equal(live[k], disk[k]) for k in disk)}
 
-    final, seen = run_tiny(tmp_path, steps=3, before_fit=restored)
+    final, seen = run_tiny(tmp_path, steps=3, before_fit=restored, engine=engine)
     assert seen["restored_exactly"]
     metrics = read_metrics(tmp_path / "gpu")
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]  # step 0: the evaluation before training
     for m in metrics[1:]:
         assert math.isfinite(m["learner/loss"]) and m["learner/skipped"] == 0
         assert m["throughput/rollout_tokens_per_s"] > 0
+        assert m["time/sync_s"] > 0 and m["time/wake_s"] >= 0 and m["time/sleep_s"] >= 0
     assert set(final) >= {"accuracy_strict", "accuracy_flexible"}
     assert (tmp_path / "gpu" / "checkpoints" / "step-000003" / MARKER).exists()
+
+
+# ----------------------------------------------------------------------------- vLLM on CUDA
+
+@pytest.fixture(scope="module")
+def gpu_vllm(tiny_model_path):
+    """vLLM as a GPU run uses it: bfloat16, CUDA graphs (enforce_eager auto), sleep mode. One
+    engine for the module: a vLLM engine's GPU memory is not given back inside a process."""
+    from rl.config import RolloutConfig
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    cfg = RolloutConfig(engine="vllm", max_lora_rank=16, max_model_len=256, gpu_memory_utilization=0.15,
+                        sleep_mode=True)
+    return VLLMEngine(cfg, tiny_model_path, "bfloat16", seed=0)
+
+
+def vllm_vs_learner(engine, model, prompts, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    """|vLLM - learner| and |vLLM - base model| logprobs of every token vLLM sampled."""
+    from test_sync import teacher_forced_logprobs
+
+    diffs, gaps = [], []
+    for prompt, row in zip(prompts, engine.generate(prompts, spec)):
+        for c in row:
+            got = torch.tensor(c.logprobs)
+            diffs.append((got - teacher_forced_logprobs(model, prompt, c.token_ids)).abs())
+            with model.disable_adapter():
+                gaps.append((got - teacher_forced_logprobs(model, prompt, c.token_ids)).abs())
+    return torch.cat(diffs), torch.cat(gaps)
+
+
+def test_vllm_bf16_on_gpu_after_sync_matches_learner_mixed_rank_alpha(gpu_vllm, tiny_model_path):
+    from test_sync import CASES, PROMPTS, learner_model
+
+    from rl.models import load_model
+    from rl.rollout.sync import make_payload
+    from rl.rollout.worker import SamplingSpec
+
+    assert gpu_vllm.sleeps and not gpu_vllm.llm.llm_engine.vllm_config.model_config.enforce_eager
+    model = learner_model(load_model(tiny_model_path, "float32").eval(), CASES["mixed-rank-alpha"], seed=11)
+    gpu_vllm.load_adapter(make_payload(model, version=1))
+    d, gap = vllm_vs_learner(gpu_vllm, model, PROMPTS, SamplingSpec(n=4, max_new_tokens=24, temperature=1.0, seed=3))
+    print(f"vLLM bf16 vs fp32 PEFT: mean {d.mean():.2e} median {d.median():.2e} max {d.max():.2e} over "
+          f"{d.numel()} tokens; vs the base model mean {gap.mean():.2e}")
+    assert float(d.mean()) < 0.05 and float(d.median()) < 0.03
+    assert float(gap.mean()) > max(2 * float(d.mean()), 0.02), "the adapter barely changes the model"
+
+
+def test_vllm_sleep_wake_keeps_serving_the_current_adapter(gpu_vllm, tiny_model_path):
+    from test_sync import CASES, PROMPTS, learner_model
+
+    from rl.models import load_model
+    from rl.rollout.sync import make_payload
+    from rl.rollout.worker import SamplingSpec
+
+    model = learner_model(load_model(tiny_model_path, "float32").eval(), CASES["uniform"], seed=5)
+    gpu_vllm.load_adapter(make_payload(model, version=(gpu_vllm.adapter_version() or 0) + 1))
+    greedy = SamplingSpec(n=1, max_new_tokens=16, temperature=0)
+    before = gpu_vllm.generate(PROMPTS, greedy)
+    torch.cuda.synchronize()
+    free_awake = torch.cuda.mem_get_info()[0]
+    assert gpu_vllm.sleep() is True
+    free_asleep = torch.cuda.mem_get_info()[0]
+    print(f"sleep freed {(free_asleep - free_awake) / 2**30:.2f} GiB")
+    assert free_asleep > free_awake + 2**28, "sleep did not free the KV cache"
+    after = gpu_vllm.generate(PROMPTS, greedy)  # wakes up first
+    assert [r[0].token_ids for r in after] == [r[0].token_ids for r in before]
+    for a, b in zip(after, before):
+        assert max(abs(x - y) for x, y in zip(a[0].logprobs, b[0].logprobs)) < 1e-2
+    # Still the adapter, not the bare base weights: the learner's model agrees, the base does not.
+    d, gap = vllm_vs_learner(gpu_vllm, model, PROMPTS, SamplingSpec(n=2, max_new_tokens=16, temperature=1.0, seed=9))
+    assert float(d.mean()) < 0.05 and float(gap.mean()) > max(2 * float(d.mean()), 0.02)
+    # A sync while asleep wakes the engine and serves the new version.
+    gpu_vllm.sleep()
+    newer = learner_model(load_model(tiny_model_path, "float32").eval(), CASES["uniform"], seed=6)
+    gpu_vllm.load_adapter(make_payload(newer, version=gpu_vllm.adapter_version() + 1))
+    d_new, _ = vllm_vs_learner(gpu_vllm, newer, PROMPTS, SamplingSpec(n=2, max_new_tokens=16, temperature=1.0, seed=9))
+    assert float(d_new.mean()) < 0.05
+
+
+def test_vllm_float32_on_gpu_is_refused_before_starting(tiny_model_path):
+    from rl.config import RolloutConfig
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    with pytest.raises(ValueError, match=r"^rollout.dtype=float32 .*set rollout.dtype=bfloat16"):
+        VLLMEngine(RolloutConfig(engine="vllm", max_lora_rank=16, max_model_len=256), tiny_model_path, "float32", 0)

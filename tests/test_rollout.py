@@ -90,6 +90,8 @@ def base_model(tiny_model_path):
 
 @pytest.fixture(scope="module", params=["vllm", "hf"])
 def engine(request, stop_model):
+    if request.param == "vllm":
+        request.getfixturevalue("float32_vllm")
     cfg = RolloutConfig(engine=request.param, max_lora_rank=MAX_RANK, max_model_len=256, cpu_kv_cache_gb=1)
     eng = make_engine(cfg, stop_model[0], "float32", seed=0)
     yield eng
@@ -153,6 +155,25 @@ def test_seeded_sampling_is_reproducible(engine):
     ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
     assert ids(one) == ids(two)
     assert ids(one) != ids(other)
+
+
+def test_prompt_offset_draws_other_streams(engine):
+    """A worker handed prompts from the middle of a step (prompt_offset) must not replay the
+    streams of the step's first prompts: every worker used to restart at index 0."""
+    import dataclasses
+
+    spec = SamplingSpec(n=2, max_new_tokens=6, temperature=1.0, seed=321)
+    ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
+    first = engine.generate([PROMPT_A], spec)
+    later = engine.generate([PROMPT_A], dataclasses.replace(spec, prompt_offset=1))
+    assert ids(first) != ids(later)
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    if isinstance(engine, VLLMEngine):
+        # Per-prompt streams: the second prompt of one call draws what it draws alone at offset 1,
+        # so a step split over workers samples what one worker would.
+        together = engine.generate([[1, 42], PROMPT_A], spec)
+        assert ids(together)[1] == ids(later)[0]
 
 
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])

@@ -72,7 +72,7 @@ def base(tiny_model_path):
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(tiny_model_path):
+def vllm_engine(tiny_model_path, float32_vllm):
     cfg = RolloutConfig(engine="vllm", max_lora_rank=MAX_RANK, max_model_len=256, cpu_kv_cache_gb=1)
     return make_engine(cfg, tiny_model_path, "float32", seed=0)
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.rollout.worker import Completion, SamplingSpec, check_prompts
+from rl.rollout.worker import Completion, SamplingSpec, check_prompts, prompt_seed
 from core.lora import lora_config_from_dict
 from rl.rollout.sync import AdapterPayload, check_ranks
 
@@ -90,8 +90,8 @@ class HFEngine:
         sampling.validate()
         check_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens)
         gen = self._generator
-        if sampling.seed is not None:
-            gen = torch.Generator(self.device).manual_seed(sampling.seed)
+        if sampling.seed is not None:  # one stream for the call, keyed by its first prompt's place
+            gen = torch.Generator(self.device).manual_seed(prompt_seed(sampling.seed, sampling.prompt_offset, sampling.n))
         # Greedy completions of one prompt are identical: decode one and repeat it.
         copies = 1 if sampling.temperature == 0 else sampling.n
         per_chunk = max(1, self.max_batch // copies)

@@ -8,6 +8,7 @@ so a restart costs no extra copy on the driver.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import ray
@@ -18,6 +19,13 @@ from rl.evaluate import split_evenly
 
 log = logging.getLogger(__name__)
 _DEAD = (RayActorError, ActorDiedError, ActorUnavailableError)
+
+
+def chunk_specs(sampling, sizes: list[int]) -> list:
+    """One SamplingSpec per worker chunk, each with its chunk's first prompt index in the
+    step (pure), so that workers draw distinct streams for distinct prompts."""
+    offsets = [sampling.prompt_offset + sum(sizes[:i]) for i in range(len(sizes))]
+    return [dataclasses.replace(sampling, prompt_offset=o) for o in offsets]
 
 
 class RolloutPool:
@@ -51,7 +59,8 @@ class RolloutPool:
 
     def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> list[list]:
         chunks = split_evenly(prompt_ids, len(self.workers))
-        refs = {i: self.workers[i].generate.remote(c, sampling) for i, c in enumerate(chunks) if c}
+        specs = chunk_specs(sampling, [len(c) for c in chunks])
+        refs = {i: self.workers[i].generate.remote(c, specs[i]) for i, c in enumerate(chunks) if c}
         out: dict[int, list] = {}
         for i, ref in refs.items():
             for attempt in range(retries + 1):
@@ -62,7 +71,7 @@ class RolloutPool:
                     if attempt == retries:
                         raise
                     self._restart(i)
-                    ref = self.workers[i].generate.remote(chunks[i], sampling)
+                    ref = self.workers[i].generate.remote(chunks[i], specs[i])
         return [group for i in sorted(out) for group in out[i]]
 
     def sync(self, payload_ref) -> None:
@@ -72,6 +81,21 @@ class RolloutPool:
             try:
                 ray.get(w.load_adapter.remote(payload_ref))
             except _DEAD:
+                self._restart(i)
+
+    def sleep(self) -> None:
+        """Free the workers' accelerator memory while the learner steps (engines without
+        sleep mode ignore it); the next ``wake_up``, ``sync`` or ``generate`` restores it."""
+        self._each("sleep")
+
+    def wake_up(self) -> None:
+        self._each("wake_up")
+
+    def _each(self, method: str) -> None:
+        for i, w in enumerate(self.workers):
+            try:
+                ray.get(getattr(w, method).remote())
+            except _DEAD:  # a fresh worker is awake; its generate/sync will find that out
                 self._restart(i)
 
     def shutdown(self) -> None:

@@ -16,6 +16,12 @@ the base weights:
 Logprobs are vLLM's ``processed_logprobs``: the distribution after temperature and
 top-p, which is what :mod:`rl.rollout.worker` promises.
 
+On a GPU the engine runs with CUDA graphs (``rollout.enforce_eager: auto``), specialised
+on LoRA where the installed vLLM has ``cudagraph_specialize_lora``, and in bfloat16 (its
+LoRA kernels refuse float32). With sleep mode (``rollout.sleep_mode``) the engine offloads
+its weights and drops its KV cache while the learner steps, and wakes on the next sync or
+generate, serving the same adapter.
+
 Left out: prefix caching tuning, speculative decoding, multi-GPU tensor parallelism
 (one worker is one engine on one device; scale out with more workers).
 """
@@ -25,7 +31,7 @@ import os
 import shutil
 import tempfile
 
-from rl.rollout.worker import Completion, SamplingSpec, check_prompts
+from rl.rollout.worker import Completion, SamplingSpec, check_prompts, prompt_seed
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
 
 # The ranks vLLM accepts for max_lora_rank.
@@ -46,15 +52,59 @@ def _adapter_root() -> str | None:
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 
 
+def check_vllm_dtype(dtype: str, on_gpu: bool) -> None:
+    """vLLM's GPU LoRA kernels take float16/bfloat16 only: refuse float32 before starting."""
+    if on_gpu and dtype == "float32":
+        raise ValueError("rollout.dtype=float32 cannot serve LoRA adapters with vLLM on a GPU (its LoRA "
+                         "kernels take float16/bfloat16 only); set rollout.dtype=bfloat16 (or auto)")
+
+
+def resolve_enforce_eager(setting, on_gpu: bool) -> bool:
+    """``rollout.enforce_eager``: auto is eager on CPU and CUDA graphs on a GPU."""
+    return (not on_gpu) if setting == "auto" else bool(setting)
+
+
+def resolve_sleep_mode(setting, colocated: bool, on_gpu: bool) -> bool:
+    """``rollout.sleep_mode``: auto sleeps when the rollout shares a GPU with the learner."""
+    if setting == "auto":
+        return colocated and on_gpu
+    if setting and not on_gpu:
+        raise ValueError("rollout.sleep_mode=true needs vLLM on a GPU (this platform has no sleep "
+                         "mode); set rollout.sleep_mode=auto or false")
+    return bool(setting)
+
+
+def _graph_options(enable_lora: bool) -> dict:
+    """CUDA-graph options this vLLM knows: graphs specialised on LoRA (on or off), where the field exists."""
+    import dataclasses
+
+    from vllm.config import CompilationConfig
+
+    fields = {f.name for f in dataclasses.fields(CompilationConfig)}
+    if enable_lora and "cudagraph_specialize_lora" in fields:
+        return {"compilation_config": {"cudagraph_specialize_lora": True}}
+    return {}
+
+
 class VLLMEngine:
     def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        extra = {}
+        on_gpu = current_platform.is_cuda_alike()
+        check_vllm_dtype(dtype, on_gpu)
+        # The trainer resolves "auto" (it knows the placement); an engine built alone shares no GPU.
+        self.sleeps = resolve_sleep_mode(rollout_cfg.sleep_mode, False, on_gpu)
+        if self.sleeps and not current_platform.is_sleep_mode_available():
+            raise ValueError(f"rollout.sleep_mode=true: vLLM has no sleep mode on {current_platform.device_type}; "
+                             "set rollout.sleep_mode=false")
+        eager = resolve_enforce_eager(rollout_cfg.enforce_eager, on_gpu)
+        extra = {} if eager else _graph_options(enable_lora=True)
         if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
+        if self.sleeps:
+            extra["enable_sleep_mode"] = True
         self.max_lora_rank = rollout_cfg.max_lora_rank
         self.max_model_len = rollout_cfg.max_model_len
         self.llm = LLM(
@@ -63,7 +113,7 @@ class VLLMEngine:
             seed=seed,
             max_model_len=rollout_cfg.max_model_len,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            enforce_eager=rollout_cfg.enforce_eager,
+            enforce_eager=eager,
             enable_lora=True,
             max_lora_rank=served_rank_cap(rollout_cfg.max_lora_rank),
             # One adapter serves all requests; room for two so the next version is
@@ -78,15 +128,32 @@ class VLLMEngine:
         self._lora = None  # the LoRARequest being served
         self._version: int | None = None
         self._next_id = 1
+        self._asleep = False
+
+    # ------------------------------------------------------------------ sleep mode
+
+    def sleep(self) -> bool:
+        """Offload the weights (adapter slots included) to host memory and drop the KV cache."""
+        if not self.sleeps or self._asleep:
+            return self._asleep
+        self.llm.sleep(level=1)
+        self._asleep = True
+        return True
+
+    def wake_up(self) -> None:
+        # The served adapter's slots live among the weights and come back with them; the
+        # prefix cache was cleared by sleep (its KV blocks are gone).
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     # ------------------------------------------------------------------ generation
 
     def _params(self, spec: SamplingSpec, prompt_index: int):
         from vllm import SamplingParams
 
-        # vLLM gives child i of a request seed+i; spacing prompts by n keeps every
-        # completion's stream distinct while the whole batch stays reproducible.
-        seed = None if spec.seed is None else spec.seed + prompt_index * spec.n
+        # vLLM gives child i of a request seed+i; prompt_seed spaces prompts by n.
+        seed = None if spec.seed is None else prompt_seed(spec.seed, spec.prompt_offset + prompt_index, spec.n)
         return SamplingParams(n=1 if spec.temperature == 0 else spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
                               top_p=spec.top_p, seed=seed, logprobs=0)
 
@@ -95,6 +162,7 @@ class VLLMEngine:
         check_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens)
         if not prompt_ids:
             return []
+        self.wake_up()
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         params = [self._params(sampling, i) for i in range(len(prompt_ids))]
         outs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
@@ -109,6 +177,7 @@ class VLLMEngine:
 
         check_servable(payload.peft_config)
         check_ranks(payload.peft_config, self.max_lora_rank, payload.tensors)
+        self.wake_up()  # adapter slots are unmapped while asleep
         tensors, config = fold_scales_for_vllm(payload.tensors, payload.peft_config)
         lora_id = self._next_id
         self._next_id += 1

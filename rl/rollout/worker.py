@@ -21,6 +21,7 @@ of a worker), stop strings (stopping is on the model's eos token ids only).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +36,9 @@ class SamplingSpec:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None  # None: the engine's own seeded stream
+    # The place of this call's first prompt among all the prompts of the step: a pool that
+    # spreads a step over workers gives each its offset, so no two prompts share a stream.
+    prompt_offset: int = 0
 
     def validate(self) -> "SamplingSpec":
         if self.n < 1:
@@ -48,6 +52,26 @@ class SamplingSpec:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sampling.top_p={self.top_p} must be in (0, 1]")
         return self
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The sampling seed of one step of a run (``trainer.seed``, step number)."""
+    return _mix(f"step:{run_seed}:{step}", 1 << 62)
+
+
+def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
+    """The first of the ``n`` consecutive seeds of one prompt's samples.
+
+    vLLM gives sample j of a request ``seed + j``, so each prompt owns the range
+    ``[k * n, k * n + n)`` for a key ``k`` hashed from (step seed, prompt index): distinct
+    prompts of any step get disjoint ranges unless two 60-bit keys collide. A plain
+    ``seed + index * n`` overlapped step s+1 with step s (its seed is one higher).
+    """
+    return _mix(f"prompt:{seed}:{prompt_index}", (1 << 62) // max(1, n)) * max(1, n)
+
+
+def _mix(text: str, modulus: int) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % modulus
 
 
 @dataclass
@@ -147,6 +171,13 @@ class LocalRolloutWorker:
 
     def adapter_version(self) -> int | None:
         return self.engine.adapter_version()
+
+    def sleep(self) -> bool:
+        """Release accelerator memory until the next use; False where the engine cannot."""
+        return bool(getattr(self.engine, "sleep", lambda: False)())
+
+    def wake_up(self) -> None:
+        getattr(self.engine, "wake_up", lambda: None)()
 
     def ping(self) -> str:
         return "ok"

@@ -1,0 +1,412 @@
+"""The vLLM GPU path in one command: rollout tokens/s, framework overhead, GRPO step vs TRL, sync, memory.
+
+    python -m bench.bench_vllm_gpu --model $QWEN_GGUF --out reports/gpu/bench_vllm_gpu.json
+    python -m bench.bench_vllm_gpu --parts rollout-graphs,rollout-eager --budget-s 500 --out ...
+    python -m bench.bench_vllm_gpu --smoke --out /tmp/smoke.json     # every part on a CPU, tiny sizes
+
+Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed inside a process):
+  rollout-graphs, rollout-eager, rollout-hf
+      generated tokens / wall time at 64 x 8 and 128 x 8 (prompts x samples, 512 new tokens,
+      temperature 1) for the model serving an all-linear r=16 adapter: vLLM with CUDA
+      graphs, vLLM eager, the plain-transformers engine (hf: 128 new tokens, it is slow;
+      tokens/s of a launch-bound engine hardly depends on the length);
+  overhead
+      the framework's rollout (RolloutPool -> RolloutWorker Ray actor -> VLLMEngine) over raw
+      ``vllm.LLM.generate`` on an identically configured engine in the driver, same prompts,
+      same per-prompt seeds, same adapter; alternating rounds, ratio of the best (goal <= 1.05);
+  step-placerl, step-placerl-nosleep
+      the GPU recipe for a few GRPO steps (colocated learner + vLLM worker), with vLLM's sleep
+      mode and without: mean step time after the first and its breakdown (rollout, reward,
+      learner, sync, sleep, wake), adapter sync as a share of the step, and the GPU's peak
+      used memory (all processes, sampled every 50 ms);
+  step-trl
+      TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
+      LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
+      breakdown (its generation, reward, weight sync; learner = the rest of the step).
+The JSON (``--out``) is rewritten after every part and merged with what the file already
+holds, so parts can be spread over several calls and a killed call keeps what it finished;
+``summary`` holds the ratios computed from what is there. A part that fails is recorded
+with a one-line error and the others go on; ``--budget-s`` bounds the whole call (a part
+that would not fit is recorded as skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
+         "step-trl"]
+GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
+SMOKE_RECIPE = "launch/configs/tiny.yaml"
+
+
+@dataclass
+class Sizes:
+    model: str
+    dtype: str
+    recipe: str
+    batches: list = field(default_factory=lambda: [(64, 8), (128, 8)])  # prompts x samples
+    tokens: int = 512
+    hf_tokens: int = 128
+    rank: int = 16
+    max_model_len: int = 1024
+    gpu_memory_utilization: float = 0.3
+    overhead_rounds: int = 2
+    step_prompts: int = 32
+    step_group: int = 8
+    step_tokens: int = 512
+    micro_batch: int = 32
+    steps: int = 3  # the first is warm-up
+
+
+def sizes_for(args) -> Sizes:
+    if args.smoke:
+        return Sizes(model="tiny-llama", dtype="float32", recipe=SMOKE_RECIPE, batches=[(2, 2), (4, 2)], tokens=8,
+                     hf_tokens=8, rank=8, max_model_len=512, overhead_rounds=2, step_prompts=2, step_group=2,
+                     step_tokens=8, micro_batch=4, steps=2)
+    return Sizes(model=args.model, dtype="bfloat16", recipe=GPU_RECIPE)
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+class Recorder:
+    """A part's results, rewritten to its file after every measurement."""
+
+    def __init__(self, path: str):
+        self.path, self.data = Path(path), {}
+
+    def __call__(self, key: str, value) -> None:
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=1))
+        print(f"[{key}] {json.dumps(value)}", flush=True)
+
+
+def prompt_ids(tok, k: int) -> list[list[int]]:
+    from bench.bench_rollout import questions, render
+
+    qs = questions(k)
+    qs = (qs * (k // max(1, len(qs)) + 1))[:k]
+    return tok(render(tok, qs), add_special_tokens=False)["input_ids"]
+
+
+def model_and_adapter(s: Sizes):
+    import bench.bench_rollout as br
+    from rl.models import load_tokenizer, resolve_model
+
+    path = resolve_model(s.model)
+    br.LORA["r"], br.LORA["lora_alpha"] = s.rank, 2 * s.rank
+    return path, load_tokenizer(path), br.adapter_payload(path, version=1)
+
+
+def rollout_config(s: Sizes, engine: str, eager="auto"):
+    from rl.config import RolloutConfig
+
+    return RolloutConfig(engine=engine, max_lora_rank=s.rank, max_model_len=s.max_model_len, enforce_eager=eager,
+                         sleep_mode=False, gpu_memory_utilization=s.gpu_memory_utilization, cpu_kv_cache_gb=1.0)
+
+
+def tokens_of(rows) -> int:
+    return sum(len(c.token_ids) for row in rows for c in row)
+
+
+class PeakMemory:
+    """The GPU's peak used memory over all processes, sampled every 50 ms from this process."""
+
+    def __init__(self):
+        import torch
+
+        self.peak, self._stop, self.ok = 0, threading.Event(), torch.cuda.is_available()
+        self._read = None
+        if self.ok:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
+            except Exception:  # no NVML binding: torch's view of the device (it opens a context)
+                self._read = lambda: (lambda free, total: total - free)(*torch.cuda.mem_get_info(0))
+            self.base = self._read()
+            threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self._read())
+
+    def result(self) -> dict:
+        self._stop.set()
+        if not self.ok:
+            return {"peak_gpu_used_gib": None, "note": "no CUDA device: not measured"}
+        return {"peak_gpu_used_gib": round(self.peak / 2**30, 2), "before_run_gib": round(self.base / 2**30, 2)}
+
+
+# ----------------------------------------------------------------------------- parts
+
+def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float) -> None:
+    import torch
+
+    from rl.rollout.worker import SamplingSpec, make_engine
+
+    path, tok, payload = model_and_adapter(s)
+    t = time.perf_counter()
+    # On a CPU (the smoke run) vLLM runs eager whatever the part: it has no CUDA graphs.
+    eager = {"graphs": False, "eager": True}.get(kind, "auto") if torch.cuda.is_available() else "auto"
+    engine = make_engine(rollout_config(s, "hf" if kind == "hf" else "vllm", eager), path, s.dtype, 0)
+    rec("enforce_eager", eager)
+    engine.load_adapter(payload)
+    rec("engine_start_s", round(time.perf_counter() - t, 1))
+    tokens = s.hf_tokens if kind == "hf" else s.tokens
+    engine.generate(prompt_ids(tok, 2), SamplingSpec(n=2, max_new_tokens=8, temperature=1.0, seed=0))  # warm-up
+    last_rate = None
+    for p, g in s.batches:
+        left = deadline - time.time()
+        if last_rate and p * g * tokens / last_rate > left:
+            rec(f"{p}x{g}", {"skipped": f"about {p * g * tokens / last_rate:.0f} s needed, {left:.0f} s left"})
+            continue
+        ids = prompt_ids(tok, p)
+        t = time.perf_counter()
+        rows = engine.generate(ids, SamplingSpec(n=g, max_new_tokens=tokens, temperature=1.0, seed=1))
+        dt = time.perf_counter() - t
+        n = tokens_of(rows)
+        last_rate = n / dt
+        rec(f"{p}x{g}", {"tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1),
+                         "max_new_tokens": tokens, "mean_completion_tokens": round(n / (p * g), 1)})
+
+
+def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
+    import ray
+    import torch
+
+    from rl.cluster import init_ray
+    from rl.config import config_from_dict
+    from rl.resources import reserve
+    from rl.rollout.pool import RolloutPool
+    from rl.rollout.vllm_engine import VLLMEngine
+    from rl.rollout.worker import SamplingSpec
+
+    path, tok, payload = model_and_adapter(s)
+    gpu = 0.4 if torch.cuda.is_available() else 0.0
+    cfg = config_from_dict({"rollout": asdict(rollout_config(s, "vllm")), "learner": {"num_ranks": 1},
+                            "cluster": {"colocate": True, "gpus_per_rollout_worker": gpu}})
+    init_ray(num_cpus=max(2, os.cpu_count() or 2), object_store_mb=1024)
+    pool = RolloutPool(cfg.rollout, path, s.dtype, 0, reserve(cfg), cfg.cluster)
+    pool.sync(ray.put(payload))
+    raw = VLLMEngine(cfg.rollout, path, s.dtype, 0)  # the same engine, configured alike, in this process
+    raw.load_adapter(payload)
+    p, g = s.batches[0]
+    ids = prompt_ids(tok, p)
+    spec = SamplingSpec(n=g, max_new_tokens=s.tokens, temperature=1.0, seed=1)
+    # Raw vLLM gets exactly the SamplingParams the engine would build (the same seeds).
+    params = [raw._params(spec, i) for i in range(len(ids))]
+    prompts = [{"prompt_token_ids": list(x)} for x in ids]
+
+    def raw_run() -> int:
+        outs = raw.llm.generate(prompts, params, lora_request=raw._lora, use_tqdm=False)
+        return sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+    def pool_run() -> int:
+        return tokens_of(pool.generate(ids, spec))
+
+    small = SamplingSpec(n=2, max_new_tokens=8, temperature=1.0, seed=0)
+    raw.generate(ids[:2], small), pool.generate(ids[:2], small)  # warm-up
+    raw_t, pool_t = [], []
+    for r in range(s.overhead_rounds):
+        if raw_t and 2.5 * (raw_t[-1] + pool_t[-1]) > deadline - time.time():
+            break
+        for fn, times in ((raw_run, raw_t), (pool_run, pool_t)):
+            t = time.perf_counter()
+            n = fn()
+            times.append(time.perf_counter() - t)
+        rec(f"round_{r + 1}", {"raw_s": round(raw_t[-1], 3), "framework_s": round(pool_t[-1], 3), "tokens": n})
+    rec("result", {"batch": f"{p}x{g}x{s.tokens}", "raw_best_s": min(raw_t), "framework_best_s": min(pool_t),
+                   "framework_over_raw": round(min(pool_t) / min(raw_t), 4),
+                   "framework_over_raw_median": round(statistics.median(pool_t) / statistics.median(raw_t), 4)})
+    pool.shutdown()
+
+
+def step_overrides(s: Sizes) -> list[str]:
+    return [f"model.name={s.model}", f"trainer.steps={s.steps}", f"trainer.save_every={s.steps + 1}",
+            f"rollout.prompts_per_step={s.step_prompts}", f"rollout.group_size={s.step_group}",
+            f"rollout.max_new_tokens={s.step_tokens}", f"learner.micro_batch_size={s.micro_batch}",
+            f"placement.rank={s.rank}", f"placement.alpha={2 * s.rank}", f"rollout.max_lora_rank={s.rank}",
+            "rollout.engine=vllm", "reward.functions=[{name: gsm8k_flexible}]"]
+
+
+STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
+             "time/wake_s", "throughput/rollout_tokens_per_s", "rollout/response_tokens_mean")
+
+
+def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool) -> None:
+    from bench.recipe_steps import recipe_step_metrics
+
+    memory = PeakMemory()
+    steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"])
+    rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in STEP_KEYS} for m in steps])
+    timed = steps[1:] or steps
+    mean = {k.split("/")[-1]: round(statistics.mean(m.get(k, 0.0) for m in timed), 4) for k in STEP_KEYS}
+    mean["sync_over_step"] = round(mean["sync_s"] / mean["step_s"], 5)
+    rec("mean_after_first", mean)
+    rec("memory", memory.result())
+
+
+def part_step_trl(s: Sizes, rec: Recorder) -> None:
+    from bench.trl_vllm_step import trl_vllm_steps
+
+    memory = PeakMemory()
+    rec("steps", trl_vllm_steps(s.recipe, step_overrides(s), s.steps))
+    timed = rec.data["steps"][1:] or rec.data["steps"]
+    rec("mean_after_first", {k: round(statistics.mean(m[k] for m in timed), 4) for k in timed[0]})
+    rec("memory", memory.result())
+
+
+def run_part(args) -> None:
+    s = sizes_for(args)
+    rec, deadline = Recorder(args.part_out), args.deadline
+    rec("sizes", asdict(s))
+    name = args.part
+    if name.startswith("rollout-"):
+        part_rollout(s, name.split("-", 1)[1], rec, deadline)
+    elif name == "overhead":
+        part_overhead(s, rec, deadline)
+    elif name.startswith("step-placerl"):
+        part_step_placerl(s, rec, sleep=not name.endswith("nosleep"))
+    elif name == "step-trl":
+        part_step_trl(s, rec)
+    else:
+        raise SystemExit(f"--part={name!r} is not known; choose one of {', '.join(PARTS)}")
+
+
+# ----------------------------------------------------------------------------- the orchestrator
+
+def summarise(results: dict) -> dict:
+    """The ratios that can be computed from the parts that are there (pure)."""
+    out = {}
+
+    def get(part, *keys):
+        v = results.get(part, {})
+        for k in keys:
+            v = v.get(k, {}) if isinstance(v, dict) else {}
+        return v if v != {} else None
+
+    for b in ("64x8", "128x8"):
+        graphs, eager, hf = (get(f"rollout-{k}", b, "tokens_per_s") for k in ("graphs", "eager", "hf"))
+        for name, v in (("graphs", graphs), ("eager", eager), ("hf", hf)):
+            if v:
+                out[f"rollout_tokens_per_s_{name}_{b}"] = v
+        if graphs and eager:
+            out[f"graphs_over_eager_{b}"] = round(graphs / eager, 2)
+        if graphs and hf:
+            out[f"graphs_over_hf_{b}"] = round(graphs / hf, 2)
+    ratio = get("overhead", "result", "framework_over_raw")
+    if ratio:
+        out["framework_over_raw_vllm"] = ratio
+        out["framework_over_raw_goal_1.05"] = "met" if ratio <= 1.05 else "NOT met"
+    ours, theirs = get("step-placerl", "mean_after_first"), get("step-trl", "mean_after_first")
+    if ours:
+        out["placerl_step_s"] = ours["step_s"]
+        out["sync_over_step"] = ours["sync_over_step"]
+        out["sync_over_step_goal_2%"] = "met" if ours["sync_over_step"] < 0.02 else "NOT met"
+    if ours and theirs:
+        out["placerl_over_trl_step"] = round(ours["step_s"] / theirs["step_s"], 3)
+        out["placerl_over_trl_goal_0.5"] = "met" if ours["step_s"] / theirs["step_s"] <= 0.5 else "NOT met"
+    with_sleep = get("step-placerl", "memory", "peak_gpu_used_gib")
+    without = get("step-placerl-nosleep", "memory", "peak_gpu_used_gib")
+    if with_sleep and without:
+        out["peak_gpu_gib_sleep_vs_nosleep"] = [with_sleep, without]
+    return out
+
+
+def one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors[-1] if errors else lines[-1] if lines else "no output")[:400]
+
+
+def orchestrate(args) -> int:
+    out = Path(args.out)
+    doc = json.loads(out.read_text()) if out.exists() else {}
+    doc.setdefault("results", {})
+    doc.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
+                                       "host": os.uname().nodename, "device": device_name(), "smoke": args.smoke})
+    parts = args.parts.split(",") if args.parts else PARTS
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"--parts: {unknown} not known; choose from {', '.join(PARTS)}")
+    deadline = time.time() + args.budget_s
+    min_part = 5 if args.smoke else 60
+    for part in parts:
+        left = deadline - time.time()
+        if left < min_part:
+            doc["results"][part] = {"skipped": f"budget: {left:.0f} s left of --budget-s {args.budget_s}"}
+            continue
+        part_file = out.with_name(f".{out.name}.{part}.part.json")
+        part_file.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "bench.bench_vllm_gpu", "--part", part, "--part-out", str(part_file),
+               "--deadline", str(deadline - 15), "--model", args.model] + (["--smoke"] if args.smoke else [])
+        print(f"=== {part} ({left:.0f} s left)", flush=True)
+        t = time.time()
+        error = None
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, timeout=left - 5, stdout=None, stderr=subprocess.PIPE, text=True)
+            sys.stderr.write(proc.stderr[-4000:])
+            if proc.returncode:
+                error = f"exit {proc.returncode}: {one_line(proc.stderr)}"
+        except subprocess.TimeoutExpired as e:
+            error = f"killed at the budget after {time.time() - t:.0f} s: {one_line((e.stderr or b'').decode() if isinstance(e.stderr, bytes) else e.stderr or '')}"
+        result = json.loads(part_file.read_text()) if part_file.exists() else {}
+        part_file.unlink(missing_ok=True)
+        result["wall_s"] = round(time.time() - t, 1)
+        if error:
+            result["error"] = error
+        doc["results"][part] = result
+        doc["summary"] = summarise(doc["results"])
+        out.write_text(json.dumps(doc, indent=1))
+    doc["summary"] = summarise(doc["results"])
+    out.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc["summary"], indent=1))
+    return 0
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception as e:  # noqa: BLE001 - the name is informative only
+        return f"unknown ({e})"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
+                    help="model.name: a builtin, a folder or a .gguf file")
+    ap.add_argument("--parts", default="", help=f"comma-separated, default all: {','.join(PARTS)}")
+    ap.add_argument("--out", default="bench_vllm_gpu.json", help="the JSON, merged with what it already holds")
+    ap.add_argument("--budget-s", type=float, default=540, help="wall-clock bound of this call, all parts together")
+    ap.add_argument("--smoke", action="store_true", help="the tiny model and tiny sizes (a CPU check of every part)")
+    ap.add_argument("--part", help=argparse.SUPPRESS)
+    ap.add_argument("--part-out", help=argparse.SUPPRESS)
+    ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.part:
+        run_part(args)
+        return 0
+    return orchestrate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

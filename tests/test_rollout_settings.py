@@ -1,0 +1,80 @@
+"""Rollout settings that decide the GPU path, checked on any host (pure functions, no engine)."""
+from __future__ import annotations
+
+import pytest
+
+from rl.config import ConfigError, load_config
+from rl.rollout.pool import chunk_specs
+from rl.rollout.vllm_engine import check_vllm_dtype, resolve_enforce_eager, resolve_sleep_mode
+from rl.rollout.worker import SamplingSpec, prompt_seed, step_seed
+from rl.trainer import rollout_settings
+
+
+def sample_seeds(run_seed: int, step: int, prompts: int, n: int, workers: int) -> list[int]:
+    """Every sample's seed in one step, as a pool of ``workers`` engines draws them (vLLM gives
+    sample j of a prompt its seed + j)."""
+    spec = SamplingSpec(n=n, seed=step_seed(run_seed, step))
+    sizes = [len(range(w, prompts, workers)) for w in range(workers)]
+    seeds = []
+    for chunk_spec, size in zip(chunk_specs(spec, sizes), sizes):
+        for i in range(size):
+            first = prompt_seed(chunk_spec.seed, chunk_spec.prompt_offset + i, n)
+            seeds += [first + j for j in range(n)]
+    return seeds
+
+
+def test_seeds_are_unique_across_steps_prompts_samples_and_workers():
+    seeds = [s for step in range(20) for s in sample_seeds(0, step, prompts=32, n=8, workers=3)]
+    assert len(seeds) == 20 * 32 * 8 and len(set(seeds)) == len(seeds)
+    assert all(0 <= s < 2**63 for s in seeds)  # vLLM keeps seeds in int64
+    # Another run seed draws other streams; the same run seed draws the same ones.
+    assert not set(seeds) & set(sample_seeds(1, 0, prompts=32, n=8, workers=3))
+    assert sample_seeds(0, 3, 32, 8, 3) == sample_seeds(0, 3, 32, 8, 3)
+
+
+def test_workers_get_the_place_of_their_first_prompt():
+    specs = chunk_specs(SamplingSpec(n=4, seed=7, prompt_offset=10), [3, 3, 2])
+    assert [s.prompt_offset for s in specs] == [10, 13, 16] and {s.seed for s in specs} == {7}
+    # The pool's split of a step gives each prompt the seed it would get from one worker.
+    one = [prompt_seed(7, 10 + i, 4) for i in range(8)]
+    many = [prompt_seed(s.seed, s.prompt_offset + i, 4) for s, size in zip(specs, [3, 3, 2]) for i in range(size)]
+    assert one == many
+
+
+def test_eager_and_sleep_resolution():
+    assert resolve_enforce_eager("auto", on_gpu=False) is True
+    assert resolve_enforce_eager("auto", on_gpu=True) is False
+    assert resolve_enforce_eager(True, on_gpu=True) is True and resolve_enforce_eager(False, on_gpu=False) is False
+    assert resolve_sleep_mode("auto", colocated=True, on_gpu=True) is True
+    assert resolve_sleep_mode("auto", colocated=False, on_gpu=True) is False  # disaggregated: nothing to share
+    assert resolve_sleep_mode("auto", colocated=True, on_gpu=False) is False
+    assert resolve_sleep_mode(False, colocated=True, on_gpu=True) is False
+    with pytest.raises(ValueError, match=r"^rollout.sleep_mode=true needs vLLM on a GPU.*set rollout.sleep_mode"):
+        resolve_sleep_mode(True, colocated=True, on_gpu=False)
+
+
+def test_float32_vllm_on_a_gpu_fails_in_one_line_naming_the_fix():
+    check_vllm_dtype("float32", on_gpu=False)  # vLLM's CPU kernels take float32
+    check_vllm_dtype("bfloat16", on_gpu=True)
+    with pytest.raises(ValueError, match=r"^rollout.dtype=float32 .* set rollout.dtype=bfloat16") as e:
+        check_vllm_dtype("float32", on_gpu=True)
+    assert "\n" not in str(e.value)
+
+
+def test_rollout_settings_resolve_before_anything_starts():
+    cfg = load_config("launch/configs/tiny.yaml", ["rollout.sleep_mode=auto"])
+    assert rollout_settings(cfg, "float32").sleep_mode is False  # no GPU share here
+    assert rollout_settings(load_config("launch/configs/tiny.yaml", ["rollout.engine=hf", "rollout.sleep_mode=true"]),
+                            "float32").sleep_mode is False  # the hf engine has nothing to sleep
+
+
+@pytest.mark.parametrize("override,ok", [("rollout.enforce_eager=auto", "auto"), ("rollout.enforce_eager=false", False),
+                                         ("rollout.sleep_mode=true", True), ("rollout.sleep_mode=auto", "auto")])
+def test_config_takes_auto_or_a_bool(override, ok):
+    key = override.split("=")[0].split(".")[1]
+    assert getattr(load_config("launch/configs/tiny.yaml", [override]).rollout, key) == ok
+
+
+def test_config_rejects_other_words():
+    with pytest.raises(ConfigError, match=r"rollout.enforce_eager='sometimes' is not allowed: auto, true or false"):
+        load_config("launch/configs/tiny.yaml", ["rollout.enforce_eager=sometimes"])
