@@ -34,16 +34,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from bench.gpu_measure import PeakMemory, Recorder  # noqa: E402
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -83,18 +84,6 @@ def sizes_for(args) -> Sizes:
 
 # ----------------------------------------------------------------------------- shared pieces
 
-class Recorder:
-    """A part's results, rewritten to its file after every measurement."""
-
-    def __init__(self, path: str):
-        self.path, self.data = Path(path), {}
-
-    def __call__(self, key: str, value) -> None:
-        self.data[key] = value
-        self.path.write_text(json.dumps(self.data, indent=1))
-        print(f"[{key}] {json.dumps(value)}", flush=True)
-
-
 def prompt_ids(tok, k: int) -> list[list[int]]:
     from bench.bench_rollout import questions, render
 
@@ -121,37 +110,6 @@ def rollout_config(s: Sizes, engine: str, eager="auto"):
 
 def tokens_of(rows) -> int:
     return sum(len(c.token_ids) for row in rows for c in row)
-
-
-class PeakMemory:
-    """The GPU's peak used memory over all processes, sampled every 50 ms from this process."""
-
-    def __init__(self):
-        import torch
-
-        self.peak, self._stop, self.ok = 0, threading.Event(), torch.cuda.is_available()
-        self._read = None
-        if self.ok:
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-                self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
-            except Exception:  # no NVML binding: torch's view of the device (it opens a context)
-                self._read = lambda: (lambda free, total: total - free)(*torch.cuda.mem_get_info(0))
-            self.base = self._read()
-            threading.Thread(target=self._poll, daemon=True).start()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self._read())
-
-    def result(self) -> dict:
-        self._stop.set()
-        if not self.ok:
-            return {"peak_gpu_used_gib": None, "note": "no CUDA device: not measured"}
-        return {"peak_gpu_used_gib": round(self.peak / 2**30, 2), "before_run_gib": round(self.base / 2**30, 2)}
 
 
 # ----------------------------------------------------------------------------- parts
@@ -360,13 +318,22 @@ def orchestrate(args) -> int:
         print(f"=== {part} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
+        # Its own process group: at the budget the part is killed with everything it started
+        # (Ray's processes, engine actors), so the next part finds the GPU free.
+        proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=REPO, timeout=left - 5, stdout=None, stderr=subprocess.PIPE, text=True)
-            sys.stderr.write(proc.stderr[-4000:])
+            _, err = proc.communicate(timeout=max(1.0, left - 5))
             if proc.returncode:
-                error = f"exit {proc.returncode}: {one_line(proc.stderr)}"
-        except subprocess.TimeoutExpired as e:
-            error = f"killed at the budget after {time.time() - t:.0f} s: {one_line((e.stderr or b'').decode() if isinstance(e.stderr, bytes) else e.stderr or '')}"
+                error = f"exit {proc.returncode}: {one_line(err)}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            error = f"killed at the budget after {time.time() - t:.0f} s: {one_line(err or '')}"
+        sys.stderr.write((err or "")[-4000:])
+        try:  # whatever the part left running (a lingering Ray process) goes too
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         result = json.loads(part_file.read_text()) if part_file.exists() else {}
         part_file.unlink(missing_ok=True)
         result["wall_s"] = round(time.time() - t, 1)
