@@ -94,7 +94,7 @@ def prompt_ids(tok, k: int) -> list[list[int]]:
 
 def model_and_adapter(s: Sizes):
     import bench.bench_rollout as br
-    from rl.models import load_tokenizer, resolve_model
+    from core.models import load_tokenizer, resolve_model
 
     path = resolve_model(s.model)
     br.LORA["r"], br.LORA["lora_alpha"] = s.rank, 2 * s.rank

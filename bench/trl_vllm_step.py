@@ -34,7 +34,7 @@ def trl_vllm_steps(recipe: str, overrides: list[str], steps: int) -> list[dict]:
     from rewards.gsm8k import gsm8k_flexible
     from rl.config import load_config
     from rl.data import PromptSampler, attach_prompts, load_task
-    from rl.models import load_model, load_tokenizer, resolve_model
+    from core.models import load_model, load_tokenizer, resolve_model
 
     cfg = load_config(REPO / recipe, overrides)
     r, lc, pc = cfg.rollout, cfg.learner, cfg.placement

@@ -1,4 +1,4 @@
-"""Model and tokenizer loading, and the two builtin models.
+"""Model and tokenizer loading, the builtin models, and models from GGUF files.
 
 ``resolve_model(name)`` turns what a user writes in ``model.name`` into a local
 checkpoint folder that transformers, PEFT and vLLM can all read:

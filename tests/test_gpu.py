@@ -340,7 +340,7 @@ def vllm_vs_learner(engine, model, prompts, spec) -> tuple[torch.Tensor, torch.T
 def test_vllm_bf16_on_gpu_after_sync_matches_learner_mixed_rank_alpha(gpu_vllm, tiny_model_path):
     from test_sync import CASES, PROMPTS, learner_model
 
-    from rl.models import load_model
+    from core.models import load_model
     from rl.rollout.sync import make_payload
     from rl.rollout.worker import SamplingSpec
 
@@ -357,7 +357,7 @@ def test_vllm_bf16_on_gpu_after_sync_matches_learner_mixed_rank_alpha(gpu_vllm, 
 def test_vllm_sleep_wake_keeps_serving_the_current_adapter(gpu_vllm, tiny_model_path):
     from test_sync import CASES, PROMPTS, learner_model
 
-    from rl.models import load_model
+    from core.models import load_model
     from rl.rollout.sync import make_payload
     from rl.rollout.worker import SamplingSpec
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rl import models
+from core import models
 
 
 @pytest.fixture(scope="module")
