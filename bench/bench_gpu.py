@@ -181,7 +181,7 @@ def adapter_payload(path: str, plan, version: int):
 def engine_section(path: str, tok, plans: dict, args) -> dict:
     from rl.config import DataConfig, RolloutConfig
     from rl.data import attach_prompts
-    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.engine import SamplingSpec
     from rl.rollout.hf_engine import HFEngine
 
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.engine_batches.split(",") if s]

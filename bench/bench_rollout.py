@@ -30,10 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from core.lora import DEFAULT_TARGET_MODULES  # noqa: E402
+from rl.rollout.vllm_engine import use_in_process_engine  # noqa: E402
+
+use_in_process_engine()
 
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": list(DEFAULT_TARGET_MODULES)}
 
@@ -84,7 +86,8 @@ def bench_overhead(args, path: str, tok, payload) -> None:
 
     from rl.cluster import init_ray
     from rl.config import RolloutConfig
-    from rl.rollout.worker import RolloutWorker, SamplingSpec, prompt_seed
+    from rl.rollout.engine import SamplingSpec, prompt_seed
+    from rl.rollout.worker import RolloutWorker
     from rl.rollout.vllm_engine import served_rank_cap
     from rl.rollout.sync import AdapterPayload, fold_scales_for_vllm, write_peft_adapter
 
@@ -159,7 +162,7 @@ def bench_overhead(args, path: str, tok, payload) -> None:
 
 def bench_hf(args, path: str, tok, payload) -> None:
     from rl.config import RolloutConfig
-    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.engine import SamplingSpec
     from rl.rollout.hf_engine import HFEngine
 
     hf = HFEngine(RolloutConfig(engine="hf", max_lora_rank=LORA["r"], max_model_len=1024), path,

@@ -45,7 +45,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.gpu_measure import PeakMemory, Recorder  # noqa: E402
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+from rl.rollout.vllm_engine import use_in_process_engine  # noqa: E402
+
+use_in_process_engine()
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -117,7 +119,7 @@ def tokens_of(rows) -> int:
 def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float) -> None:
     import torch
 
-    from rl.rollout.worker import SamplingSpec, make_engine
+    from rl.rollout.engine import SamplingSpec, make_engine
 
     path, tok, payload = model_and_adapter(s)
     t = time.perf_counter()
@@ -154,7 +156,7 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     from rl.resources import reserve
     from rl.rollout.pool import RolloutPool
     from rl.rollout.vllm_engine import VLLMEngine
-    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.engine import SamplingSpec
 
     path, tok, payload = model_and_adapter(s)
     gpu = 0.4 if torch.cuda.is_available() else 0.0

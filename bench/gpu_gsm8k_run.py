@@ -83,7 +83,7 @@ def evaluate(args, adapter_dir: str | None) -> dict:
     from rl.data import attach_prompts, load_task
     from rl.evaluate import accuracy, eval_runner
     from core.models import load_tokenizer, resolve_model
-    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.engine import SamplingSpec
     from rl.rollout.hf_engine import HFEngine
 
     cfg = load_cfg(args)

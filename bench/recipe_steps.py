@@ -17,9 +17,10 @@ def recipe_step_metrics(recipe: str, overrides: list[str]) -> list[dict]:
     """The metrics rows of every step (those with ``time/step_s``) of ``recipe`` plus ``overrides``."""
     from rl.config import load_config
     from rl.metrics_log import read_metrics
+    from rl.rollout.vllm_engine import use_in_process_engine
     from rl.trainer import train
 
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    use_in_process_engine()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     out = Path(tempfile.mkdtemp(prefix="placerl-bench-"))
     cfg = load_config(REPO / recipe, ["trainer.eval_size=0", "logging.run_name=bench", f"logging.output_dir={out}",

@@ -44,7 +44,7 @@ def main(argv: list[str]) -> int:
         cfg = load_config(args.config, args.overrides)
         from rl.evaluate import accuracy, eval_runner
         from core.models import load_tokenizer, resolve_model
-        from rl.rollout.worker import SamplingSpec, make_engine, served_config
+        from rl.rollout.engine import SamplingSpec, make_engine, served_config
         from rl.rollout.sync import module_ranks
 
         path = resolve_model(cfg.model.name, cfg.model.cache_dir)
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
     dtype = cfg.rollout.dtype if cfg.rollout.dtype != "auto" else (
         "bfloat16" if torch.cuda.is_available() else cfg.model.dtype)
     rollout_cfg = cfg.rollout
-    if payload is not None:  # serve at the adapter's own largest rank (rl/rollout/worker.py says why)
+    if payload is not None:  # serve at the adapter's own largest rank (rl/rollout/engine.py says why)
         rollout_cfg = served_config(cfg.rollout, max(module_ranks(payload.tensors).values(),
                                                      default=cfg.rollout.max_lora_rank))
     engine = make_engine(rollout_cfg, path, dtype, cfg.trainer.seed)

@@ -41,7 +41,7 @@ def grpo_probe_rows(cfg, model_path: str, rows: list[dict], seed: int | None = N
     """
     from rewards import RewardRunner
     from rl.grpo import group_advantages, zero_variance_groups
-    from rl.rollout.worker import SamplingSpec, make_engine, rollout_dtype
+    from rl.rollout.engine import SamplingSpec, make_engine, rollout_dtype
 
     if not rows:
         raise ValueError("the GRPO probe has no prompts; raise placement.probe_samples or pass training rows")

@@ -33,7 +33,7 @@ from rl.evaluate import accuracy, eval_runner, graded
 from rl.grpo import group_advantages, zero_variance_groups
 from rl.metrics_log import MetricsLog
 from core.models import load_tokenizer, resolve_model
-from rl.rollout.worker import served_config
+from rl.rollout.engine import served_config
 
 log = logging.getLogger("placerl")
 EVAL_PROBLEMS_FILE = "eval_problems.json"  # the final evaluation, 0/1 per test problem (strict, flexible)
@@ -113,7 +113,7 @@ class Trainer:
         self.learner = LearnerGroup(cfg, self.model_path, lora_dict, plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
-        # The plan never changes during a run: serve at its largest rank (rl/rollout/worker.py says why).
+        # The plan never changes during a run: serve at its largest rank (rl/rollout/engine.py says why).
         served = served_config(self.served, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster) if needs_rollout else None
@@ -124,7 +124,7 @@ class Trainer:
         self.eval_problems: dict[str, list[float]] = {}  # the last evaluation, problem by problem
 
     def _rollout_dtype(self) -> str:
-        from rl.rollout.worker import rollout_dtype
+        from rl.rollout.engine import rollout_dtype
 
         return rollout_dtype(self.cfg)
 
@@ -162,7 +162,7 @@ class Trainer:
     # ------------------------------------------------------------------ phases
 
     def _sampling(self, greedy: bool = False):
-        from rl.rollout.worker import SamplingSpec, step_seed
+        from rl.rollout.engine import SamplingSpec, step_seed
 
         r = self.cfg.rollout
         if greedy:

@@ -198,7 +198,7 @@ def random_adapter(model_path: str, version: int):
 def test_hf_engine_on_cuda_samples_n_with_consistent_logprobs(smollm2_path, dtype):
     from rl.config import RolloutConfig
     from core.models import load_tokenizer
-    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.engine import SamplingSpec
     from rl.rollout.hf_engine import HFEngine
 
     tok = load_tokenizer(smollm2_path)
@@ -342,7 +342,7 @@ def test_vllm_bf16_on_gpu_after_sync_matches_learner_mixed_rank_alpha(gpu_vllm, 
 
     from core.models import load_model
     from rl.rollout.sync import make_payload
-    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.engine import SamplingSpec
 
     assert gpu_vllm.sleeps and not gpu_vllm.llm.llm_engine.vllm_config.model_config.enforce_eager
     model = learner_model(load_model(tiny_model_path, "float32").eval(), CASES["mixed-rank-alpha"], seed=11)
@@ -359,7 +359,7 @@ def test_vllm_sleep_wake_keeps_serving_the_current_adapter(gpu_vllm, tiny_model_
 
     from core.models import load_model
     from rl.rollout.sync import make_payload
-    from rl.rollout.worker import SamplingSpec
+    from rl.rollout.engine import SamplingSpec
 
     model = learner_model(load_model(tiny_model_path, "float32").eval(), CASES["uniform"], seed=5)
     gpu_vllm.load_adapter(make_payload(model, version=(gpu_vllm.adapter_version() or 0) + 1))

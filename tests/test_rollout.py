@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rl.config import RolloutConfig
-from rl.rollout.worker import Completion, SamplingSpec, make_engine
+from rl.rollout.engine import Completion, SamplingSpec, make_engine
 from rl.rollout.sync import AdapterPayload, make_payload
 
 PROMPT_A = [1, 100, 200, 300]

@@ -6,7 +6,7 @@ import pytest
 from rl.config import ConfigError, load_config
 from rl.rollout.pool import chunk_specs
 from rl.rollout.vllm_engine import check_vllm_dtype, resolve_enforce_eager, resolve_sleep_mode
-from rl.rollout.worker import SamplingSpec, prompt_seed, step_seed
+from rl.rollout.engine import SamplingSpec, prompt_seed, step_seed
 from rl.trainer import rollout_settings
 
 

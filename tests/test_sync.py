@@ -16,7 +16,7 @@ import torch
 
 from core.lora import lora_config_from_dict
 from rl.config import RolloutConfig
-from rl.rollout.worker import SamplingSpec, make_engine
+from rl.rollout.engine import SamplingSpec, make_engine
 from rl.rollout.sync import (
     check_ranks,
     fold_scales_for_vllm,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from rl.rollout.worker import Completion, SamplingSpec, check_prompts, prompt_seed
+from rl.rollout.engine import Completion, SamplingSpec, check_prompts, prompt_seed
 from core.lora import lora_config_from_dict
 from rl.rollout.sync import AdapterPayload, check_ranks
 

@@ -14,7 +14,7 @@ the base weights:
 - per-module PEFT scales are folded into B (see :mod:`rl.rollout.sync`).
 
 Logprobs are vLLM's ``processed_logprobs``: the distribution after temperature and
-top-p, which is what :mod:`rl.rollout.worker` promises.
+top-p, which is what :mod:`rl.rollout.engine` promises.
 
 On a GPU the engine runs with CUDA graphs (``rollout.enforce_eager: auto``), specialised
 on LoRA where the installed vLLM has ``cudagraph_specialize_lora``, and in bfloat16 (its
@@ -31,7 +31,7 @@ import os
 import shutil
 import tempfile
 
-from rl.rollout.worker import Completion, SamplingSpec, check_prompts, prompt_seed
+from rl.rollout.engine import Completion, SamplingSpec, check_prompts, prompt_seed
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
 
 # The ranks vLLM accepts for max_lora_rank.
@@ -86,9 +86,15 @@ def _graph_options(enable_lora: bool) -> dict:
     return {}
 
 
+def use_in_process_engine() -> None:
+    """Run vLLM's engine core in this process (unless the environment says otherwise): a fast
+    start, and no child processes left behind when a rollout actor dies. Set before vLLM starts."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 class VLLMEngine:
     def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        use_in_process_engine()
         from vllm import LLM
         from vllm.platforms import current_platform
 
