@@ -18,7 +18,6 @@ Left out: remote data.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -56,32 +55,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def read_jsonl(data: str) -> list[dict]:
+    """GSM8K-style rows of ``--data``: a jsonl file, or a folder holding train.jsonl."""
+    from rl.data import read_gsm8k_jsonl
+
     path = Path(data)
     if path.is_dir():
         path = path / "train.jsonl"
     if not data or not path.is_file():
         raise FileNotFoundError(f"--data={data!r} is not a jsonl file or a folder with train.jsonl; "
                                 "point it at GSM8K's train.jsonl or set PLACERL_GSM8K_DIR")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_gsm8k_jsonl(path)
 
 
 def render_rows(rows: list[dict], tokenizer, count: int, seed: int) -> list[dict]:
-    """``count`` rows drawn with ``seed``: the chat-rendered prompt (text and ids), the gold
-    solution and its final answer (what the rewards grade against)."""
+    """``count`` rows drawn with ``seed``: the prompt as training renders it (text and ids), the
+    gold solution and its final answer (what the rewards grade against)."""
     from rl.config import DataConfig
-    from rl.data import parse_gold
+    from rl.data import render_prompt
 
     instruction = DataConfig().instruction
     picked = random.Random(seed).sample(range(len(rows)), min(count, len(rows)))
     out = []
     for i in picked:
         row = rows[i]
-        if "question" not in row or "answer" not in row:
-            raise ValueError(f"data row {i} has no 'question'/'answer'; the probe needs GSM8K-style rows")
-        messages = [{"role": "user", "content": f"{instruction}\n\n{row['question']}"}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out.append({"prompt": prompt, "answer": row["answer"], "question": row["question"],
-                    "gold": row.get("gold") or parse_gold(row["answer"]),
+        prompt = render_prompt(tokenizer, row["question"], instruction)
+        out.append({"prompt": prompt, "answer": row["answer"], "question": row["question"], "gold": row["gold"],
                     "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"]})
     return out
 
