@@ -296,7 +296,9 @@ def markdown(results: list[RunResult], *, title: str, setup: list[str], plots: l
            "## By placement (seeds pooled)", "", placements_table(rows), "",
            "Accuracy: greedy, on the same test problems for every run; the interval is Wilson's 95% score "
            "interval on the pooled count. Spread: max/min of run-level layer importance (layer norms averaged "
-           "over captures), on LoRA gradients and on the rank-free G of the same watched modules.", "",
+           "over captures), on LoRA gradients and on the rank-free G of the same watched modules. Chance levels "
+           "(every layer the same share): spread 1, LoRA/G 1, top-30% share ceil(0.3 L)/L for L layers (0.300 at "
+           "L = 30, 0.333 at L = 24). Placements are compared problem by problem in the paired table below.", "",
            "## Does the sqrt(r) effect show?", "", *[f"- {s}" for s in sqrt_r_verdict(rows)], "",
            "## Every run", "", runs_table(results), "",
            "Predicted LoRA spread at init: the gradrank scorer's expectation of max/min layer LoRA-gradient norm "
