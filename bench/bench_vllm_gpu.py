@@ -127,6 +127,8 @@ def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float) -> None:
     eager = {"graphs": False, "eager": True}.get(kind, "auto") if torch.cuda.is_available() else "auto"
     engine = make_engine(rollout_config(s, "hf" if kind == "hf" else "vllm", eager), path, s.dtype, 0)
     rec("enforce_eager", eager)
+    if kind == "hf":  # it decodes at most this many sequences at once, the rest in later chunks
+        rec("hf_max_batch_sequences", engine.max_batch)
     engine.load_adapter(payload)
     rec("engine_start_s", round(time.perf_counter() - t, 1))
     tokens = s.hf_tokens if kind == "hf" else s.tokens
@@ -262,7 +264,9 @@ def summarise(results: dict) -> dict:
             v = v.get(k, {}) if isinstance(v, dict) else {}
         return v if v != {} else None
 
-    for b in ("64x8", "128x8"):
+    batches = sorted({k for kind in ("graphs", "eager", "hf") for k, v in results.get(f"rollout-{kind}", {}).items()
+                      if isinstance(v, dict) and "tokens_per_s" in v}, key=lambda b: [int(x) for x in b.split("x")])
+    for b in batches:
         graphs, eager, hf = (get(f"rollout-{k}", b, "tokens_per_s") for k in ("graphs", "eager", "hf"))
         for name, v in (("graphs", graphs), ("eager", eager), ("hf", hf)):
             if v:
@@ -271,6 +275,9 @@ def summarise(results: dict) -> dict:
             out[f"graphs_over_eager_{b}"] = round(graphs / eager, 2)
         if graphs and hf:
             out[f"graphs_over_hf_{b}"] = round(graphs / hf, 2)
+    top = get("rollout-graphs", "128x8", "tokens_per_s")
+    if top:
+        out["graphs_128x8_goal_25k_tokens_per_s"] = "met" if top >= 25_000 else "NOT met"
     ratio = get("overhead", "result", "framework_over_raw")
     if ratio:
         out["framework_over_raw_vllm"] = ratio
