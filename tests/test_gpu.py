@@ -344,7 +344,8 @@ def test_vllm_bf16_on_gpu_after_sync_matches_learner_mixed_rank_alpha(gpu_vllm, 
     from rl.rollout.sync import make_payload
     from rl.rollout.engine import SamplingSpec
 
-    assert gpu_vllm.sleeps and not gpu_vllm.llm.llm_engine.vllm_config.model_config.enforce_eager
+    assert gpu_vllm.sleeps
+    assert not gpu_vllm.llm.llm_engine.vllm_config.model_config.enforce_eager, "vLLM turned CUDA graphs off"
     model = learner_model(load_model(tiny_model_path, "float32").eval(), CASES["mixed-rank-alpha"], seed=11)
     gpu_vllm.load_adapter(make_payload(model, version=1))
     d, gap = vllm_vs_learner(gpu_vllm, model, PROMPTS, SamplingSpec(n=4, max_new_tokens=24, temperature=1.0, seed=3))
