@@ -106,8 +106,11 @@ def model_and_adapter(s: Sizes):
 def rollout_config(s: Sizes, engine: str, eager="auto"):
     from rl.config import RolloutConfig
 
+    # Graphs for every decode batch of the largest rollout (vLLM's default stops at 512 sequences).
+    graph_batch = max(p * g for p, g in s.batches)
     return RolloutConfig(engine=engine, max_lora_rank=s.rank, max_model_len=s.max_model_len, enforce_eager=eager,
-                         sleep_mode=False, gpu_memory_utilization=s.gpu_memory_utilization, cpu_kv_cache_gb=1.0)
+                         sleep_mode=False, gpu_memory_utilization=s.gpu_memory_utilization, cpu_kv_cache_gb=1.0,
+                         cudagraph_max_batch=graph_batch)
 
 
 def tokens_of(rows) -> int:

@@ -86,6 +86,9 @@ class RolloutConfig:
     # auto: eager on CPU, CUDA graphs on a GPU (launch-bound decoding is 3-5x faster with
     # graphs); true/false force it.
     enforce_eager: bool | str = "auto"
+    # The largest decode batch (sequences per engine) that runs as a CUDA graph; larger ones run
+    # without. 0: vLLM's default (512 on vLLM 0.26-0.32); raise it for bigger rollouts per worker.
+    cudagraph_max_batch: int = 0
     # vLLM's sleep mode frees the KV cache and offloads the weights while the learner steps.
     # auto: on when rollout workers share GPUs with learner ranks (cluster.colocate) on a
     # GPU host; true/false force it (true needs a GPU).
@@ -106,6 +109,8 @@ class RolloutConfig:
         _check(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization",
                self.gpu_memory_utilization, "must be in (0, 1]")
         _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
+        _check(self.cudagraph_max_batch >= 0, f"{p}.cudagraph_max_batch", self.cudagraph_max_batch,
+               "must be >= 0 (0: vLLM's default)")
         for key in ("enforce_eager", "sleep_mode"):
             value = getattr(self, key)
             _check(isinstance(value, bool) or value == "auto", f"{p}.{key}", value, "auto, true or false")

@@ -78,3 +78,9 @@ def test_config_takes_auto_or_a_bool(override, ok):
 def test_config_rejects_other_words():
     with pytest.raises(ConfigError, match=r"rollout.enforce_eager='sometimes' is not allowed: auto, true or false"):
         load_config("launch/configs/tiny.yaml", ["rollout.enforce_eager=sometimes"])
+
+
+def test_cudagraph_max_batch_is_checked():
+    assert load_config("launch/configs/tiny.yaml", ["rollout.cudagraph_max_batch=1024"]).rollout.cudagraph_max_batch == 1024
+    with pytest.raises(ConfigError, match=r"rollout.cudagraph_max_batch=-1 is not allowed: must be >= 0"):
+        load_config("launch/configs/tiny.yaml", ["rollout.cudagraph_max_batch=-1"])

@@ -74,16 +74,20 @@ def resolve_sleep_mode(setting, colocated: bool, on_gpu: bool) -> bool:
     return bool(setting)
 
 
-def _graph_options(enable_lora: bool) -> dict:
-    """CUDA-graph options this vLLM knows: graphs specialised on LoRA (on or off), where the field exists."""
+def _graph_options(enable_lora: bool, max_batch: int) -> dict:
+    """CUDA-graph options, each where this vLLM has the field: graphs specialised on LoRA
+    (with and without an active adapter), captured up to ``max_batch`` sequences (0: default)."""
     import dataclasses
 
     from vllm.config import CompilationConfig
 
     fields = {f.name for f in dataclasses.fields(CompilationConfig)}
+    options = {}
     if enable_lora and "cudagraph_specialize_lora" in fields:
-        return {"compilation_config": {"cudagraph_specialize_lora": True}}
-    return {}
+        options["cudagraph_specialize_lora"] = True
+    if max_batch and "max_cudagraph_capture_size" in fields:
+        options["max_cudagraph_capture_size"] = max_batch
+    return {"compilation_config": options} if options else {}
 
 
 def use_in_process_engine() -> None:
@@ -106,7 +110,7 @@ class VLLMEngine:
             raise ValueError(f"rollout.sleep_mode=true: vLLM has no sleep mode on {current_platform.device_type}; "
                              "set rollout.sleep_mode=false")
         eager = resolve_enforce_eager(rollout_cfg.enforce_eager, on_gpu)
-        extra = {} if eager else _graph_options(enable_lora=True)
+        extra = {} if eager else _graph_options(enable_lora=True, max_batch=rollout_cfg.cudagraph_max_batch)
         if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
         if self.sleeps:
