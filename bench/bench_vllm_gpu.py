@@ -19,6 +19,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       mode and without: mean step time after the first and its breakdown (rollout, reward,
       learner, sync, sleep, wake), adapter sync as a share of the step, and the GPU's peak
       used memory (all processes, sampled every 50 ms);
+  step-placerl-2gpu (not in the default set: needs a host with two GPUs)
+      the same run disaggregated: the learner rank on one GPU, the vLLM worker on the other
+      (no sleep mode: nothing shares a GPU), for the same breakdown against colocated;
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -51,8 +54,9 @@ use_in_process_engine()
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
-         "step-trl"]
+DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
+                 "step-trl"]
+PARTS = DEFAULT_PARTS + ["step-placerl-2gpu"]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 
@@ -215,11 +219,13 @@ STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s",
              "time/wake_s", "throughput/rollout_tokens_per_s", "rollout/response_tokens_mean")
 
 
-def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool) -> None:
+def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False) -> None:
     from bench.recipe_steps import recipe_step_metrics
 
+    placement = ["cluster.colocate=false", "cluster.gpus_per_learner_rank=1", "cluster.gpus_per_rollout_worker=1",
+                 "rollout.gpu_memory_utilization=0.8"] if two_gpus else []
     memory = PeakMemory()
-    steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"])
+    steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
     rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in STEP_KEYS} for m in steps])
     timed = steps[1:] or steps
     mean = {k.split("/")[-1]: round(statistics.mean(m.get(k, 0.0) for m in timed), 4) for k in STEP_KEYS}
@@ -248,7 +254,7 @@ def run_part(args) -> None:
     elif name == "overhead":
         part_overhead(s, rec, deadline)
     elif name.startswith("step-placerl"):
-        part_step_placerl(s, rec, sleep=not name.endswith("nosleep"))
+        part_step_placerl(s, rec, sleep=name == "step-placerl", two_gpus=name.endswith("2gpu"))
     elif name == "step-trl":
         part_step_trl(s, rec)
     else:
@@ -297,6 +303,9 @@ def summarise(results: dict) -> dict:
     without = get("step-placerl-nosleep", "memory", "peak_gpu_used_gib")
     if with_sleep and without:
         out["peak_gpu_gib_sleep_vs_nosleep"] = [with_sleep, without]
+    two = get("step-placerl-2gpu", "mean_after_first")
+    if ours and two:
+        out["step_s_2gpu_over_colocated"] = round(two["step_s"] / ours["step_s"], 3)
     return out
 
 
@@ -312,7 +321,7 @@ def orchestrate(args) -> int:
     doc.setdefault("results", {})
     doc.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
                                        "host": os.uname().nodename, "device": device_name(), "smoke": args.smoke})
-    parts = args.parts.split(",") if args.parts else PARTS
+    parts = args.parts.split(",") if args.parts else DEFAULT_PARTS
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise SystemExit(f"--parts: {unknown} not known; choose from {', '.join(PARTS)}")
@@ -373,7 +382,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                     help="model.name: a builtin, a folder or a .gguf file")
-    ap.add_argument("--parts", default="", help=f"comma-separated, default all: {','.join(PARTS)}")
+    ap.add_argument("--parts", default="", help=f"comma-separated from {','.join(PARTS)}; default all but step-placerl-2gpu")
     ap.add_argument("--out", default="bench_vllm_gpu.json", help="the JSON, merged with what it already holds")
     ap.add_argument("--budget-s", type=float, default=540, help="wall-clock bound of this call, all parts together")
     ap.add_argument("--smoke", action="store_true", help="the tiny model and tiny sizes (a CPU check of every part)")
