@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -161,6 +162,6 @@ def main(argv: list[str]) -> int:
     if args.out:
         with open(args.out, "w") as fh:
             for i in range(len(rows)):
-                fh.write(json.dumps({"total": result.total[i],
+                fh.write(json.dumps({"total": None if math.isnan(result.total[i]) else result.total[i],
                                      **{lab: result.per_function[lab][i] for lab in runner.labels}}) + "\n")
     return 0

@@ -8,9 +8,13 @@ traceback of each distinct error (function, exception type, raising line) is log
 ones only counted. A function that returns the wrong number of scores or a non-number
 raises :class:`RewardError` naming it: that is a bug in the function, not bad luck.
 
-The total is the weighted sum of the functions' scores; **a None adds 0** (as TRL's nansum
-does), so a sample whose functions all failed totals 0.0 rather than poisoning the group's
-advantages with NaN. ``per_function`` keeps the Nones so that means exclude them.
+The total is the weighted sum of the functions' scores. A None that a function *returns*
+means "does not apply to this sample" and adds 0 (TRL's nansum). A score lost to a call
+that raised, timed out or killed its worker is different: the answer was never graded, so
+0 would be a made-up wrong answer that earns a negative advantage. Such a sample's total
+is **NaN (missing)** whenever a function of non-zero weight failed on it; GRPO then leaves
+it out of its group's statistics and gives it advantage 0 (``rl.grpo.group_advantages``),
+and ``failed`` counts it. ``per_function`` keeps the Nones so that means exclude them.
 
 Left out: caching scores across batches, and reward models (a neural reward is a function
 like any other here, but batching it on a GPU is the trainer's business).
@@ -40,11 +44,18 @@ class RewardResult:
     seconds: dict[str, float] = field(default_factory=dict)  # summed call time per function
     leaked_threads: int = 0
 
+    @property
+    def failed(self) -> int:
+        """Samples whose total is missing (NaN) because a weighted reward call failed on them."""
+        return sum(math.isnan(t) for t in self.total)
+
     def metrics(self, prefix: str = "reward/") -> dict[str, float]:
         """Flat metrics for the run logger: per-function mean, None share, errors, timeouts; total mean/std."""
         nan = float("nan")
-        m = {f"{prefix}total/mean": statistics.fmean(self.total) if self.total else nan,
-             f"{prefix}total/std": statistics.pstdev(self.total) if self.total else nan}
+        scored = [t for t in self.total if not math.isnan(t)]
+        m = {f"{prefix}total/mean": statistics.fmean(scored) if scored else nan,
+             f"{prefix}total/std": statistics.pstdev(scored) if scored else nan,
+             f"{prefix}failed_samples": float(len(self.total) - len(scored))}
         for label, scores in self.per_function.items():
             vals = [s for s in scores if s is not None]
             m[f"{prefix}{label}/mean"] = statistics.fmean(vals) if vals else nan
@@ -129,6 +140,7 @@ class RewardRunner:
                                   "pass one per completion")
         labels = self.labels
         per = {lab: [None] * n for lab in labels}
+        failed = [False] * n  # a weighted function's call raised or timed out on this sample
         errors, timeouts, seconds = dict.fromkeys(labels, 0), dict.fromkeys(labels, 0), dict.fromkeys(labels, 0.0)
         calls, where = [], []
         for a, b in _slices(n, self.workers, self.group_size) if n else []:
@@ -147,18 +159,21 @@ class RewardRunner:
                 raise RewardError(out[1])
             elif out[0] == "timeout":
                 timeouts[lab] += b - a
+                failed[a:b] = [f or self.weights[lab] != 0 for f in failed[a:b]]
                 self._log_once((lab, "timeout"), f"reward function {lab!r} took longer than timeout_s="
                                f"{self.timeout_s:g} on a call of {b - a} completions; they get None "
                                "(later timeouts are counted, not logged)")
             else:
                 _, etype, msg, tb, site = out
                 errors[lab] += b - a
+                failed[a:b] = [f or self.weights[lab] != 0 for f in failed[a:b]]
                 self._log_once((lab, etype, site), f"reward function {lab!r} raised {etype}: {msg}; its "
                                f"{b - a} completions get None (this error is logged once, then counted)\n{tb}")
         for lab in labels:
             self.error_counts[lab] += errors[lab]
             self.timeout_counts[lab] += timeouts[lab]
-        total = [sum(self.weights[lab] * per[lab][i] for lab in labels if per[lab][i] is not None)
+        total = [math.nan if failed[i] else
+                 sum(self.weights[lab] * per[lab][i] for lab in labels if per[lab][i] is not None)
                  for i in range(n)]
         return RewardResult([float(t) for t in total], per, dict(self.weights), errors, timeouts, seconds,
                             self._pool.leaked)

@@ -201,7 +201,11 @@ class Trainer:
             keep = ~flat.repeat_interleave(G)
         new_tokens = sum(len(c.token_ids) for c in completions)
         m.update(scored.metrics())
-        m.update({"reward/mean": rewards.mean().item(), "reward/std": rewards.std().item(),
+        # A NaN total is a sample whose grader failed: out of the group statistics (advantage 0),
+        # out of the means, counted in reward/failed_samples.
+        graded = rewards[~rewards.isnan()]
+        m.update({"reward/mean": graded.mean().item() if graded.numel() else float("nan"),
+                  "reward/std": graded.std().item() if graded.numel() > 1 else float("nan"),
                   "groups/zero_variance_frac": flat.float().mean().item(),
                   "rollout/response_tokens_mean": new_tokens / len(completions),
                   "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),

@@ -57,3 +57,21 @@ def exits_on_marker(prompts, completions, **kwargs):
 def reads_messages(prompts, completions, **kwargs):
     """1.0 when handed TRL's conversational format, 0.0 for plain text."""
     return [float(isinstance(c, list) and c[-1]["role"] == "assistant") for c in completions]
+
+
+def segfaults_on_marker(prompts, completions, **kwargs):
+    """Crashes its process with a real SIGSEGV (a broken C extension) on slices holding 'segv'."""
+    import ctypes
+
+    if any("segv" in c for c in completions):
+        ctypes.string_at(0)  # reads address 0
+    return [1.0] * len(completions)
+
+
+def spins_holding_gil_on_marker(prompts, completions, **kwargs):
+    """Hangs inside the regex engine, which never releases the GIL, on slices holding 'spin'."""
+    import re
+
+    if any("spin" in c for c in completions):
+        re.match(r"(a+)+$", "a" * 64 + "b")  # catastrophic backtracking: 2**64 steps
+    return [1.0] * len(completions)
