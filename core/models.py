@@ -183,6 +183,21 @@ def resolve_model(name: str, cache_dir: str = "") -> str:
         return str(p.resolve())
     if name.startswith((".", "/", "~")):
         raise FileNotFoundError(f"model.name={name!r}: no such folder")
+    return _reachable_hub_id(name)
+
+
+def _reachable_hub_id(name: str) -> str:
+    """``name`` when the hub (or its local cache) has the model, else a one-line error: found
+    now, before the cluster starts, rather than in every actor after it has."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(name, "config.json")
+    except Exception as e:  # noqa: BLE001 - not found, offline, unreachable, not a valid id: one answer
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise FileNotFoundError(
+            f"model.name={name!r} is not a local folder, a builtin ({SMOLLM2}, {TINY}) nor a model the hub "
+            f"(or its cache) has ({type(e).__name__}: {reason}); fix the name or download the model") from None
     return name  # a hub id; transformers resolves it
 
 

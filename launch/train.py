@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from rl.config import ConfigError, load_config
@@ -33,18 +35,30 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from rl.trainer import train
+    from rl.learner.group import LearnerDied
+    from rl.trainer import StartupError, train
 
+    # `ray job stop` and a scheduler's kill send SIGTERM: end like Ctrl-C, so that a checkpoint
+    # being written is discarded whole and the actors and reserved resources are released.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
     try:
         run_dir = train(cfg, recipe=Path(args.config).stem)
-    except (ConfigError, DataError) as e:  # found while loading data or the plan
+    except StartupError as e:  # found while loading the model, data, plan or rewards
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except LearnerDied as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"run folder:  {run_dir}")
     print(f"metrics:     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
     print(f"checkpoints: {run_dir / 'checkpoints'}")
     print(f"final eval:  {(run_dir / 'final_eval.json').read_text().strip()}")
     return 0
+
+
+def _stop(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

@@ -224,6 +224,8 @@ class PlacementConfig:
         _check(self.probe_steps >= 1, f"{p}.probe_steps", self.probe_steps, "must be >= 1")
         _one_of(f"{p}.probe_dtype", self.probe_dtype, ["float32", "bfloat16"])
         _check(0 <= self.dropout < 1, f"{p}.dropout", self.dropout, "must be in [0, 1)")
+        _check(not self.plan or Path(self.plan).expanduser().is_file(), f"{p}.plan", self.plan,
+               "no such file; write a plan with `placerl score`, or leave it empty to score at start")
         if self.budget:
             kind, _, num = self.budget.partition("=")
             ok = kind in ("rank", "params", "fraction")
@@ -317,6 +319,11 @@ class Config:
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate(f.name)
+        # Checked before scoring: vLLM cannot serve an adapter above its cap (an in-process
+        # engine hangs on one). A scorer that sets ranks itself is checked again on its plan.
+        _check(self.placement.plan or self.placement.rank <= self.rollout.max_lora_rank, "placement.rank",
+               self.placement.rank, f"above rollout.max_lora_rank={self.rollout.max_lora_rank}; lower it or "
+               "raise rollout.max_lora_rank")
         return self
 
     def to_dict(self) -> dict:

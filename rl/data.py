@@ -94,6 +94,9 @@ def load_gsm8k(split: str, path: str = "") -> list[dict]:
             return [{"question": r["question"], "answer": r["answer"], "gold": parse_gold(r["answer"])} for r in ds]
     from rl.bundled import gsm8k_file
 
+    if not gsm8k_file(split).exists():
+        raise DataError(f"GSM8K is not reachable on the hub ({reason or 'offline'}) and this install has no "
+                        f"shipped copy; set data.path or ${ENV_DIR} to a folder with train.jsonl and test.jsonl")
     rows = read_gsm8k_jsonl(gsm8k_file(split))
     log.info("GSM8K %s: %d rows from the copy shipped with placerl (%s; set data.path or $%s to use another)",
              split, len(rows), reason, ENV_DIR)

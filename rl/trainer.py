@@ -27,6 +27,7 @@ import torch
 
 from rl import checkpoint as ckpt
 from rl.learner.batch import grpo_batch, sft_batch
+from rl.learner.group import LearnerDied
 from rl.config import Config
 from rl.data import PromptSampler, attach_prompts, load_task
 from rl.evaluate import accuracy, eval_runner, graded
@@ -78,50 +79,80 @@ def rollout_settings(cfg: Config, dtype: str):
     return dataclasses.replace(r, sleep_mode=resolve_sleep_mode(r.sleep_mode, colocated, on_gpu))
 
 
+class StartupError(ValueError):
+    """A run's inputs are wrong (config, data, model, plan, rewards, run folder); found before
+    Ray or any actor starts, and said in one line."""
+
+
+# What a bad input raises while a run is prepared (rewards.RewardError and the config and
+# data errors are ValueErrors too).
+_INPUT_ERRORS = (ValueError, FileNotFoundError, ckpt.RunInUse)
+
+
 class Trainer:
     """Owns the actors of one run and the loop that drives them."""
 
     def __init__(self, cfg: Config, run_dir: Path):
-        from rewards import RewardRunner
-        from rl.cluster import init_ray
-        from rl.learner.group import LearnerGroup
-        from rl.resources import reserve
-        from rl.rollout.pool import RolloutPool
-
         self.cfg, self.run_dir = cfg, run_dir
-        self.served = rollout_settings(cfg, self._rollout_dtype())  # fails in one line before anything starts
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = self.learner = self.rollout = self.layout = self.metrics = None
+        self.rewards = self.eval_rewards = None
+        try:
+            self._prepare()
+        except _INPUT_ERRORS as e:
+            self.close()
+            raise StartupError(str(e)) from e
+        try:
+            self._start_actors()
+        except BaseException:
+            # Give back what was reserved: a caller in the same Ray (compare, a notebook, a
+            # test) must not find the bundles or half-started actors still held.
+            self.close()
+            raise
+        self.step, self.adapter_version, self.wake_s = 0, 0, 0.0
+        self.eval_problems: dict[str, list[float]] = {}  # the last evaluation, problem by problem
+
+    def _prepare(self) -> None:
+        """Everything that can reject the run's inputs, before Ray or any actor starts."""
+        from rewards import RewardRunner
+
+        cfg, run_dir = self.cfg, self.run_dir
+        self.served = rollout_settings(cfg, self._rollout_dtype())
+        self.lock = ckpt.RunLock(run_dir)
         cfg.save(run_dir / "config.yaml")
         torch.manual_seed(cfg.trainer.seed)
-        init_ray(cfg.cluster.address, max(cfg.cluster.num_cpus, cfg.learner.num_ranks + cfg.rollout.num_workers + 1),
-                 cfg.cluster.object_store_mb)
-
+        self.rewards = RewardRunner.from_config(cfg.reward, group_size=cfg.rollout.group_size)
+        self.eval_rewards = eval_runner(cfg.reward.timeout_s)
         self.model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
         self.tok = load_tokenizer(self.model_path)
         self.train_rows = attach_prompts(load_task(cfg.data, "train"), self.tok, cfg.data)
         self.test_rows = attach_prompts(load_task(cfg.data, "test"), self.tok, cfg.data)[: cfg.trainer.eval_size]
         self.sampler = PromptSampler(len(self.train_rows), seed=cfg.data.seed)
-
-        self.plan, lora_dict = make_plan(cfg, self.model_path, self.train_rows)
+        self.plan, self.lora_dict = make_plan(cfg, self.model_path, self.train_rows)
         self.plan.save(run_dir / "plan.json")
+
+    def _start_actors(self) -> None:
+        from rl.cluster import init_ray
+        from rl.learner.group import LearnerGroup
+        from rl.resources import reserve
+        from rl.rollout.pool import RolloutPool
+
+        cfg = self.cfg
+        init_ray(cfg.cluster.address, max(cfg.cluster.num_cpus, cfg.learner.num_ranks + cfg.rollout.num_workers + 1),
+                 cfg.cluster.object_store_mb)
         self.layout = layout = reserve(cfg)
         # The plan builds the PEFT model itself (seeded A, verified shapes, B masks); the
         # diagnostics hooks go on before FSDP2 wraps it.
         attach = None
         if cfg.diagnostics.enabled:
             from rl.diagnostics.capture import attach_to_learner as attach
-        self.learner = LearnerGroup(cfg, self.model_path, lora_dict, plan=self.plan, attach=attach,
+        self.learner = LearnerGroup(cfg, self.model_path, self.lora_dict, plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
         # The plan never changes during a run: serve at its largest rank (rl/rollout/engine.py says why).
         served = served_config(self.served, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster) if needs_rollout else None
-        self.rewards = RewardRunner.from_config(cfg.reward, group_size=cfg.rollout.group_size)
-        self.eval_rewards = eval_runner(cfg.reward.timeout_s)
-        self.metrics = MetricsLog(run_dir, cfg.logging, cfg.to_dict())
-        self.step, self.adapter_version, self.wake_s = 0, 0, 0.0
-        self.eval_problems: dict[str, list[float]] = {}  # the last evaluation, problem by problem
+        self.metrics = MetricsLog(self.run_dir, cfg.logging, cfg.to_dict())
 
     def _rollout_dtype(self) -> str:
         from rl.rollout.engine import rollout_dtype
@@ -138,7 +169,8 @@ class Trainer:
         self.learner.load(str(Path(path) / "learner"))
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.adapter_version = state["step"], state["adapter_version"]
-        ckpt.set_rng_state(state["rng"])
+        if state["rng"] is not None:
+            ckpt.set_rng_state(state["rng"])
         self._sync()
         log.info("resumed from %s at step %d", path, self.step)
         return True
@@ -247,11 +279,18 @@ class Trainer:
         while self.step < cfg.trainer.steps:
             t = time.perf_counter()
             rows = [self.train_rows[i] for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
-            m = self.grpo_step(rows) if cfg.algorithm.loss == "grpo" else self.sft_step(rows)
-            self.step += 1
-            self.wake_s = 0.0
-            m["time/sync_s"] = self._sync() if not m.get("learner/skipped_flat_batch") else 0.0
-            m["time/wake_s"] = self.wake_s
+            try:
+                m = self.grpo_step(rows) if cfg.algorithm.loss == "grpo" else self.sft_step(rows)
+                self.step += 1
+                self.wake_s = 0.0
+                m["time/sync_s"] = self._sync() if not m.get("learner/skipped_flat_batch") else 0.0
+                m["time/wake_s"] = self.wake_s
+            except LearnerDied as e:
+                last = ckpt.latest_checkpoint(self.run_dir)
+                where = (f"the last complete checkpoint is {last} (step {ckpt.load_driver_state(last)['step']}); "
+                         "run the same command again to resume from it") if last else \
+                    "no checkpoint was written yet; run the same command again to start afresh"
+                raise LearnerDied(f"{e} during step {self.step + 1}; {where}") from e
             m["time/step_s"] = time.perf_counter() - t
             if self.rollout is not None:
                 m["rollout/worker_restarts"] = float(self.rollout.restarts)
@@ -269,17 +308,27 @@ class Trainer:
         return final_eval
 
     def close(self) -> None:
-        self.metrics.close()
-        self.rewards.close()
-        self.eval_rewards.close()
+        """Stop what was started, in any state of start-up; safe to call twice."""
+        for part in (self.metrics, self.rewards, self.eval_rewards):
+            if part is not None:
+                part.close()
+        self.metrics = self.rewards = self.eval_rewards = None
         if self.rollout is not None:
             self.rollout.shutdown()
-        self.learner.shutdown()
-        # Give the bundles back, so that later runs in the same Ray (compare, regime,
-        # a notebook) find the resources free.
-        from ray.util import remove_placement_group
+            self.rollout = None
+        if self.learner is not None:
+            self.learner.shutdown()
+            self.learner = None
+        if self.layout is not None:
+            # Give the bundles back, so that later runs in the same Ray (compare, regime,
+            # a notebook) find the resources free.
+            from ray.util import remove_placement_group
 
-        remove_placement_group(self.layout.placement_group)
+            remove_placement_group(self.layout.placement_group)
+            self.layout = None
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
 
 def train(cfg: Config, recipe: str = "run") -> Path:
@@ -290,6 +339,11 @@ def train(cfg: Config, recipe: str = "run") -> Path:
     trainer = Trainer(cfg, run_dir)
     try:
         final = trainer.fit()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM turned into SystemExit
+        last = ckpt.latest_checkpoint(run_dir)
+        log.warning("stopped at step %d; %s", trainer.step, f"the last complete checkpoint is {last}; run the "
+                    "same command again to resume from it" if last else "no checkpoint was written yet")
+        raise
     finally:
         trainer.close()
     (run_dir / "final_eval.json").write_text(json.dumps(final, indent=1))

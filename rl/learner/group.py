@@ -90,10 +90,17 @@ def combine_metrics(outs: list[dict], num_tokens: float, algorithm_loss: str, kl
     return m
 
 
+class LearnerDied(RuntimeError):
+    """A learner rank's process is gone (killed, out of memory, its node lost); the group
+    cannot go on without it, and the run resumes from its last complete checkpoint."""
+
+
 def _wait_all(refs: list, on_error) -> list:
     """ray.get that fails fast: the first failing rank's error is raised at once (the
-    others would wait in a collective forever), after ``on_error`` tears the group down."""
+    others would wait in a collective forever), after ``on_error`` tears the group down.
+    A rank whose process died raises :class:`LearnerDied` naming it."""
     import ray
+    from ray.exceptions import RayActorError
 
     pending, index = list(refs), {r: i for i, r in enumerate(refs)}
     results = [None] * len(refs)
@@ -101,6 +108,10 @@ def _wait_all(refs: list, on_error) -> list:
         ready, pending = ray.wait(pending, num_returns=1)
         try:
             results[index[ready[0]]] = ray.get(ready[0])
+        except RayActorError as e:
+            on_error()
+            cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LearnerDied(f"learner rank {index[ready[0]]} died ({cause})") from e
         except Exception:
             on_error()
             raise

@@ -75,3 +75,14 @@ def spins_holding_gil_on_marker(prompts, completions, **kwargs):
     if any("spin" in c for c in completions):
         re.match(r"(a+)+$", "a" * 64 + "b")  # catastrophic backtracking: 2**64 steps
     return [1.0] * len(completions)
+
+
+def segfaults_once(prompts, completions, marker, **kwargs):
+    """Segfaults on its first call of a run (``marker`` records that it did), then scores 0.5."""
+    import ctypes
+    import os
+
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        ctypes.string_at(0)
+    return [0.5] * len(completions)
