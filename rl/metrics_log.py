@@ -44,12 +44,36 @@ class MetricsLog:
         if self._wandb is not None:
             self._wandb.log(clean, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Keep only the records of steps up to ``step`` (a resume goes back to its checkpoint;
+        what was logged after it belongs to work that was lost and is done again). A line torn
+        by a crash mid-write goes too. The file is replaced whole, never truncated in place."""
+        import os
+
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
+                if _step_of(line) is not None and _step_of(line) <= step]
+        self._fh.close()
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write("".join(line + "\n" for line in kept))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+        self._fh = self.path.open("a", encoding="utf-8")
+
     def close(self) -> None:
         self._fh.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -137,8 +139,14 @@ class Trainer:
         from rl.rollout.pool import RolloutPool
 
         cfg = self.cfg
+        on_sigterm = signal.getsignal(signal.SIGTERM)
         init_ray(cfg.cluster.address, max(cfg.cluster.num_cpus, cfg.learner.num_ranks + cfg.rollout.num_workers + 1),
                  cfg.cluster.object_store_mb)
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            # ray.init puts a native SIGTERM handler in front of the entry point's (launch.train's),
+            # and that one aborts the process without unwinding: put the entry point's back, so that
+            # a stopped job discards a checkpoint in progress and releases what it holds.
+            signal.signal(signal.SIGTERM, on_sigterm)
         self.layout = layout = reserve(cfg)
         # The plan builds the PEFT model itself (seeded A, verified shapes, B masks); the
         # diagnostics hooks go on before FSDP2 wraps it.
@@ -169,6 +177,7 @@ class Trainer:
         self.learner.load(str(Path(path) / "learner"))
         self.sampler.load_state_dict(state["sampler"])
         self.step, self.adapter_version = state["step"], state["adapter_version"]
+        self.metrics.rewind(self.step)
         if state["rng"] is not None:
             ckpt.set_rng_state(state["rng"])
         self._sync()

@@ -210,3 +210,19 @@ def test_a_crash_while_pruning_leaves_no_half_deleted_checkpoint(tmp_path, monke
     for p in ck.complete_checkpoints(tmp_path):  # whatever is listed is whole
         assert (p / "learner" / "w.txt").exists(), f"{p.name} is listed as complete but lost its files"
     assert ck.latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_metrics_rewind_to_the_resumed_step_drops_lost_work_and_torn_lines(tmp_path):
+    from types import SimpleNamespace
+
+    from rl.metrics_log import MetricsLog, read_metrics
+
+    log = MetricsLog(tmp_path, SimpleNamespace(tensorboard=False, wandb=False))
+    for step in (1, 2, 3):
+        log.log(step, {"loss": float(step)})
+    log._fh.write('{"step": 4, "lo')  # a crash in the middle of a line
+    log._fh.flush()
+    log.rewind(2)
+    log.log(3, {"loss": 30.0})
+    log.close()
+    assert [(m["step"], m["loss"]) for m in read_metrics(tmp_path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
