@@ -61,7 +61,7 @@ def test_a_data_path_that_does_not_exist(run, tmp_path):
 
 def test_a_model_that_is_nowhere(run):
     line = run("model.name=no-such-org/no-such-model")
-    assert "model.name='no-such-org/no-such-model' is not a local folder, a builtin" in line
+    assert "model.name='no-such-org/no-such-model' is not a local folder, a .gguf file, a builtin" in line
 
 
 def test_a_run_folder_in_use(run, tmp_path):
