@@ -88,11 +88,15 @@ def base_model(tiny_model_path):
     return load_model(tiny_model_path, "float32").eval()
 
 
-@pytest.fixture(scope="module", params=["vllm", "hf"])
+@pytest.fixture(scope="module", params=["vllm", "vllm-merged", "hf"])
 def engine(request, stop_model):
-    if request.param == "vllm":
+    # vllm: vLLM's LoRA kernels serve the adapter; vllm-merged: the adapter is folded into
+    # the base weights and reloaded in place (rl/rollout/merged.py, the CPU default).
+    name, _, sync = request.param.partition("-")
+    if name == "vllm":
         request.getfixturevalue("float32_vllm")
-    cfg = RolloutConfig(engine=request.param, max_lora_rank=MAX_RANK, max_model_len=256, cpu_kv_cache_gb=1)
+    cfg = RolloutConfig(engine=name, max_lora_rank=MAX_RANK, max_model_len=256, cpu_kv_cache_gb=1,
+                        weight_sync=sync or "adapter")
     eng = make_engine(cfg, stop_model[0], "float32", seed=0)
     yield eng
     del eng
@@ -199,7 +203,7 @@ def test_adapter_changes_outputs_and_each_version_is_served(engine, base_model, 
         peft_model, payload = lora_payload(copy.deepcopy(base_model), _lora_config(**kw), seed, version)
         engine.load_adapter(payload)
         assert engine.adapter_version() == version
-        if hasattr(engine, "loaded_lora_ids"):  # vLLM: the previous id is gone
+        if type(engine).__name__ == "VLLMEngine":  # vLLM's LoRA path: the previous id is gone
             assert len(engine.loaded_lora_ids()) == 1
         # The served weights are this version's: logprobs match its PEFT model, not the last one's.
         for prompt, row in zip(prompts, engine.generate(prompts, spec)):
@@ -262,8 +266,8 @@ def test_unknown_engine_is_one_line():
 
 def test_adapter_folders_are_cleaned_up(engine, base_model):
     root = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    if root is None or not hasattr(engine, "loaded_lora_ids"):
-        pytest.skip("only the vLLM engine writes adapter folders")
+    if root is None or type(engine).__name__ != "VLLMEngine":
+        pytest.skip("only vLLM's LoRA path writes adapter folders")
     before = {f for f in os.listdir(root) if f.startswith("placerl-lora-")}
     _, payload = lora_payload(copy.deepcopy(base_model), _lora_config(), 8, 1000)
     engine.load_adapter(payload)

@@ -108,9 +108,11 @@ def check_prompts(prompt_ids: list[list[int]], max_model_len: int, max_new_token
 def make_engine(rollout_cfg, model_path: str, dtype: str, seed: int) -> RolloutEngine:
     """The engine named by ``rollout_cfg.engine`` (``rl.config.RolloutConfig``)."""
     if rollout_cfg.engine == "vllm":
+        from rl.rollout.merged import MergedVLLMEngine, merges_weights
         from rl.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(rollout_cfg, model_path, dtype, seed)
+        cls = MergedVLLMEngine if merges_weights(rollout_cfg) else VLLMEngine
+        return cls(rollout_cfg, model_path, dtype, seed)
     if rollout_cfg.engine == "hf":
         from rl.rollout.hf_engine import HFEngine
 

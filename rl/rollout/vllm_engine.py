@@ -124,15 +124,10 @@ class VLLMEngine:
             max_model_len=rollout_cfg.max_model_len,
             gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
             enforce_eager=eager,
-            enable_lora=True,
-            max_lora_rank=served_rank_cap(rollout_cfg.max_lora_rank),
-            # One adapter serves all requests; room for two so the next version is
-            # loaded before the previous one is dropped.
-            max_loras=1,
-            max_cpu_loras=2,
             logprobs_mode="processed_logprobs",
             distributed_executor_backend="uni",
             disable_log_stats=True,
+            **self._lora_args(rollout_cfg),
             **extra,
         )
         self._lora = None  # the LoRARequest being served
@@ -156,6 +151,12 @@ class VLLMEngine:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+    def _lora_args(self, rollout_cfg) -> dict:
+        # One adapter serves all requests; room for two so the next version is loaded
+        # before the previous one is dropped. (rl/rollout/merged.py serves without LoRA.)
+        return {"enable_lora": True, "max_lora_rank": served_rank_cap(rollout_cfg.max_lora_rank),
+                "max_loras": 1, "max_cpu_loras": 2}
 
     # ------------------------------------------------------------------ generation
 
