@@ -78,7 +78,7 @@ def _dequantised_checkpoint(gguf: Path, tmp: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The GGUF loader marks the model as quantized; it is dequantized already, and
     # save_pretrained refuses a "quantized" model, so drop the marker.
     model.hf_quantizer = None
@@ -156,7 +156,7 @@ def materialise_tiny_llama(cache: Path | None = None, seed: int = 0) -> Path:
             vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
             tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, torch_dtype="float32")
+            pad_token_id=tok.pad_token_id, dtype="float32")
         torch.manual_seed(seed)
         LlamaForCausalLM(cfg).save_pretrained(tmp)
         tok.save_pretrained(tmp)
@@ -224,4 +224,4 @@ def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = Fals
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
-        path, torch_dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)

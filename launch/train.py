@@ -29,13 +29,16 @@ def parse_args(argv):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from rl.console import configure
+
+    configure(cfg.logging.verbose)
     from rl.learner.group import LearnerDied
+    from rl.run_summary import summarize
     from rl.trainer import StartupError, train
 
     # `ray job stop` and a scheduler's kill send SIGTERM: end like Ctrl-C, so that a checkpoint
@@ -50,10 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     except LearnerDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"run folder:  {run_dir}")
-    print(f"metrics:     {run_dir / 'metrics.jsonl'} (TensorBoard: {run_dir / 'tensorboard'})")
-    print(f"checkpoints: {run_dir / 'checkpoints'}")
-    print(f"final eval:  {(run_dir / 'final_eval.json').read_text().strip()}")
+    print(summarize(run_dir, title=f"{Path(args.config).stem}: {cfg.trainer.steps} {cfg.algorithm.loss} steps of "
+                                  f"{cfg.model.name} on {cfg.data.task}, run folder {run_dir}"), flush=True)
     return 0
 
 

@@ -22,12 +22,14 @@ def free_port(host: str = LOOPBACK) -> int:
 
 def loopback_env() -> dict[str, str]:
     """Environment that keeps a local Ray (and its workers) on loopback."""
-    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Nothing but this machine reaches a loopback cluster: Ray 2.60's token auth buys nothing.
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 1024,
-             runtime_env: dict | None = None):
-    """Connect to (or start) Ray and return the context; idempotent."""
+             runtime_env: dict | None = None, verbose: bool = True):
+    """Connect to (or start) Ray and return the context; idempotent. ``verbose=False``
+    keeps actors' output in Ray's log files and Ray's own INFO lines off the console."""
     address = address or os.environ.get("RAY_ADDRESS", "")
     if not address:
         # Ray reads this once, when it is first imported, and otherwise binds its agents
@@ -35,6 +37,8 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 1024,
         # constant, when something imported ray earlier). Only for a private cluster:
         # a driver joining a real cluster must advertise its real address.
         os.environ.update(loopback_env())
+    import logging
+
     import ray
 
     if ray.is_initialized():
@@ -49,7 +53,7 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 1024,
     if address:
         # Inside `ray job submit` the job's runtime_env (working_dir) is inherited.
         return ray.init(address=address, runtime_env=env if runtime_env else None,
-                        log_to_driver=True)
+                        log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
     return ray.init(
         address="local",  # a private cluster even when another Ray runs on this machine
         num_cpus=num_cpus or os.cpu_count(),
@@ -57,7 +61,8 @@ def init_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 1024,
         include_dashboard=False,
         _node_ip_address=LOOPBACK,
         runtime_env=env,
-        log_to_driver=True,
+        log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.WARNING,
     )
 
 

@@ -31,6 +31,7 @@ from rl import checkpoint as ckpt
 from rl.learner.batch import grpo_batch, sft_batch
 from rl.learner.group import LearnerDied
 from rl.config import Config
+from rl.console import actor_env
 from rl.data import PromptSampler, attach_prompts, load_task
 from rl.evaluate import accuracy, eval_runner, graded
 from rl.grpo import group_advantages, zero_variance_groups
@@ -140,8 +141,10 @@ class Trainer:
 
         cfg = self.cfg
         on_sigterm = signal.getsignal(signal.SIGTERM)
+        log.info("%s: %d train and %d test prompts; starting %d learner rank(s) and %d rollout worker(s)",
+                 cfg.model.name, len(self.train_rows), len(self.test_rows), cfg.learner.num_ranks, cfg.rollout.num_workers)
         init_ray(cfg.cluster.address, max(cfg.cluster.num_cpus, cfg.learner.num_ranks + cfg.rollout.num_workers + 1),
-                 cfg.cluster.object_store_mb)
+                 cfg.cluster.object_store_mb, verbose=cfg.logging.verbose)
         if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
             # ray.init puts a native SIGTERM handler in front of the entry point's (launch.train's),
             # and that one aborts the process without unwinding: put the entry point's back, so that
@@ -159,7 +162,7 @@ class Trainer:
         # The plan never changes during a run: serve at its largest rank (rl/rollout/engine.py says why).
         served = served_config(self.served, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
-                                   layout, cfg.cluster) if needs_rollout else None
+                                   layout, cfg.cluster, actor_env(cfg.logging.verbose)) if needs_rollout else None
         self.metrics = MetricsLog(self.run_dir, cfg.logging, cfg.to_dict())
 
     def _rollout_dtype(self) -> str:
@@ -281,7 +284,10 @@ class Trainer:
         cfg = self.cfg
         resumed = self.resume()
         if not resumed and cfg.trainer.eval_size:
-            self.metrics.log(0, {f"eval/{k}": v for k, v in self.evaluate().items()})
+            before = self.evaluate()
+            self.metrics.log(0, {f"eval/{k}": v for k, v in before.items()})
+            if before:
+                log.info("test accuracy before training: %.3f on %d problems", before["accuracy_flexible"], before["n"])
         bar = tqdm(total=cfg.trainer.steps, initial=self.step, disable=not cfg.logging.progress,
                    desc="grpo" if cfg.algorithm.loss == "grpo" else "sft", dynamic_ncols=True)
         final_eval: dict = {}
@@ -310,8 +316,7 @@ class Trainer:
             self.metrics.log(self.step, m)
             if self.step % cfg.trainer.save_every == 0 or last:
                 self.save()
-            bar.set_postfix(reward=f"{m.get('reward/mean', float('nan')):.3f}",
-                            loss=f"{m.get('learner/loss', float('nan')):.4f}")
+            bar.set_postfix(progress_fields(m), refresh=False)
             bar.update(1)
         bar.close()
         return final_eval
@@ -338,6 +343,19 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+
+
+def progress_fields(m: dict) -> dict[str, str]:
+    """The progress bar's numbers for one step: reward, accuracy where a GSM8K reward runs, step time."""
+    out = {}
+    if "reward/mean" in m:
+        out["reward"] = f"{m['reward/mean']:.3f}"
+    if "reward/gsm8k_flexible/mean" in m:
+        out["acc"] = f"{m['reward/gsm8k_flexible/mean']:.3f}"
+    if "learner/loss" in m and "reward/mean" not in m:
+        out["loss"] = f"{m['learner/loss']:.4f}"
+    out["step"] = f"{m['time/step_s']:.1f}s"
+    return out
 
 
 def train(cfg: Config, recipe: str = "run") -> Path:

@@ -50,10 +50,10 @@ def ray_head(tiny_model_path):
     subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def _submit(address: str, overrides: list[str]) -> subprocess.CompletedProcess:
+def _submit(address: str, overrides: list[str], config: str = "tiny") -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", address,
            "--working-dir", str(REPO), "--runtime-env", str(REPO / "launch/runtime_env.yaml"), "--",
-           "python", "-m", "launch.train", "--config", "launch/configs/tiny.yaml", *overrides]
+           "python", "-m", "launch.train", "--config", f"launch/configs/{config}.yaml", *overrides]
     return subprocess.run(cmd, env=_ray_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -76,6 +76,25 @@ def test_ray_job_submit_writes_checkpoint_then_resumes(ray_head, tmp_path):
     assert steps == [1, 2, 3, 4]  # the resumed run appended steps 3-4, it did not redo 1-2
     final = json.loads((run / "checkpoints" / "step-000004" / "driver.json").read_text())
     assert final["sampler"]["position"] == 4 * 4 and final["adapter_version"] > state["adapter_version"]
+
+
+def test_quickstart_job_ends_with_a_summary_and_a_reward_curve(ray_head, tmp_path):
+    # The README's first command, on the tiny model: GSM8K from the copy shipped in the
+    # package (no hub here), evaluation before and after, the summary printed and written.
+    r = _submit(ray_head, [f"logging.output_dir={tmp_path}", "model.name=tiny-llama", "trainer.steps=2",
+                           "trainer.eval_size=4", "rollout.max_new_tokens=16", "rollout.eval_max_new_tokens=16"],
+                config="quickstart")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = tmp_path / "quickstart"
+    summary = (run / "summary.txt").read_text()
+    assert summary.strip() in r.stdout  # printed as written
+    for needle in ("before", "after", "test accuracy", "train reward", "step time", "rollout", "learner",
+                   str(run / "metrics.jsonl"), str(run / "tensorboard"), str(run / "checkpoints"),
+                   str(run / "reward_curve.png")):
+        assert needle in summary, (needle, summary)
+    assert (run / "reward_curve.png").read_bytes()[:4] == b"\x89PNG"
+    # quiet by default: no vLLM records or per-actor lines reach the console
+    assert "INFO" not in r.stdout and "(LocalRolloutWorker" not in r.stdout, r.stdout[-3000:]
 
 
 def test_bad_override_fails_before_the_job_starts_anything(ray_head, tmp_path):

@@ -133,7 +133,11 @@ class LearnerGroup:
         from rl.learner.rank import LearnerRank
 
         self.cfg, self.n = cfg, cfg.learner.num_ranks
+        from rl.console import actor_env
+
         opts = {"num_gpus": cfg.cluster.gpus_per_learner_rank, "num_cpus": 1}
+        if actor_env(cfg.logging.verbose):
+            opts["runtime_env"] = actor_env(cfg.logging.verbose)
         actor = ray.remote(LearnerRank)
         self.ranks = []
         for i in range(self.n):

@@ -29,11 +29,13 @@ def chunk_specs(sampling, sizes: list[int]) -> list:
 
 
 class RolloutPool:
-    def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int, layout, cluster_cfg):
+    def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int, layout, cluster_cfg,
+                 runtime_env: dict | None = None):
         from rl.rollout.worker import RolloutWorker
 
         self._cls, self._cfg, self._path, self._dtype, self._seed = RolloutWorker, rollout_cfg, model_path, dtype, seed
         self._layout, self._gpus, self._threads = layout, cluster_cfg.gpus_per_rollout_worker, cluster_cfg.cpu_threads
+        self._runtime_env = runtime_env or {}  # rl.console.actor_env: quiet or verbose workers
         self._adapter = None  # ObjectRef of the newest AdapterPayload
         self.restarts = 0
         self.workers = [self._start(i) for i in range(rollout_cfg.num_workers)]
@@ -43,7 +45,7 @@ class RolloutPool:
         strategy = PlacementGroupSchedulingStrategy(
             self._layout.placement_group, placement_group_bundle_index=self._layout.rollout_bundles[i])
         return self._cls.options(num_cpus=0.5, num_gpus=self._gpus, scheduling_strategy=strategy,
-                                 max_concurrency=1).remote(self._cfg, self._path, self._dtype, self._seed + 7919 * i,
+                                 max_concurrency=1, runtime_env=self._runtime_env or None).remote(self._cfg, self._path, self._dtype, self._seed + 7919 * i,
                                                            self._threads, i)
 
     def _restart(self, i: int) -> None:
