@@ -23,11 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, module_scales
+from rl.rollout.sync import _A, _B, _PREFIX, AdapterPayload, check_ranks, check_servable, module_scales
 from rl.rollout.vllm_engine import VLLMEngine
-
-_PREFIX = "base_model.model."
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
 def merges_weights(rollout_cfg) -> bool:
