@@ -17,7 +17,8 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 . "$VENV/bin/activate"
-pip_q() { python -m pip install -q --disable-pip-version-check "$@"; }
+# -qq: errors only (pip's own notices would bury the four step lines)
+pip_q() { python -m pip install -qq --disable-pip-version-check "$@"; }
 
 if python -c "import vllm, ray, peft, trl, placerl_install_ok" 2>/dev/null; then
   echo "install: environment already complete"; exit 0
