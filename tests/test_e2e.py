@@ -63,7 +63,7 @@ def test_ray_job_submit_writes_checkpoint_then_resumes(ray_head, tmp_path):
            "trainer.eval_size=4", "logging.progress=false"]
     first = _submit(ray_head, out + ["trainer.steps=2"])
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    assert "run folder:" in first.stdout and "succeeded" in first.stdout
+    assert "run folder" in first.stdout and "succeeded" in first.stdout
     run = tmp_path / "job"
     ckpt = run / "checkpoints" / "step-000002"
     assert (ckpt / "COMPLETE").exists() and (ckpt / "learner" / "adapter_config.json").exists()
