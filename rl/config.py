@@ -62,12 +62,16 @@ class DataConfig:
     seed: int = 0
     synthetic_size: int = 4096  # problems generated for task=synthetic
     synthetic_max_ops: int = 2  # arithmetic steps per synthetic problem
+    # The last val_size train rows form the "val" split (for choosing hyperparameters);
+    # training never samples them. 0: every train row trains.
+    val_size: int = 0
 
     def validate(self, p: str) -> None:
         _one_of(f"{p}.task", self.task, ["gsm8k", "synthetic"])
         _check(self.max_prompt_tokens > 0, f"{p}.max_prompt_tokens", self.max_prompt_tokens, "must be > 0")
         _check(self.synthetic_size > 0, f"{p}.synthetic_size", self.synthetic_size, "must be > 0")
         _check(1 <= self.synthetic_max_ops <= 4, f"{p}.synthetic_max_ops", self.synthetic_max_ops, "1..4")
+        _check(self.val_size >= 0, f"{p}.val_size", self.val_size, "must be >= 0 (0: no validation split)")
 
 
 @dataclass
@@ -295,7 +299,8 @@ class TrainerConfig:
     steps: int = 50
     seed: int = 0
     eval_every: int = 0  # 0: evaluate only before and after training
-    eval_size: int = 64  # test problems per evaluation (greedy)
+    eval_size: int = 64  # problems per evaluation (greedy), the first of eval_split
+    eval_split: str = "test"  # test | val (the data.val_size rows held out of training)
     save_every: int = 10
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | <path>
@@ -304,6 +309,7 @@ class TrainerConfig:
         _check(self.steps >= 1, f"{p}.steps", self.steps, "must be >= 1")
         _check(self.eval_every >= 0, f"{p}.eval_every", self.eval_every, "must be >= 0")
         _check(self.eval_size >= 0, f"{p}.eval_size", self.eval_size, "must be >= 0")
+        _one_of(f"{p}.eval_split", self.eval_split, ["test", "val"])
         _check(self.save_every >= 1, f"{p}.save_every", self.save_every, "must be >= 1")
         _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
 
@@ -332,6 +338,8 @@ class Config:
         _check(self.placement.plan or self.placement.rank <= self.rollout.max_lora_rank, "placement.rank",
                self.placement.rank, f"above rollout.max_lora_rank={self.rollout.max_lora_rank}; lower it or "
                "raise rollout.max_lora_rank")
+        _check(self.trainer.eval_split != "val" or self.data.val_size > 0, "trainer.eval_split",
+               self.trainer.eval_split, "needs data.val_size > 0 (the rows held out of training)")
         return self
 
     def to_dict(self) -> dict:

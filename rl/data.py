@@ -170,13 +170,36 @@ def render_prompt(tokenizer, question: str, instruction: str, chat_template: boo
     return content + "\n"
 
 
+SPLITS = ("train", "val", "test")
+
+
+def split_validation(rows: list[dict], val_size: int) -> tuple[list[dict], list[dict]]:
+    """(train, val): the last ``val_size`` rows are held out for choosing hyperparameters."""
+    if val_size < 0 or val_size >= len(rows):
+        raise DataError(f"data.val_size={val_size} must be in [0, {len(rows)}) for a train split of "
+                        f"{len(rows)} rows; lower it")
+    return (rows[: len(rows) - val_size], rows[len(rows) - val_size:]) if val_size else (rows, [])
+
+
 def load_task(data_cfg, split: str) -> list[dict]:
-    """Rows of the configured task and split (``data_cfg`` is ``rl.config.DataConfig``)."""
+    """Rows of the configured task and split (``data_cfg`` is ``rl.config.DataConfig``).
+
+    ``val`` is the last ``data.val_size`` rows of the train split, and ``train`` is the
+    rest: whatever reads ``train`` (the sampler, placement probes) never sees a val row.
+    """
+    if split not in SPLITS:
+        raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    source = "test" if split == "test" else "train"
     if data_cfg.task == "synthetic":
         # Disjoint seeds keep the test problems out of the training stream.
-        n = data_cfg.synthetic_size if split == "train" else max(64, data_cfg.synthetic_size // 8)
-        return synthetic_arithmetic(n, seed=data_cfg.seed * 2 + (split == "test"), max_ops=data_cfg.synthetic_max_ops)
-    return load_gsm8k(split, data_cfg.path)
+        n = data_cfg.synthetic_size if source == "train" else max(64, data_cfg.synthetic_size // 8)
+        rows = synthetic_arithmetic(n, seed=data_cfg.seed * 2 + (source == "test"), max_ops=data_cfg.synthetic_max_ops)
+    else:
+        rows = load_gsm8k(source, data_cfg.path)
+    if split == "test":
+        return rows
+    train, val = split_validation(rows, getattr(data_cfg, "val_size", 0))
+    return val if split == "val" else train
 
 
 def attach_prompts(rows: list[dict], tokenizer, data_cfg) -> list[dict]:

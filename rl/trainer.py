@@ -128,7 +128,9 @@ class Trainer:
         self.model_path = resolve_model(cfg.model.name, cfg.model.cache_dir)
         self.tok = load_tokenizer(self.model_path)
         self.train_rows = attach_prompts(load_task(cfg.data, "train"), self.tok, cfg.data)
-        self.test_rows = attach_prompts(load_task(cfg.data, "test"), self.tok, cfg.data)[: cfg.trainer.eval_size]
+        # Evaluated during training (trainer.eval_split): the test set, or the val rows held out of training.
+        self.test_rows = attach_prompts(load_task(cfg.data, cfg.trainer.eval_split), self.tok,
+                                        cfg.data)[: cfg.trainer.eval_size]
         self.sampler = PromptSampler(len(self.train_rows), seed=cfg.data.seed)
         self.plan, self.lora_dict = make_plan(cfg, self.model_path, self.train_rows)
         self.plan.save(run_dir / "plan.json")

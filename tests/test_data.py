@@ -130,3 +130,35 @@ def test_sampler_is_seeded_epochwise_and_resumable():
     assert u.next_indices(7) == first[7:]
     with pytest.raises(DataError, match="same data config"):
         PromptSampler(11, seed=3).load_state_dict(saved)
+
+
+def test_val_split_is_the_tail_of_train_and_never_trained_on(gsm8k_dir):
+    full = load_task(DataConfig(path=str(gsm8k_dir)), "train")
+    cfg = DataConfig(path=str(gsm8k_dir), val_size=8)
+    train, val, test = load_task(cfg, "train"), load_task(cfg, "val"), load_task(cfg, "test")
+    assert val == full[-8:] and train == full[:-8]
+    assert {r["question"] for r in train}.isdisjoint({r["question"] for r in val})
+    assert test == load_task(DataConfig(path=str(gsm8k_dir)), "test")  # the test set is untouched
+    assert load_task(DataConfig(path=str(gsm8k_dir)), "val") == []  # val_size=0: today's behaviour
+    # A whole sampler epoch draws only train indices: no val row can reach a rollout.
+    sampler = PromptSampler(len(train), seed=1)
+    drawn = {train[i]["question"] for i in sampler.next_indices(len(train))}
+    assert drawn == {r["question"] for r in train}
+
+
+def test_val_split_rejects_sizes_that_leave_no_training(gsm8k_dir):
+    n = len(load_task(DataConfig(path=str(gsm8k_dir)), "train"))
+    with pytest.raises(DataError, match="data.val_size"):
+        load_task(DataConfig(path=str(gsm8k_dir), val_size=n), "train")
+    with pytest.raises(DataError, match="split 'dev'"):
+        load_task(DataConfig(path=str(gsm8k_dir)), "dev")
+
+
+def test_val_split_config_checks():
+    from rl.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.val_size"):
+        load_config(None, ["data.val_size=-1"])
+    with pytest.raises(ConfigError, match="trainer.eval_split"):
+        load_config(None, ["trainer.eval_split=val"])
+    assert load_config(None, ["trainer.eval_split=val", "data.val_size=5"]).trainer.eval_split == "val"
