@@ -18,6 +18,7 @@ COMMANDS = {
     "regime": ("launch.regime", "SFT-versus-GRPO gradient regime contrast report"),
     "compare": ("launch.compare", "compare placements under one budget"),
     "stability": ("launch.stability", "PAGE's dominant module over probe sets and checkpoints"),
+    "learn": ("launch.learn", "GSM8K learning run: base accuracy, budgeted GRPO arms, report"),
 }
 
 

@@ -1,0 +1,200 @@
+"""The learning run's report: ``summary.json``, a README table and the reward curves.
+
+``summary.json`` is machine-readable: ``model``, ``n_test``, ``n_val``, ``steps``,
+``base`` (``flexible``, ``strict`` on the test set, Wilson 95% intervals, val
+accuracies) and ``arms``: per arm its ``seeds`` and, per seed in the same order, the
+test ``flexible`` and ``strict`` accuracies after training (fractions in [0, 1]),
+their intervals, the val accuracies and the paired difference against the base model
+on the same test problems. ``selection`` names the rule and the chosen arm (chosen on
+val only), ``command`` the command that wrote the report and ``commands`` those that
+made each result.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from rl.experiments.learning import read_json, read_jsonl
+from rl.experiments.learning_stats import (SELECTION_RULE, accuracy_with_ci, choose_arm, paired_difference,
+                                           paired_records)
+
+KINDS = ("flexible", "strict")
+
+
+def _problems(folder: Path, split: str) -> list[dict]:
+    path = folder / f"problems-{split}.jsonl"
+    return read_jsonl(path) if path.exists() else []
+
+
+def _last_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, the last one written (a step redone after a resume replaces the first)."""
+    by_step = {m["step"]: m for m in records}
+    return [by_step[s] for s in sorted(by_step) if s > 0]
+
+
+def arm_seed_entry(folder: Path, base_test: list[dict]) -> dict | None:
+    """The figures of one evaluated (arm, seed) folder; None when it has no evaluation yet."""
+    ev = read_json(folder / "eval.json")
+    if ev is None:
+        return None
+    test, val = _problems(folder, "test"), _problems(folder, "val")
+    entry = {"seed": ev["seed"], "steps": ev["steps"], "test": {}, "val": {}, "paired_vs_base": {}}
+    for kind in KINDS:
+        entry["test"][kind] = accuracy_with_ci(test, kind)
+        if val:
+            entry["val"][kind] = accuracy_with_ci(val, kind)["accuracy"]
+        if base_test:
+            entry["paired_vs_base"][kind] = paired_difference(*paired_records(base_test, test, kind))
+    entry["command"] = (read_json(folder / "arm.json") or {}).get("command", "")
+    entry["overrides"] = ev.get("overrides", [])
+    return entry
+
+
+def build_summary(out: Path, command: str) -> dict:
+    """The report's numbers from a results folder (see the module docstring for the shape)."""
+    out = Path(out)
+    base_ev = read_json(out / "base" / "eval.json")
+    if base_ev is None:
+        raise FileNotFoundError(f"{out / 'base' / 'eval.json'} is missing; run `placerl learn base` first")
+    base_test, base_val = _problems(out / "base", "test"), _problems(out / "base", "val")
+    summary = {"model": base_ev.get("model", ""), "n_test": len(base_test), "n_val": len(base_val), "steps": None,
+               "base": {}, "arms": {}, "incomplete": [], "selection": {}, "command": command,
+               "commands": {"base": base_ev.get("command", ""), "arms": {}}}
+    for kind in KINDS:
+        b = accuracy_with_ci(base_test, kind)
+        summary["base"][kind] = b["accuracy"]
+        summary["base"][f"{kind}_ci95"] = b["ci95"]
+        if base_val:
+            summary["base"][f"val_{kind}"] = accuracy_with_ci(base_val, kind)["accuracy"]
+    for arm_folder in sorted((out / "arms").glob("*")) if (out / "arms").is_dir() else []:
+        seeds = sorted(arm_folder.glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
+        entries = []
+        for s in seeds:
+            e = arm_seed_entry(s, base_test)
+            if e is None:
+                summary["incomplete"].append(f"{arm_folder.name}/{s.name}")
+            else:
+                entries.append(e)
+        if not entries:
+            continue
+        arm = {"seeds": [e["seed"] for e in entries], "steps": [e["steps"] for e in entries],
+               "overrides": entries[0]["overrides"]}
+        for kind in KINDS:
+            arm[kind] = [e["test"][kind]["accuracy"] for e in entries]
+            arm[f"{kind}_ci95"] = [e["test"][kind]["ci95"] for e in entries]
+            arm[f"val_{kind}"] = [e["val"].get(kind) for e in entries]
+            arm[f"paired_vs_base_{kind}"] = [e["paired_vs_base"].get(kind) for e in entries]
+        summary["arms"][arm_folder.name] = arm
+        summary["commands"]["arms"][arm_folder.name] = [e["command"] for e in entries]
+    if summary["arms"]:
+        val_scores = {a: [(f, s) for f, s in zip(v["val_flexible"], v["val_strict"]) if f is not None]
+                      for a, v in summary["arms"].items()}
+        chosen = choose_arm(val_scores) if any(val_scores.values()) else None
+        summary["selection"] = {"rule": SELECTION_RULE if chosen else "no val split: nothing chosen",
+                                "split": "val", "n_val": len(base_val), "chosen": chosen}
+        ref = summary["arms"][chosen] if chosen else next(iter(summary["arms"].values()))
+        summary["steps"] = ref["steps"][0]
+    return summary
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _ci(ci) -> str:
+    return f"[{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def readme(summary: dict, plot: str | None) -> str:
+    """A short markdown report: one table row per arm and seed, the choice, the commands."""
+    b, n, nv = summary["base"], summary["n_test"], summary["n_val"]
+    chosen = summary["selection"].get("chosen")
+    lines = [f"# Learning GSM8K with GRPO: {Path(summary['model']).name}", "",
+             f"Greedy accuracy (%) on all {n} GSM8K test problems and on {nv} validation problems (the last "
+             f"{nv} of the train split, never trained on); 95% intervals: Wilson for accuracies, paired normal "
+             "(per problem, against the base model) for differences. The arm is chosen on validation "
+             "accuracy only; test accuracy is reported for every arm.", "",
+             "| arm | seed | steps | val flexible | test flexible [95% CI] | test strict [95% CI] "
+             "| flexible vs base [95% CI] | strict vs base [95% CI] |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| base | - | 0 | {_pct(b['val_flexible']) if 'val_flexible' in b else '-'} | {_pct(b['flexible'])} "
+             f"{_ci(b['flexible_ci95'])} | {_pct(b['strict'])} {_ci(b['strict_ci95'])} | - | - |"]
+    for name, a in summary["arms"].items():
+        for i, seed in enumerate(a["seeds"]):
+            diffs = []
+            for kind in KINDS:
+                d = a[f"paired_vs_base_{kind}"][i]
+                diffs.append(f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d else "-")
+            val = a["val_flexible"][i]
+            mark = " (chosen)" if name == chosen else ""
+            lines.append(f"| {name}{mark} | {seed} | {a['steps'][i]} | {_pct(val) if val is not None else '-'} | "
+                         f"{_pct(a['flexible'][i])} {_ci(a['flexible_ci95'][i])} | {_pct(a['strict'][i])} "
+                         f"{_ci(a['strict_ci95'][i])} | {diffs[0]} | {diffs[1]} |")
+    lines += ["", f"Selection: {summary['selection'].get('rule', 'no arm evaluated yet')}. "
+              f"Chosen: {chosen or '-'}."]
+    if summary["incomplete"]:
+        lines.append(f"Not yet evaluated (left out above): {', '.join(summary['incomplete'])}.")
+    if plot:
+        lines += ["", f"![mean reward per step]({plot})"]
+    lines += ["", "Commands:", "", f"- report: `{summary['command']}`",
+              f"- base: `{summary['commands']['base']}`"]
+    for name, cmds in summary["commands"]["arms"].items():
+        for c, seed in zip(cmds, summary["arms"][name]["seeds"]):
+            lines.append(f"- {name} seed {seed}: `{c}`")
+    lines += ["", "Arm overrides: " + "; ".join(f"{k}: {' '.join(v['overrides']) or '(recipe)'}"
+                                             for k, v in summary["arms"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def plot_rewards(out: Path, path: Path, title: str) -> bool:
+    """Mean reward per step, one line per (arm, seed), from each run's metrics.jsonl."""
+    from rl.metrics_log import read_metrics
+
+    curves = {}
+    for run in sorted(Path(out).glob("arms/*/seed-*/run")):
+        if (run / "metrics.jsonl").exists():
+            steps = [m for m in _last_per_step(read_metrics(run)) if isinstance(m.get("reward/mean"), (int, float))]
+            if steps:
+                curves[f"{run.parent.parent.name} {run.parent.name}"] = ([m["step"] for m in steps],
+                                                                         [m["reward/mean"] for m in steps])
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for label, (x, y) in curves.items():
+        ax.plot(x, y, marker="." if len(x) < 40 else None, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("mean reward")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, report: Path, command: str) -> dict:
+    """summary.json, README.md, reward_curves.png and the per-problem correctness under ``report``."""
+    summary = build_summary(out, command)
+    report = Path(report)
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot = "reward_curves.png" if plot_rewards(out, report / "reward_curves.png",
+                                               f"GSM8K GRPO, {Path(summary['model']).name}") else None
+    (report / "README.md").write_text(readme(summary, plot))
+    problems = report / "problems"
+    problems.mkdir(exist_ok=True)
+    sources = [(Path(out) / "base", "base")] + [(p, f"{p.parent.name}-{p.name}")
+                                                for p in sorted(Path(out).glob("arms/*/seed-*"))]
+    for folder, label in sources:
+        for split in ("val", "test"):
+            src = folder / f"problems-{split}.jsonl"
+            if src.exists():
+                shutil.copyfile(src, problems / f"{label}-{split}.jsonl")
+    return summary
