@@ -198,7 +198,7 @@ def load_task(data_cfg, split: str) -> list[dict]:
         rows = load_gsm8k(source, data_cfg.path)
     if split == "test":
         return rows
-    train, val = split_validation(rows, getattr(data_cfg, "val_size", 0))
+    train, val = split_validation(rows, data_cfg.val_size)
     return val if split == "val" else train
 
 

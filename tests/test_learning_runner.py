@@ -61,6 +61,7 @@ def test_learn_base_arm_budget_resume_and_summary(tiny_model_path, tmp_path):
     # and continues where the stopped call left it: 2 steps x 4 prompts.
     assert driver["sampler"]["size"] == 240 and driver["sampler"]["position"] == 8
     ev = json.loads((folder / "eval.json").read_text())
+    assert len((folder / "completions-test.jsonl").read_text().splitlines()) == 64
     assert ev["train_rows"] == 240 and ev["steps"] == 2 and ev["test"]["n"] == 64
     calls = json.loads((folder / "calls.json").read_text())
     assert [(c["steps_before"], c["steps_after"]) for c in calls] == [(0, 1), (1, 2)]
@@ -76,6 +77,8 @@ def test_learn_base_arm_budget_resume_and_summary(tiny_model_path, tmp_path):
     assert arm["flexible"][0] == ev["test"]["accuracy_flexible"]
     d = arm["paired_vs_base_flexible"][0]
     assert d["lo"] <= d["diff"] <= d["hi"] and d["n"] == 64
+    pooled = arm["paired_vs_base_pooled"]["flexible"]
+    assert pooled["n"] == 64 and pooled["seeds"] == 1 and pooled["diff"] == pytest.approx(d["diff"])
     assert s["selection"]["chosen"] == "lr1e-3" and "validation" in s["selection"]["rule"]
     assert s["command"].startswith("placerl learn summary") and "learner.lr=1e-3" in s["commands"]["arms"]["lr1e-3"][0]
     text = (report / "README.md").read_text()

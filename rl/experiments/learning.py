@@ -134,10 +134,15 @@ def greedy_eval(generate, rows: dict[str, list[dict]], cfg) -> tuple[dict, dict[
 
 
 def save_eval(folder: Path, figures: dict, records: dict[str, list[dict]], extra: dict) -> dict:
-    """``eval.json`` and one ``problems-<split>.jsonl`` per split (written last: eval.json marks done)."""
+    """``eval.json``, and per split ``problems-<split>.jsonl`` (correctness) and
+    ``completions-<split>.jsonl`` (the text, to read what the model answered).
+    eval.json is written last: it marks the evaluation done."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, recs in records.items():
-        (folder / f"problems-{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+        (folder / f"completions-{split}.jsonl").write_text(
+            "".join(json.dumps({"index": r["index"], "completion": r["completion"]}) + "\n" for r in recs))
+        (folder / f"problems-{split}.jsonl").write_text(
+            "".join(json.dumps({k: v for k, v in r.items() if k != "completion"}) + "\n" for r in recs))
     result = {**figures, **extra}
     write_json(folder / "eval.json", result)
     return result
@@ -225,10 +230,10 @@ def run_arm(config: str, overrides: list[str], out: Path, arm: str, seed: int, b
     if saved is not None and saved["overrides"] != list(overrides):
         raise LearningError(f"arm {arm!r} seed {seed} was started with overrides {saved['overrides']}, this call "
                             f"has {list(overrides)}; pass the same, or name another --arm")
-    if saved is None:
+    if saved is None or (command and saved.get("command") != command):  # the latest command line that ran it
         write_json(folder / "arm.json", {"arm": arm, "seed": seed, "overrides": list(overrides),
-                                         "config": str(config), "command": command})
-    if time.monotonic() + start_s > deadline:
+                                         "config": str(config), "command": command or (saved or {}).get("command", "")})
+    if start_s > 0 and time.monotonic() + start_s > deadline:  # no time to start the actors
         return "training"
     run_dir, total, chunk = folder / "run", cfg.trainer.steps, cfg.trainer.save_every
     t0 = time.perf_counter()

@@ -5,9 +5,10 @@
 accuracies) and ``arms``: per arm its ``seeds`` and, per seed in the same order, the
 test ``flexible`` and ``strict`` accuracies after training (fractions in [0, 1]),
 their intervals, the val accuracies and the paired difference against the base model
-on the same test problems. ``selection`` names the rule and the chosen arm (chosen on
-val only), ``command`` the command that wrote the report and ``commands`` those that
-made each result.
+on the same test problems (per seed: a normal interval; pooled over seeds: a
+bootstrap). ``selection`` names the rule and the chosen arm (chosen on val only),
+``command`` the command that wrote the report and ``commands`` those that made each
+result.
 """
 from __future__ import annotations
 
@@ -51,6 +52,19 @@ def arm_seed_entry(folder: Path, base_test: list[dict]) -> dict | None:
     return entry
 
 
+def pooled_vs_base(base_test: list[dict], seed_folders: list[Path]) -> dict:
+    """The arm's mean test accuracy over its seeds minus the base's, with a bootstrap 95% CI
+    that resamples problems jointly and the arm's seeds (rl.diagnostics.confidence)."""
+    from rl.diagnostics.confidence import paired_difference_ci
+
+    out = {}
+    for kind in KINDS:
+        runs = [paired_records(base_test, _problems(f, "test"), kind) for f in seed_folders]
+        ci = paired_difference_ci([runs[0][0]], [arm for _, arm in runs])
+        out[kind] = {"diff": ci.estimate, "lo": ci.low, "hi": ci.high, "n": ci.n, "seeds": len(runs)}
+    return out
+
+
 def build_summary(out: Path, command: str) -> dict:
     """The report's numbers from a results folder (see the module docstring for the shape)."""
     out = Path(out)
@@ -85,6 +99,8 @@ def build_summary(out: Path, command: str) -> dict:
             arm[f"{kind}_ci95"] = [e["test"][kind]["ci95"] for e in entries]
             arm[f"val_{kind}"] = [e["val"].get(kind) for e in entries]
             arm[f"paired_vs_base_{kind}"] = [e["paired_vs_base"].get(kind) for e in entries]
+        if base_test:
+            arm["paired_vs_base_pooled"] = pooled_vs_base(base_test, [s for s in seeds if (s / "eval.json").exists()])
         summary["arms"][arm_folder.name] = arm
         summary["commands"]["arms"][arm_folder.name] = [e["command"] for e in entries]
     if summary["arms"]:
@@ -131,6 +147,11 @@ def readme(summary: dict, plot: str | None) -> str:
             lines.append(f"| {name}{mark} | {seed} | {a['steps'][i]} | {_pct(val) if val is not None else '-'} | "
                          f"{_pct(a['flexible'][i])} {_ci(a['flexible_ci95'][i])} | {_pct(a['strict'][i])} "
                          f"{_ci(a['strict_ci95'][i])} | {diffs[0]} | {diffs[1]} |")
+    for name, a in summary["arms"].items():
+        p = a.get("paired_vs_base_pooled", {}).get("flexible")
+        if p and p["seeds"] > 1:
+            lines.append(f"\n{name}, mean over {p['seeds']} seeds: flexible vs base {100 * p['diff']:+.1f} "
+                         f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] (bootstrap over problems and seeds)")
     lines += ["", f"Selection: {summary['selection'].get('rule', 'no arm evaluated yet')}. "
               f"Chosen: {chosen or '-'}."]
     if summary["incomplete"]:
