@@ -25,7 +25,7 @@ import sys
 from rl.config import ConfigError, load_config
 from rl.data import DataError
 
-RECIPE = "launch/configs/gsm8k_grpo_gpu.yaml"
+RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 
 
 def parse_args(argv: list[str]):
