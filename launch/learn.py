@@ -42,6 +42,8 @@ def parse_args(argv: list[str]):
             p.add_argument("--arm", required=True, help="the arm's name (letters, digits, . _ -)")
             p.add_argument("--seed", type=int, default=0, help="trainer.seed and placement.seed of this arm")
             p.add_argument("--budget-s", type=float, default=480.0, help="wall-clock budget of this call (s)")
+            p.add_argument("--eval-at-budget", action="store_true",
+                           help="if the budget ends before trainer.steps, evaluate the step reached")
         p.add_argument("overrides", nargs="*", help="recipe overrides, e.g. learner.lr=1e-4")
     return ap.parse_args(argv)
 
@@ -67,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not re.fullmatch(r"[A-Za-z0-9._-]+", args.arm):
             raise LearningError(f"--arm {args.arm!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
-        status = run_arm(args.config, args.overrides, args.out, args.arm, args.seed, args.budget_s, command)
+        status = run_arm(args.config, args.overrides, args.out, args.arm, args.seed, args.budget_s, command,
+                         eval_at_budget=args.eval_at_budget)
         return 0 if status == "evaluated" else 3
     except (ConfigError, DataError, LearningError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

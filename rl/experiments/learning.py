@@ -208,8 +208,13 @@ def eval_reserve_s(out: Path) -> float:
 
 
 def run_arm(config: str, overrides: list[str], out: Path, arm: str, seed: int, budget_s: float,
-            command: str = "", start_s: float = START_S, close_s: float = CLOSE_S) -> str:
+            command: str = "", start_s: float = START_S, close_s: float = CLOSE_S,
+            eval_at_budget: bool = False) -> str:
     """Train (or resume) one arm and evaluate its final adapter, as far as ``budget_s`` allows.
+
+    With ``eval_at_budget`` the call keeps the evaluation's time back and, when the budget
+    runs out before ``trainer.steps``, evaluates the adapter of the step it reached (the
+    eval records that step): for a last call on a machine that is about to go away.
 
     Returns "evaluated", "trained" (evaluation left for the next call) or "training".
     The first chunk of steps in a call always runs, so every call makes progress.
@@ -248,7 +253,8 @@ def run_arm(config: str, overrides: list[str], out: Path, arm: str, seed: int, b
         while trainer.step < total:
             per_step = _mean_step_s(run_dir)
             todo = min(chunk, total - trainer.step)
-            if not first and time.monotonic() + (per_step or 0.0) * todo + close_s > deadline:
+            reserve = close_s + (eval_reserve_s(out) if eval_at_budget else 0.0)
+            if not first and time.monotonic() + (per_step or 0.0) * todo + reserve > deadline:
                 break
             # fit() trains up to cfg.trainer.steps and checkpoints there; the learner's
             # schedule was fixed at the true total when its actors started.
@@ -258,9 +264,9 @@ def run_arm(config: str, overrides: list[str], out: Path, arm: str, seed: int, b
             print(f"{arm} seed {seed}: step {trainer.step}/{total}  {(_mean_step_s(run_dir) or 0):.1f} s/step  "
                   f"({time.perf_counter() - t0:.0f} s into this call)", flush=True)
         trainer.cfg.trainer.steps = total
-        if trainer.step >= total:
-            status = "trained"
-            if time.monotonic() + eval_reserve_s(out) + close_s <= deadline:
+        if trainer.step >= total or eval_at_budget:
+            status = "trained" if trainer.step >= total else "training"
+            if eval_at_budget or time.monotonic() + eval_reserve_s(out) + close_s <= deadline:
                 # The rollout actors serve the final adapter (synced after the last step or on resume).
                 figures, records = greedy_eval(trainer.rollout.generate, eval_rows(cfg, trainer.tok), cfg)
                 ckpt = latest_checkpoint(run_dir)
