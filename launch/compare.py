@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         if not specs or len({s[0] for s in specs}) != len(specs):
             raise ValueError(f"--placements {args.placements!r} must name at least one placement, each once")
         seeds = parse_seeds(args.seeds)
-        for spec in specs:  # every arm's config is checked before anything runs
-            cfg = load_config(args.config, run_overrides(opts, spec[1], spec[2], seeds[0], Path("."), "check", spec[3]))
+        cfgs = [load_config(args.config, run_overrides(opts, spec[1], spec[2], seeds[0], Path("."), "check", spec[3]))
+                for spec in specs]  # every arm's config is checked before anything runs
+        cfg = cfgs[0]
         if args.baseline and args.baseline not in {s[0] for s in specs}:
             raise ValueError(f"--baseline {args.baseline!r} is not one of --placements")
     except USER_ERRORS as e:
