@@ -39,7 +39,7 @@ def _run(args, completion_only: bool, checkpointing: bool, out) -> None:
 
     from core.lora import DEFAULT_TARGET_MODULES
     from rl.grpo import token_logprobs
-    from rl.models import load_model, resolve_model
+    from core.models import load_model, resolve_model
 
     torch.manual_seed(0)
     model = get_peft_model(load_model(resolve_model("smollm2-135m-instruct"), "float32"),

@@ -39,6 +39,7 @@ USER_ERRORS = (ConfigError, DataError, FileNotFoundError, ValueError)
 def parse_args(argv):
     ap = argparse.ArgumentParser(prog="placerl regime", description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True, help="a recipe under launch/configs/")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs, e.g. rollout.group_size=4")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps per regime (default: trainer.steps)")
     ap.add_argument("--every", type=int, default=None,
                     help="capture gradients every k steps (default 1, or diagnostics.every when overridden)")
@@ -51,7 +52,6 @@ def parse_args(argv):
                     help="SFT trains prompts_per_step gold solutions per step instead of prompts_per_step x group_size")
     ap.add_argument("--control-batches", type=int, default=4,
                     help="independent step-0 batches per regime for the fixed-policy control (0: skip it)")
-    ap.add_argument("overrides", nargs="*", help="dotted overrides applied to both runs, e.g. rollout.group_size=4")
     return ap.parse_args(argv)
 
 
