@@ -94,7 +94,7 @@ def med(rows: list[dict], key: str = "total") -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rank", type=int, default=8)
@@ -106,19 +106,12 @@ def main() -> None:
     ap.add_argument("--max-rank-dim", type=int, default=DiagnosticsConfig.max_rank_dim)
     ap.add_argument("--modules", default=",".join(DiagnosticsConfig().modules))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = ap.parse_args()
+    return ap.parse_args()
 
-    device = torch.device(a.device)
-    model = build(a.model, a.rank, device)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g).to(device)
-    st = Stepper(model, ids, device)
-    cfg = DiagnosticsConfig(enabled=True, every=a.every, modules=a.modules.split(","), max_rank_dim=a.max_rank_dim)
-    diag = GradientDiagnostics(model, cfg)
-    print(f"model={a.model} device={device} batch={a.batch}x{a.seq} lora r={a.rank} all-linear; "
-          f"diagnostics every={cfg.every} modules={cfg.modules} max_rank_dim={cfg.max_rank_dim} "
-          f"lags={cfg.lags} window={cfg.window}; {len(diag.modules)} modules watched", flush=True)
 
+def interleaved_rounds(st: Stepper, diag: GradientDiagnostics, model, cfg, rounds: int):
+    """Per round one step of each kind (off, capture, idle, idle with persistent hooks), after a
+    warm-up that fills the history window; the step timings per kind and the flush waits."""
     # Warm-up: kernels, allocator, and a full history window so captures run at steady state.
     st.step()
     for i in range(cfg.window + 1):
@@ -127,7 +120,7 @@ def main() -> None:
     diag.flush()
     rows: dict[str, list[dict]] = {"off": [], "capture": [], "idle": [], "idle-persistent": []}
     waits: list[float] = []
-    for r in range(a.rounds):
+    for r in range(rounds):
         rows["off"].append(st.step())
         rows["capture"].append(st.step(diag, captures * cfg.every))
         t = time.perf_counter()
@@ -142,11 +135,14 @@ def main() -> None:
         else:
             rows["idle"].append(rows["off"][-1])
             rows["idle-persistent"].append(rows["off"][-1])
-        print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]['total']:.3f}s" for k, v in rows.items()),
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]['total']:.3f}s" for k, v in rows.items()),
               flush=True)
+    return rows, waits
 
+
+def print_ratios(rows: dict, waits: list[float], diag: GradientDiagnostics, cfg, rounds: int) -> None:
     off, cap, idle, pers = (med(rows[k]) for k in ("off", "capture", "idle", "idle-persistent"))
-    print(f"\nstep time medians over {a.rounds} interleaved rounds: off {off:.4f}s  capture {cap:.4f}s  "
+    print(f"\nstep time medians over {rounds} interleaved rounds: off {off:.4f}s  capture {cap:.4f}s  "
           f"idle {idle:.4f}s  idle-persistent {pers:.4f}s")
     print("capture step breakdown (medians): " + "  ".join(
         f"{k} {med(rows['capture'], k):.4f}s (off {med(rows['off'], k):.4f}s)"
@@ -160,33 +156,53 @@ def main() -> None:
         goal = "  (goal < 1.10: " + ("met" if ratio < 1.10 else "NOT met") + ")" if k == 10 else ""
         print(f"overhead ratio every={k}: {ratio:.4f}{goal}")
 
+
+def measured_blocks(st: Stepper, model, cfg, n_blocks: int) -> None:
+    """Whole 10-step blocks off, at every=10 and at every=1, interleaved; their median times."""
+    d10 = GradientDiagnostics(model, DiagnosticsConfig(**{**cfg.__dict__, "every": 10}))
+    d1 = GradientDiagnostics(model, DiagnosticsConfig(**{**cfg.__dict__, "every": 1}))
+    blocks: dict[str, list[float]] = {"off": [], "every=10": [], "every=1": []}
+    n10 = n1 = 0
+    for _ in range(cfg.window):  # d10's history full before timing, like the main run
+        st.step(d10, n10)
+        n10 += 10
+    d10.flush()
+
+    def block(d: GradientDiagnostics | None, start: int) -> float:
+        total = sum(st.step(d, start + i)["total"] for i in range(10))
+        t = time.perf_counter()
+        if d is not None:
+            d.flush()  # a block owns its own captures' statistics, finished
+        return total + time.perf_counter() - t
+
+    for b in range(n_blocks):
+        blocks["off"].append(block(None, 0))
+        blocks["every=10"].append(block(d10, n10))
+        blocks["every=1"].append(block(d1, n1))
+        n10, n1 = n10 + 10, n1 + 10
+    base = statistics.median(blocks["off"])
+    print(f"\nmeasured 10-step blocks ({n_blocks} interleaved rounds, medians): off {base:.3f}s; " + "; ".join(
+        f"{k} {statistics.median(v):.3f}s = {statistics.median(v) / base:.4f}x" for k, v in blocks.items() if k != "off"))
+    d10.close()
+    d1.close()
+
+
+def main() -> None:
+    a = parse_args()
+    device = torch.device(a.device)
+    model = build(a.model, a.rank, device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (a.batch, a.seq), generator=g).to(device)
+    st = Stepper(model, ids, device)
+    cfg = DiagnosticsConfig(enabled=True, every=a.every, modules=a.modules.split(","), max_rank_dim=a.max_rank_dim)
+    diag = GradientDiagnostics(model, cfg)
+    print(f"model={a.model} device={device} batch={a.batch}x{a.seq} lora r={a.rank} all-linear; "
+          f"diagnostics every={cfg.every} modules={cfg.modules} max_rank_dim={cfg.max_rank_dim} "
+          f"lags={cfg.lags} window={cfg.window}; {len(diag.modules)} modules watched", flush=True)
+    rows, waits = interleaved_rounds(st, diag, model, cfg, a.rounds)
+    print_ratios(rows, waits, diag, cfg, a.rounds)
     if a.blocks:
-        d10 = GradientDiagnostics(model, DiagnosticsConfig(**{**cfg.__dict__, "every": 10}))
-        d1 = GradientDiagnostics(model, DiagnosticsConfig(**{**cfg.__dict__, "every": 1}))
-        blocks: dict[str, list[float]] = {"off": [], "every=10": [], "every=1": []}
-        n10 = n1 = 0
-        for _ in range(cfg.window):  # d10's history full before timing, like the main run
-            st.step(d10, n10)
-            n10 += 10
-        d10.flush()
-
-        def block(d: GradientDiagnostics | None, start: int) -> float:
-            total = sum(st.step(d, start + i)["total"] for i in range(10))
-            t = time.perf_counter()
-            if d is not None:
-                d.flush()  # a block owns its own captures' statistics, finished
-            return total + time.perf_counter() - t
-
-        for b in range(a.blocks):
-            blocks["off"].append(block(None, 0))
-            blocks["every=10"].append(block(d10, n10))
-            blocks["every=1"].append(block(d1, n1))
-            n10, n1 = n10 + 10, n1 + 10
-        base = statistics.median(blocks["off"])
-        print(f"\nmeasured 10-step blocks ({a.blocks} interleaved rounds, medians): off {base:.3f}s; " + "; ".join(
-            f"{k} {statistics.median(v):.3f}s = {statistics.median(v) / base:.4f}x" for k, v in blocks.items() if k != "off"))
-        d10.close()
-        d1.close()
+        measured_blocks(st, model, cfg, a.blocks)
     diag.close()
 
 

@@ -79,23 +79,16 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_overhead(args, path: str, tok, payload) -> None:
-    import ray
+def raw_vllm(args, path: str, cfg, prompts: list[str], payload, seed: int):
+    """Raw vLLM, configured as the framework configures it, in this process: the engine, a run
+    function (generated tokens of one call) and the adapter folder it serves."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    from rl.cluster import init_ray
-    from rl.config import RolloutConfig
-    from rl.rollout.engine import SamplingSpec, prompt_seed
-    from rl.rollout.worker import RolloutWorker
-    from rl.rollout.vllm_engine import served_rank_cap
+    from rl.rollout.engine import prompt_seed
     from rl.rollout.sync import AdapterPayload, fold_scales_for_vllm, write_peft_adapter
+    from rl.rollout.vllm_engine import served_rank_cap
 
-    prompts = render(tok, questions(args.prompts))
-    cfg = RolloutConfig(engine="vllm", max_lora_rank=LORA["r"], max_model_len=1024, cpu_kv_cache_gb=0.5)
-    spec = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=0)
-
-    # Raw vLLM, configured as the framework configures it, in this process.
     raw = LLM(model=path, dtype=args.dtype, seed=0, max_model_len=cfg.max_model_len, enforce_eager=True,
               enable_lora=True, max_lora_rank=served_rank_cap(cfg.max_lora_rank), max_loras=1,
               max_cpu_loras=2, logprobs_mode="processed_logprobs", distributed_executor_backend="uni",
@@ -104,29 +97,49 @@ def bench_overhead(args, path: str, tok, payload) -> None:
     tensors, lcfg = fold_scales_for_vllm(payload.tensors, payload.peft_config)
     write_peft_adapter(AdapterPayload(1, tensors, lcfg), folder)
     lora = LoRARequest("bench", 1, folder)
+    # The engine's seeds (rl.rollout.engine.prompt_seed), so both sides sample the same streams.
+    full = [SamplingParams(n=args.n, max_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
+                           seed=prompt_seed(seed, i, args.n), logprobs=0) for i in range(len(prompts))]
 
-    def params(max_tokens: int):  # the engine's seeds (rl.rollout.worker.prompt_seed)
-        return [SamplingParams(n=args.n, max_tokens=max_tokens, temperature=1.0, top_p=1.0,
-                               seed=prompt_seed(spec.seed, i, args.n), logprobs=0) for i in range(len(prompts))]
-
-    full = params(args.max_new_tokens)
-
-    def raw_run(p=full):
-        outs = raw.generate(prompts, p, lora_request=lora, use_tqdm=False)
+    def run():
+        outs = raw.generate(prompts, full, lora_request=lora, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
-    # The framework: a RolloutWorker actor; tokenization, transfer and conversion included.
+    return raw, run, folder
+
+
+def framework_worker(args, path: str, cfg, payload):
+    """The framework's side: a RolloutWorker actor serving ``payload``, at the same priority
+    and on the whole machine, so that the ratio is the framework's own cost."""
+    import ray
+
+    from rl.cluster import init_ray
+    from rl.rollout.worker import RolloutWorker
+
     # Ray runs workers at nice 15 and with OMP_NUM_THREADS = the actor's num_cpus; on a
     # machine with other work that alone makes the actor slower than this nice-0 process.
-    # Same priority and the whole machine for both sides, so the ratio is the framework's.
     os.environ.setdefault("RAY_worker_niceness", "0")
     threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "VLLM_CPU_OMP_THREADS_BIND") if k in os.environ}
     init_ray(num_cpus=os.cpu_count(), object_store_mb=512, runtime_env={"env_vars": threads})
     worker = RolloutWorker.options(num_cpus=args.threads or os.cpu_count()).remote(cfg, path, args.dtype, 0, args.threads)
     ray.get(worker.ping.remote())
     ray.get(worker.load_adapter.remote(ray.put(payload)))
+    return worker
 
-    def framework_run(s=spec):
+
+def bench_overhead(args, path: str, tok, payload) -> None:
+    import ray
+
+    from rl.config import RolloutConfig
+    from rl.rollout.engine import SamplingSpec
+
+    prompts = render(tok, questions(args.prompts))
+    cfg = RolloutConfig(engine="vllm", max_lora_rank=LORA["r"], max_model_len=1024, cpu_kv_cache_gb=0.5)
+    spec = SamplingSpec(n=args.n, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0, seed=0)
+    raw, raw_run, folder = raw_vllm(args, path, cfg, prompts, payload, spec.seed)
+    worker = framework_worker(args, path, cfg, payload)
+
+    def framework_run(s=spec):  # tokenization, transfer and conversion included
         ids = tok(prompts, add_special_tokens=False)["input_ids"]
         rows = ray.get(worker.generate.remote(ids, s))
         return sum(len(c.token_ids) for row in rows for c in row)
@@ -144,9 +157,13 @@ def bench_overhead(args, path: str, tok, payload) -> None:
     tokenize = min(timed(lambda: tok(prompts, add_special_tokens=False)) for _ in range(5))
     round_trip = min(timed(lambda: ray.get(worker.generate.remote([], spec))) for _ in range(5))
     ray.kill(worker)
-    del raw
+    del raw_run, raw
     shutil.rmtree(folder, ignore_errors=True)
+    print_overhead(raw_times, fw_times, raw_tokens, fw_tokens, tokenize + round_trip, tokenize, round_trip)
 
+
+def print_overhead(raw_times, fw_times, raw_tokens: int, fw_tokens: int, own: float, tokenize: float,
+                   round_trip: float) -> None:
     print(f"raw vllm.LLM.generate   : best {min(raw_times):.3f} s  median {statistics.median(raw_times):.3f} s  "
           f"({raw_tokens} tokens, {raw_tokens / min(raw_times):.0f} tok/s)")
     print(f"framework RolloutWorker : best {min(fw_times):.3f} s  median {statistics.median(fw_times):.3f} s  "
@@ -155,7 +172,6 @@ def bench_overhead(args, path: str, tok, payload) -> None:
     print(f"rollout overhead ratio (framework / raw, best rounds) = {ratio:.3f}  "
           f"[median rounds: {statistics.median(fw_times) / statistics.median(raw_times):.3f}]  goal <= 1.10: "
           f"{'met' if ratio <= 1.10 else 'NOT met'}")
-    own = tokenize + round_trip
     print(f"framework's own work per call (best of 5): tokenize {tokenize * 1e3:.1f} ms + actor round trip "
           f"{round_trip * 1e3:.1f} ms = {own * 1e3:.1f} ms = {own / min(raw_times):.2%} of the raw rollout", flush=True)
 
