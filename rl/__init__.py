@@ -1,1 +1,1 @@
-"""placerl training system: the driver, config, GRPO math, data and checkpoints; rollout/, learner/, diagnostics/ and experiments/ below."""
+"""placerl training system: the driver, config, GRPO math, data, checkpoints and the GRPO probe's rollout; rollout/, learner/, diagnostics/ and experiments/ below."""

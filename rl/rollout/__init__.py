@@ -1,1 +1,1 @@
-"""Rollout: the engine protocol, the vLLM and plain-transformers engines, the worker actor, the pool, and adapter sync."""
+"""Rollout: the engine interface, the vLLM and plain-transformers engines, the worker actor, the pool, and adapter sync."""
