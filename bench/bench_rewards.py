@@ -57,6 +57,16 @@ def _wrong(gold: str, rng: random.Random) -> str:
     return str(int(w)) if w == int(w) else f"{w:.2f}"
 
 
+ANSWER_FORMATS = {  # styles 0-5 of make_completion: a worked solution, then its answer written one way
+    0: "{body}\n#### {ans}",
+    1: "{body}\nThe answer is {ans}.",
+    2: "{body}\nSo the final result is $\\boxed{{{ans}}}$.",
+    3: "{body}\nSo in total that is {ans}. I hope this helps!",
+    4: "{body}\nShe pays ${pretty} in total.\n#### ${pretty}",
+    5: "<think>\n{body}\n</think>\nThe answer is {ans}.\n#### {ans}",
+}
+
+
 def make_completion(row: dict, rng: random.Random) -> str:
     """One realistic completion for a GSM8K row: a worked solution in one of several answer formats."""
     body, gold = row["answer"].rsplit("####", 1)
@@ -65,18 +75,8 @@ def make_completion(row: dict, rng: random.Random) -> str:
     ans = gold if rng.random() < 0.5 else _wrong(gold, rng)
     pretty = f"{int(float(ans)):,}" if re.fullmatch(r"-?\d+", ans) else ans
     style = rng.randrange(10)
-    if style == 0:
-        return f"{body}\n#### {ans}"
-    if style == 1:
-        return f"{body}\nThe answer is {ans}."
-    if style == 2:
-        return f"{body}\nSo the final result is $\\boxed{{{ans}}}$."
-    if style == 3:
-        return f"{body}\nSo in total that is {ans}. I hope this helps!"
-    if style == 4:
-        return f"{body}\nShe pays ${pretty} in total.\n#### ${pretty}"
-    if style == 5:
-        return f"<think>\n{body}\n</think>\nThe answer is {ans}.\n#### {ans}"
+    if style in ANSWER_FORMATS:
+        return ANSWER_FORMATS[style].format(body=body, ans=ans, pretty=pretty)
     if style == 6:
         return body[: rng.randrange(1, max(2, len(body)))]  # cut at the length limit: no answer
     if style == 7:

@@ -41,28 +41,27 @@ class Statistic:
     claim: str
 
 
+# The papers' claims, each shared by the statistics that test it.
+HIGH_RANK = "GRPO gradients are high-rank, SFT gradients low-rank"
+STABLE = "SFT gradients are directionally stable, GRPO's near-orthogonal across steps"
+SPREAD = "layer importance is spread wide under SFT and flat under GRPO"
+SPREAD_MEASURED = "layer importance is spread wide under SFT (>10x) and flat under GRPO (2.17x)"
+
 STATISTICS = (
-    Statistic("eff_rank_mean", "effective rank", "grpo", "GRPO gradients are high-rank, SFT gradients low-rank"),
-    Statistic("stable_rank_mean", "stable rank", "grpo", "GRPO gradients are high-rank, SFT gradients low-rank"),
-    Statistic("cos_lag1_mean", "cross-step cosine (lag 1)", "sft",
-              "SFT gradients are directionally stable, GRPO's near-orthogonal across steps"),
-    Statistic("sign_agree_mean", "sign agreement with the previous step", "sft",
-              "SFT gradients are directionally stable, GRPO's near-orthogonal across steps"),
-    Statistic("sign_consistency_mean", "sign consistency over the window", "sft",
-              "SFT gradients are directionally stable, GRPO's near-orthogonal across steps"),
-    Statistic("importance_spread", "importance spread (max/min, mean over captures)", "sft",
-              "layer importance is spread wide under SFT (>10x) and flat under GRPO (2.17x)"),
-    Statistic("importance_top30_share", "top-30% importance share (mean over captures)", "sft",
-              "layer importance is spread wide under SFT and flat under GRPO"),
-    Statistic("importance_gini", "importance Gini (mean over captures)", "sft",
-              "layer importance is spread wide under SFT and flat under GRPO"),
+    Statistic("eff_rank_mean", "effective rank", "grpo", HIGH_RANK),
+    Statistic("stable_rank_mean", "stable rank", "grpo", HIGH_RANK),
+    Statistic("cos_lag1_mean", "cross-step cosine (lag 1)", "sft", STABLE),
+    Statistic("sign_agree_mean", "sign agreement with the previous step", "sft", STABLE),
+    Statistic("sign_consistency_mean", "sign consistency over the window", "sft", STABLE),
+    Statistic("importance_spread", "importance spread (max/min, mean over captures)", "sft", SPREAD_MEASURED),
+    Statistic("importance_top30_share", "top-30% importance share (mean over captures)", "sft", SPREAD),
+    Statistic("importance_gini", "importance Gini (mean over captures)", "sft", SPREAD),
 )
 RUN_SPREAD = Statistic("run_importance_spread", "importance spread (max/min of run-mean layer norms)", "sft",
-                       "layer importance is spread wide under SFT (>10x) and flat under GRPO (2.17x)")
-RUN_TOP30 = Statistic("run_importance_top30_share", "top-30% share of run-mean layer norms", "sft",
-                      "layer importance is spread wide under SFT and flat under GRPO")
+                       SPREAD_MEASURED)
+RUN_TOP30 = Statistic("run_importance_top30_share", "top-30% share of run-mean layer norms", "sft", SPREAD)
 RUN_GINI = Statistic("run_importance_gini", "Gini of run-mean layer norms", "sft",
-                     "layer importance is spread wide under SFT and flat under GRPO")
+                     SPREAD)
 
 
 @dataclass(frozen=True)
