@@ -50,10 +50,10 @@ def questions(k: int) -> list[str]:
 
 
 def render(tok, qs: list[str]) -> list[str]:
-    if tok.chat_template:
-        return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                        add_generation_prompt=True) for q in qs]
-    return qs
+    """The bare questions in the model's chat format, as training renders prompts (no instruction)."""
+    from rl.data import render_prompt
+
+    return [render_prompt(tok, q, "") for q in qs]
 
 
 def adapter_payload(model_path: str, version: int):
