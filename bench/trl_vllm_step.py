@@ -24,26 +24,21 @@ from collections import defaultdict
 def trl_vllm_steps(recipe: str, overrides: list[str], steps: int) -> list[dict]:
     """One dict of seconds per optimizer step: step, rollout, reward, sync, learner."""
     import torch
-    from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
     from trl.extras import profiling
 
     from bench.recipe_steps import REPO
     from rewards.gsm8k import gsm8k_flexible
     from rl.config import load_config
-    from rl.data import PromptSampler, attach_prompts, load_task
     from core.models import load_model, load_tokenizer, resolve_model
 
     cfg = load_config(REPO / recipe, overrides)
-    r, lc, pc = cfg.rollout, cfg.learner, cfg.placement
+    pc = cfg.placement
     path = resolve_model(cfg.model.name, cfg.model.cache_dir)
     tok = load_tokenizer(path)
-    rows = attach_prompts(load_task(cfg.data, "train"), tok, cfg.data)
-    sampler = PromptSampler(len(rows), seed=cfg.data.seed)
-    order = [i for _ in range(steps) for i in sampler.next_indices(r.prompts_per_step)]
-    ds = Dataset.from_list([{k: rows[i][k] for k in ("prompt", "question", "answer", "gold")} for i in order])
+    ds = recipe_dataset(cfg, tok, steps)
 
     timers: dict[str, float] = defaultdict(float)
     original = profiling.ProfilingContext._log_metrics
@@ -72,18 +67,7 @@ def trl_vllm_steps(recipe: str, overrides: list[str], steps: int) -> list[dict]:
         return gsm8k_flexible(prompts, completions, **cols)
 
     cuda = torch.cuda.is_available()
-    batch = r.prompts_per_step * r.group_size
-    if batch % lc.micro_batch_size:
-        raise ValueError(f"learner.micro_batch_size={lc.micro_batch_size} must divide prompts x group = {batch}")
-    args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=lc.micro_batch_size,
-        gradient_accumulation_steps=batch // lc.micro_batch_size, num_generations=r.group_size,
-        max_completion_length=r.max_new_tokens, max_steps=steps, learning_rate=lc.lr, temperature=r.temperature,
-        top_p=r.top_p, beta=0.0, epsilon=cfg.algorithm.epsilon_low, epsilon_high=cfg.algorithm.epsilon_high,
-        shuffle_dataset=False, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=cuda,
-        vllm_gpu_memory_utilization=r.gpu_memory_utilization, vllm_max_model_length=r.max_model_len,
-        gradient_checkpointing=lc.gradient_checkpointing, bf16=cuda, use_cpu=not cuda, report_to=[],
-        logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=cfg.trainer.seed)
+    args = grpo_config(cfg, steps, cuda)
     lora = LoraConfig(r=pc.rank, lora_alpha=pc.alpha, target_modules=list(pc.target_modules), task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=load_model(path, cfg.model.dtype), reward_funcs=gsm8k_reward, args=args,
                           train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
@@ -92,3 +76,34 @@ def trl_vllm_steps(recipe: str, overrides: list[str], steps: int) -> list[dict]:
     finally:
         profiling.ProfilingContext._log_metrics = original
     return out
+
+
+def recipe_dataset(cfg, tok, steps: int):
+    """The prompts of ``steps`` steps, in the order placerl's sampler draws them."""
+    from datasets import Dataset
+
+    from rl.data import PromptSampler, attach_prompts, load_task
+
+    rows = attach_prompts(load_task(cfg.data, "train"), tok, cfg.data)
+    sampler = PromptSampler(len(rows), seed=cfg.data.seed)
+    order = [i for _ in range(steps) for i in sampler.next_indices(cfg.rollout.prompts_per_step)]
+    return Dataset.from_list([{k: rows[i][k] for k in ("prompt", "question", "answer", "gold")} for i in order])
+
+
+def grpo_config(cfg, steps: int, cuda: bool):
+    """TRL's GRPOConfig with the recipe's batch, sampling, clipping, vLLM and learner settings."""
+    from trl import GRPOConfig
+
+    r, lc = cfg.rollout, cfg.learner
+    batch = r.prompts_per_step * r.group_size
+    if batch % lc.micro_batch_size:
+        raise ValueError(f"learner.micro_batch_size={lc.micro_batch_size} must divide prompts x group = {batch}")
+    return GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl-bench-"), per_device_train_batch_size=lc.micro_batch_size,
+        gradient_accumulation_steps=batch // lc.micro_batch_size, num_generations=r.group_size,
+        max_completion_length=r.max_new_tokens, max_steps=steps, learning_rate=lc.lr, temperature=r.temperature,
+        top_p=r.top_p, beta=0.0, epsilon=cfg.algorithm.epsilon_low, epsilon_high=cfg.algorithm.epsilon_high,
+        shuffle_dataset=False, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=cuda,
+        vllm_gpu_memory_utilization=r.gpu_memory_utilization, vllm_max_model_length=r.max_model_len,
+        gradient_checkpointing=lc.gradient_checkpointing, bf16=cuda, use_cpu=not cuda, report_to=[],
+        logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=cfg.trainer.seed)
