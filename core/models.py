@@ -194,7 +194,7 @@ def _reachable_hub_id(name: str) -> str:
     try:
         hf_hub_download(name, "config.json")
     except Exception as e:  # noqa: BLE001 - not found, offline, unreachable, not a valid id: one answer
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
         raise FileNotFoundError(
             f"model.name={name!r} is not a local folder, a .gguf file, a builtin ({SMOLLM2}, {TINY}, "
             f"{QWEN_CODER}) nor a model the hub (or its cache) has ({type(e).__name__}: {reason}); fix the "
