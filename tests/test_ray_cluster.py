@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    # A dual-stack socket bound to 127.0.0.1 shows as the IPv4-mapped ::ffff:127.0.0.1.
+    return (getattr(addr, "ipv4_mapped", None) or addr).is_loopback
+
+
+def test_loopback_classification():
+    assert _loopback("127.0.0.1") and _loopback("::1") and _loopback("::ffff:127.0.0.1")
+    assert not _loopback("0.0.0.0") and not _loopback("::") and not _loopback("::ffff:10.0.0.5")
+    assert not _loopback("192.168.1.4")
+
+
 def test_a_local_cluster_listens_on_loopback_only(ray_local):
     import psutil
 
@@ -32,7 +44,7 @@ def test_a_local_cluster_listens_on_loopback_only(ray_local):
         for c in conns:
             if c.status == psutil.CONN_LISTEN:
                 listening.append((name, c.laddr))
-                if not ipaddress.ip_address(c.laddr.ip).is_loopback:
+                if not _loopback(c.laddr.ip):
                     exposed.append((name, c.laddr))
     assert any("gcs_server" in n or "raylet" in n for n, _ in listening), listening
     assert not exposed, f"listening beyond loopback: {exposed}"
