@@ -72,11 +72,13 @@ def main() -> int:
         q = ctx.Queue()
         p = ctx.Process(target=_run, args=(args, completion_only, checkpointing, q))
         p.start()
-        result[name] = q.get()
         p.join()
+        if p.exitcode != 0:
+            raise SystemExit(f"the {name!r} variant failed (exit code {p.exitcode}); its error is above")
+        result[name] = q.get()
     first = next(iter(result.values()))
     for name, r in result.items():
-        r["memory_ratio"], r["time_ratio"] = r["peak_gb"] / first["peak_gb"], r["seconds"] / first["seconds"]
+        r["memory_ratio"], r["time_ratio"] = r["peak_gb"] / max(first["peak_gb"], 1e-9), r["seconds"] / first["seconds"]
     print(json.dumps(result, indent=1))
     for name, r in result.items():
         print(f"{name:16} {r['peak_gb']:.2f} GB above the model ({r['memory_ratio']:.2f}x), "
