@@ -25,7 +25,9 @@ fi
 out=$(ray job submit --no-wait "${job_args[@]}" 2>&1) || { echo "$out" >&2; exit 1; }
 job=$(grep -o "raysubmit_[A-Za-z0-9]*" <<<"$out" | head -1)
 echo "job $job submitted (ray job logs/status/stop $job --address $address)"
-ray job logs --address "$address" --follow "$job" 2>/dev/null | grep -v "^Running entrypoint for job\|Runtime env is setting up" || true
+# Ray's own lines (its CLI's banner, the job manager's setup notes) are left out.
+ray job logs --address "$address" --follow "$job" 2>/dev/null \
+  | grep -v -E "^Running entrypoint for job|Runtime env is setting up| (cli|sdk)\.py:[0-9]+ -- " || true
 status=$(ray job status --address "$address" "$job" 2>&1 | grep -o "succeeded\|failed\|stopped" | tail -1)
 echo "job $job ${status:-ended without a status}"
 [ "$status" = succeeded ]
