@@ -92,7 +92,7 @@ def disagreements(rows: list[dict]) -> list[tuple]:
             for i, (c, s, f) in enumerate(zip(comps, strict, flex)) if s != f]
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]):
     ap = argparse.ArgumentParser(prog="placerl reward", description="Try reward functions on a file of completions.")
     ap.add_argument("--data", required=True, help="JSON lines with completion (+ prompt, gold, answer, ...)")
     ap.add_argument("--fn", action="append", default=[], help="NAME[,weight=W][,KEY=VALUE...]; repeatable")
@@ -102,24 +102,63 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--timeout", type=float, default=None, help="seconds per call")
     ap.add_argument("--show", type=int, default=10, help="rows to print with their scores")
     ap.add_argument("--out", help="write per-row scores here as JSON lines")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    from rewards import RewardError, RewardRunner
+
+def make_runner(args):
+    """The RewardRunner that ``--fn`` (else ``--config``'s reward section, else both GSM8K graders) names."""
+    from rewards import RewardRunner
+
+    if args.config:
+        from rl.config import load_config
+
+        cfg = load_config(args.config).reward
+        functions, timeout, workers, executor = cfg.functions, cfg.timeout_s, cfg.workers, cfg.executor
+    else:
+        functions, timeout, workers, executor = [], 10.0, 2, "thread"
+    if args.fn:
+        functions = [parse_fn(s) for s in args.fn]
+    functions = functions or [{"name": "gsm8k_strict"}, {"name": "gsm8k_flexible"}]
+    return RewardRunner(functions, timeout_s=args.timeout or timeout, workers=args.workers or workers,
+                        executor=args.executor or executor, where="--fn" if args.fn else "reward.functions")
+
+
+def print_scores(runner, result, rows: list[dict], completions: list[str], seconds: float, show: int) -> None:
+    """The per-function summary table, then the first ``show`` rows with their scores."""
+    print(f"scored {len(rows)} completions with {len(runner.labels)} functions in {seconds:.2f} s "
+          f"({runner.executor}, {runner.workers} workers)\n")
+    print(f"{'function':<28}{'weight':>8}{'mean':>9}{'none':>7}{'errors':>8}{'timeouts':>10}")
+    m = result.metrics()
+    for lab in runner.labels:
+        print(f"{lab[:27]:<28}{runner.weights[lab]:>8.3g}{m[f'reward/{lab}/mean']:>9.3f}"
+              f"{m[f'reward/{lab}/none_frac']:>7.0%}{result.errors[lab]:>8}{result.timeouts[lab]:>10}")
+    print(f"{'total (weighted sum)':<28}{'':>8}{m['reward/total/mean']:>9.3f}\n")
+    if show > 0 and rows:
+        print("  #   total  " + "  ".join(lab[:12] for lab in runner.labels) + "  completion")
+        for i in range(min(show, len(rows))):
+            cells = "  ".join(f"{_fmt(result.per_function[lab][i]):>{min(12, len(lab))}}" for lab in runner.labels)
+            print(f"{i:>3} {result.total[i]:>7.3g}  {cells}  {_short(completions[i])}")
+        print()
+
+
+def print_disagreements(rows: list[dict], completions: list[str]) -> None:
+    diff = disagreements(rows)
+    if diff:
+        print(f"strict and flexible GSM8K grading disagree on {len(diff)} of {len(rows)} rows:")
+        for i, s, f, sa, fa, gold in diff:
+            print(f"{i:>3} strict={_fmt(s)} (read {sa!r}) flexible={_fmt(f)} (read {fa!r}) gold={gold}  "
+                  f"{_short(completions[i], 50)}")
+    elif any("gold" in r or "answer" in r for r in rows):
+        print("strict and flexible GSM8K grading agree on every row")
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    from rewards import RewardError
 
     try:
         rows = read_rows(args.data)
-        if args.config:
-            from rl.config import load_config
-
-            cfg = load_config(args.config).reward
-            functions, timeout, workers, executor = cfg.functions, cfg.timeout_s, cfg.workers, cfg.executor
-        else:
-            functions, timeout, workers, executor = [], 10.0, 2, "thread"
-        if args.fn:
-            functions = [parse_fn(s) for s in args.fn]
-        functions = functions or [{"name": "gsm8k_strict"}, {"name": "gsm8k_flexible"}]
-        runner = RewardRunner(functions, timeout_s=args.timeout or timeout, workers=args.workers or workers,
-                              executor=args.executor or executor, where="--fn" if args.fn else "reward.functions")
+        runner = make_runner(args)
     except (OSError, ValueError) as e:
         print(f"placerl reward: {e}", file=sys.stderr)
         return 2
@@ -136,29 +175,8 @@ def main(argv: list[str]) -> int:
         return 2
     finally:
         runner.close()
-
-    print(f"scored {len(rows)} completions with {len(runner.labels)} functions in {seconds:.2f} s "
-          f"({runner.executor}, {runner.workers} workers)\n")
-    print(f"{'function':<28}{'weight':>8}{'mean':>9}{'none':>7}{'errors':>8}{'timeouts':>10}")
-    m = result.metrics()
-    for lab in runner.labels:
-        print(f"{lab[:27]:<28}{runner.weights[lab]:>8.3g}{m[f'reward/{lab}/mean']:>9.3f}"
-              f"{m[f'reward/{lab}/none_frac']:>7.0%}{result.errors[lab]:>8}{result.timeouts[lab]:>10}")
-    print(f"{'total (weighted sum)':<28}{'':>8}{m['reward/total/mean']:>9.3f}\n")
-    if args.show > 0 and rows:
-        print("  #   total  " + "  ".join(lab[:12] for lab in runner.labels) + "  completion")
-        for i in range(min(args.show, len(rows))):
-            cells = "  ".join(f"{_fmt(result.per_function[lab][i]):>{min(12, len(lab))}}" for lab in runner.labels)
-            print(f"{i:>3} {result.total[i]:>7.3g}  {cells}  {_short(completions[i])}")
-        print()
-    diff = disagreements(rows)
-    if diff:
-        print(f"strict and flexible GSM8K grading disagree on {len(diff)} of {len(rows)} rows:")
-        for i, s, f, sa, fa, gold in diff:
-            print(f"{i:>3} strict={_fmt(s)} (read {sa!r}) flexible={_fmt(f)} (read {fa!r}) gold={gold}  "
-                  f"{_short(completions[i], 50)}")
-    elif any("gold" in r or "answer" in r for r in rows):
-        print("strict and flexible GSM8K grading agree on every row")
+    print_scores(runner, result, rows, completions, seconds, args.show)
+    print_disagreements(rows, completions)
     if args.out:
         with open(args.out, "w") as fh:
             for i in range(len(rows)):

@@ -98,13 +98,26 @@ class LearnerRank:
 
     def setup(self, cfg, model_path: str, lora_config: dict, b_masks, addr: str, port: int,
               attach=None, plan=None) -> None:
-        from peft import LoraConfig, get_peft_model
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-        from core.models import load_model
-
+        """Join the process group, build the PEFT model, shard it with FSDP2, and build the optimizer."""
         self.cfg = cfg
+        cuda = self._join_group(cfg, addr, port)
+        peft_model, b_masks = self._adapted_model(cfg, model_path, lora_config, b_masks, plan)
+        if attach is not None:
+            self.after_backward = list(attach(peft_model, cfg) or [])
+        self._shard(peft_model, cfg.learner.mixed_precision, cuda)
+        self.model = peft_model
+        self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        lc = cfg.learner
+        self.optimizer = build_optimizer(self.params, lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=lc.warmup_steps,
+                                         total_steps=cfg.trainer.steps * lc.updates_per_batch,
+                                         schedule=lc.schedule, min_lr_ratio=lc.min_lr_ratio)
+        self._dropout = getattr(peft_model.get_base_model().config, "attention_dropout", 0.0) > 0 or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in peft_model.modules())
+
+    def _join_group(self, cfg, addr: str, port: int) -> bool:
+        """Pick this rank's device and threads and join the process group; True on CUDA."""
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
@@ -121,6 +134,13 @@ class LearnerRank:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world_size, timeout=timedelta(minutes=30))
+        return cuda
+
+    def _adapted_model(self, cfg, model_path: str, lora_config: dict, b_masks, plan):
+        """The base model with its LoRA adapter (the plan's, or ``lora_config``'s), and the B masks."""
+        from peft import LoraConfig, get_peft_model
+
+        from core.models import load_model
 
         # The same seed on every rank: each rank builds the full model and fully_shard keeps
         # its slice, so LoRA's random A must be identical everywhere.
@@ -148,12 +168,15 @@ class LearnerRank:
                     raise ValueError(f"B mask for {name!r} names no parameter of the PEFT model; masks are "
                                      "keyed by lora_B parameter names (PlacementPlan.b_masks())")
                 params[name.replace("lora_B", "lora_A")].requires_grad_(False)
-        if attach is not None:
-            self.after_backward = list(attach(peft_model, cfg) or [])
+        return peft_model, b_masks
 
-        mp = cfg.learner.mixed_precision
+    def _shard(self, peft_model, mixed_precision: str, cuda: bool) -> None:
+        """FSDP2 over the decoder layers and the whole model, gradients summed (not averaged) across ranks."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if mp == "bf16" or (mp == "auto" and cuda) else MixedPrecisionPolicy()
+            if mixed_precision == "bf16" or (mixed_precision == "auto" and cuda) else MixedPrecisionPolicy()
         peft_model.to(self.device)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         # One rank has nothing to shard: resharding after forward would only free the bf16 copy
@@ -167,16 +190,6 @@ class LearnerRank:
                 m.set_gradient_divide_factor(1.0)
                 if hasattr(m, "set_force_sum_reduction_for_comms"):
                     m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-        self.model = peft_model
-        self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
-        self.params = [p for p in peft_model.parameters() if p.requires_grad]
-        lc = cfg.learner
-        self.optimizer = build_optimizer(self.params, lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=lc.warmup_steps,
-                                         total_steps=cfg.trainer.steps * lc.updates_per_batch,
-                                         schedule=lc.schedule, min_lr_ratio=lc.min_lr_ratio)
-        self._dropout = getattr(model.config, "attention_dropout", 0.0) > 0 or any(
-            isinstance(m, torch.nn.Dropout) and m.p > 0 for m in peft_model.modules())
 
     # ------------------------------------------------------------------ forward
 
