@@ -62,3 +62,51 @@ def test_choose_arm_uses_validation_means_then_strict_then_name():
     assert choose_arm({"b": [(0.3, 0.2)], "a": [(0.3, 0.2)]}) == "a"
     with pytest.raises(ValueError, match="no arm"):
         choose_arm({"a": []})
+
+
+def _write_eval(folder, val, test, **extra):
+    """An evaluation folder as `placerl learn` writes it: eval.json and per-problem records."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, marks in (("val", val), ("test", test)):
+        (folder / f"problems-{split}.jsonl").write_text("".join(
+            json.dumps({"index": i, "gold": str(i), "strict": s, "flexible": f}) + "\n" for i, (s, f) in enumerate(marks)))
+    (folder / "eval.json").write_text(json.dumps(extra))
+
+
+def test_summary_chooses_on_val_and_reports_test_for_every_arm(tmp_path):
+    import json
+
+    from rl.experiments.learning_report import build_summary, readme
+
+    base_test = [(0, 0)] * 6 + [(1, 1)] * 4
+    _write_eval(tmp_path / "base", val=[(0, 0)] * 5, test=base_test, model="m.gguf", command="placerl learn base")
+    # Arm "a": better on val, worse on test; arm "b": the reverse. The choice must follow val.
+    for seed, test in ((0, [(0, 1)] * 6 + [(1, 1)] * 4), (1, [(0, 0)] * 6 + [(1, 1)] * 4)):
+        _write_eval(tmp_path / "arms" / "a" / f"seed-{seed}", val=[(1, 1)] * 4 + [(0, 0)], test=test,
+                    seed=seed, steps=150, overrides=["learner.lr=1e-4"])
+        (tmp_path / "arms" / "a" / f"seed-{seed}" / "arm.json").write_text(json.dumps({"command": f"arm a {seed}"}))
+    _write_eval(tmp_path / "arms" / "b" / "seed-0", val=[(1, 1)] + [(0, 0)] * 4, test=[(1, 1)] * 10,
+                seed=0, steps=150, overrides=["learner.lr=3e-4"])
+    (tmp_path / "arms" / "c" / "seed-0").mkdir(parents=True)  # started, not evaluated yet
+
+    s = build_summary(tmp_path, "placerl learn summary")
+    assert (s["model"], s["n_test"], s["n_val"], s["steps"]) == ("m.gguf", 10, 5, 150)
+    assert (s["base"]["flexible"], s["base"]["strict"], s["base"]["val_flexible"]) == (0.4, 0.4, 0.0)
+    a, b = s["arms"]["a"], s["arms"]["b"]
+    assert a["seeds"] == [0, 1] and a["flexible"] == [1.0, 0.4] and a["strict"] == [0.4, 0.4]
+    assert a["val_flexible"] == [0.8, 0.8] and b["flexible"] == [1.0] and b["val_flexible"] == [0.2]
+    assert s["selection"]["chosen"] == "a" and s["incomplete"] == ["c/seed-0"]
+    assert a["paired_vs_base_flexible"][0]["gained"] == 6 and a["paired_vs_base_flexible"][1]["diff"] == 0.0
+    assert a["paired_vs_base_pooled"]["flexible"]["diff"] == pytest.approx(0.3) and a["paired_vs_base_pooled"]["flexible"]["seeds"] == 2
+    text = readme(s, None)
+    assert "| a (chosen) | 0 | 150 |" in text and "| b | 0 | 150 |" in text and "`arm a 1`" in text
+    json.dumps(s)  # machine-readable as it stands
+
+
+def test_summary_needs_the_base_evaluation(tmp_path):
+    from rl.experiments.learning_report import build_summary
+
+    with pytest.raises(FileNotFoundError, match="learn base"):
+        build_summary(tmp_path, "x")
