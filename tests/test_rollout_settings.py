@@ -5,7 +5,7 @@ import pytest
 
 from rl.config import ConfigError, load_config
 from rl.rollout.pool import chunk_specs
-from rl.rollout.vllm_engine import check_vllm_dtype, resolve_enforce_eager, resolve_sleep_mode
+from rl.rollout.vllm_engine import check_vllm_dtype, explain_sleep_failure, resolve_enforce_eager, resolve_sleep_mode
 from rl.rollout.engine import SamplingSpec, prompt_seed, step_seed
 from rl.trainer import rollout_settings
 
@@ -84,3 +84,15 @@ def test_cudagraph_max_batch_is_checked():
     assert load_config("launch/configs/tiny.yaml", ["rollout.cudagraph_max_batch=1024"]).rollout.cudagraph_max_batch == 1024
     with pytest.raises(ConfigError, match=r"rollout.cudagraph_max_batch=-1 is not allowed: must be >= 0"):
         load_config("launch/configs/tiny.yaml", ["rollout.cudagraph_max_batch=-1"])
+
+
+def test_sleep_assertion_of_a_shared_gpu_becomes_one_line_naming_the_fix():
+    # The message vLLM 0.26's gpu_worker.sleep asserts when another process allocated meanwhile.
+    explained = explain_sleep_failure(AssertionError("Memory usage increased after sleeping."))
+    assert isinstance(explained, RuntimeError)
+    message = str(explained)
+    assert "\n" not in message and "several processes share this GPU" in message
+    assert "rollout.sleep_mode=false" in message
+    # Any other error is left to propagate unchanged.
+    assert explain_sleep_failure(AssertionError("some other vLLM check")) is None
+    assert explain_sleep_failure(RuntimeError("Memory usage increased after sleeping.")) is None

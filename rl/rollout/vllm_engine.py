@@ -20,7 +20,9 @@ On a GPU the engine runs with CUDA graphs (``rollout.enforce_eager: auto``), spe
 on LoRA where the installed vLLM has ``cudagraph_specialize_lora``, and in bfloat16 (its
 LoRA kernels refuse float32). With sleep mode (``rollout.sleep_mode``) the engine offloads
 its weights and drops its KV cache while the learner steps, and wakes on the next sync or
-generate, serving the same adapter.
+generate, serving the same adapter. Sleep mode assumes one engine per GPU: vLLM checks
+that the whole device's free memory grew across the sleep, so another process allocating
+on the same GPU meanwhile fails the step (see :func:`explain_sleep_failure`).
 
 Left out: prefix caching tuning, speculative decoding, multi-GPU tensor parallelism
 (one worker is one engine on one device; scale out with more workers).
@@ -72,6 +74,24 @@ def resolve_sleep_mode(setting, colocated: bool, on_gpu: bool) -> bool:
         raise ValueError("rollout.sleep_mode=true needs vLLM on a GPU (this platform has no sleep "
                          "mode); set rollout.sleep_mode=auto or false")
     return bool(setting)
+
+
+# vLLM's gpu_worker.sleep asserts this when the device's free memory shrank across the sleep.
+_SLEEP_MEMORY_ASSERTION = "Memory usage increased after sleeping"
+
+
+def explain_sleep_failure(error: BaseException) -> RuntimeError | None:
+    """The one-line error for vLLM's sleep assertion, or None for any other error.
+
+    vLLM measures the free memory of the whole device before and after sleeping, so another
+    process allocating on the same GPU in between trips its assertion. The error is raised,
+    never ignored: after the assertion vLLM's own sleeping state may be wrong.
+    """
+    if isinstance(error, AssertionError) and _SLEEP_MEMORY_ASSERTION in str(error):
+        return RuntimeError("vLLM sleep failed: the GPU's used memory grew while the engine slept, so several "
+                            "processes share this GPU: set rollout.sleep_mode=false (sleep mode assumes one "
+                            "engine per GPU)")
+    return None
 
 
 def _graph_options(enable_lora: bool, max_batch: int) -> dict:
@@ -141,7 +161,13 @@ class VLLMEngine:
         """Offload the weights (adapter slots included) to host memory and drop the KV cache."""
         if not self.sleeps or self._asleep:
             return self._asleep
-        self.llm.sleep(level=1)
+        try:
+            self.llm.sleep(level=1)
+        except AssertionError as error:
+            explained = explain_sleep_failure(error)
+            if explained is None:
+                raise
+            raise explained from error
         self._asleep = True
         return True
 
