@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         seeds = opts.seed_list()
         out = out_dir(opts, load_config(args.config, args.overrides))
-        first = {loss: regime_config(opts, loss, out, seeds[0]) for loss in REGIMES}
+        first = {loss: regime_config(opts, loss, out, seeds[0], sft_done=False) for loss in REGIMES}
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -167,9 +167,13 @@ def out_dir(opts: RegimeOptions, base_cfg) -> Path:
     return Path(opts.out or Path(base_cfg.logging.output_dir) / f"regime-{Path(opts.config).stem}")
 
 
-def regime_config(opts: RegimeOptions, loss: str, out: Path, seed: int):
+def regime_config(opts: RegimeOptions, loss: str, out: Path, seed: int, sft_done: bool = True):
+    """One regime's config. GRPO trains on the SFT run's plan file; before the SFT run has
+    written it (``sft_done=False``: the up-front check and the control), the GRPO config is
+    loaded without it, since a plan path that does not exist yet is refused at load."""
     base = load_config(opts.config, opts.overrides)
-    plan = str(seed_dir(out, seed) / "sft" / "plan.json") if loss == "grpo" else ""
+    sft_plan = seed_dir(out, seed) / "sft" / "plan.json"
+    plan = str(sft_plan) if loss == "grpo" and (sft_done or sft_plan.exists()) else ""
     return load_config(opts.config, regime_overrides(opts, loss, out, plan, seed, base))
 
 
