@@ -166,7 +166,16 @@ class AlgorithmConfig:
     kl_estimator: str = "k3"
     filter_zero_variance: bool = False  # drop groups whose rewards are all equal
     overlong_mask: bool = False  # completions cut at max_new_tokens get no loss
-    tis_cap: float = 0.0  # truncated importance sampling on rollout/learner mismatch; 0: off
+    # Importance correction for the gap between the policy that sampled (the rollout engine, up
+    # to trainer.max_staleness versions old) and the one that learns; rl/grpo.py, docs/async.md.
+    # none | tis (token weights capped at tis_cap) | mis (drop sequences whose geometric-mean
+    # ratio leaves [mis_low, mis_high]) | icepop (token weight k inside [icepop_low, icepop_high], 0 outside)
+    is_correction: str = "none"
+    tis_cap: float = 0.0  # with is_correction=tis: the cap on the token weights (>= 1)
+    mis_low: float = 0.8
+    mis_high: float = 1.25
+    icepop_low: float = 0.5
+    icepop_high: float = 2.0
 
     def validate(self, p: str) -> None:
         _one_of(f"{p}.loss", self.loss, ["grpo", "sft"])
@@ -176,7 +185,16 @@ class AlgorithmConfig:
                 ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
         _check(self.kl_coef >= 0, f"{p}.kl_coef", self.kl_coef, "must be >= 0")
         _one_of(f"{p}.kl_estimator", self.kl_estimator, ["k1", "k2", "k3"])
-        _check(self.tis_cap == 0 or self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "0 (off) or >= 1")
+        _one_of(f"{p}.is_correction", self.is_correction, ["none", "tis", "mis", "icepop"])
+        if self.is_correction == "tis":
+            _check(self.tis_cap >= 1, f"{p}.tis_cap", self.tis_cap, "is_correction=tis needs a cap >= 1 (e.g. 2.0)")
+        else:
+            _check(self.tis_cap == 0, f"{p}.tis_cap", self.tis_cap,
+                   f"it caps is_correction=tis weights; set {p}.is_correction=tis or tis_cap=0")
+        for name in ("mis", "icepop"):
+            low, high = getattr(self, f"{name}_low"), getattr(self, f"{name}_high")
+            _check(0 < low < 1 < high, f"{p}.{name}_low/{name}_high", [low, high],
+                   "a band around 1: 0 < low < 1 < high")
 
 
 @dataclass
@@ -304,6 +322,10 @@ class TrainerConfig:
     save_every: int = 10
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto (newest complete checkpoint in the run dir) | never | <path>
+    # Rollouts generated ahead of the learner: 0 alternates rollout and update (the policy that
+    # samples is the one that learns); k > 0 launches step t+k's rollout before step t trains, so
+    # rollout and learning overlap and a batch is at most k adapter versions old (rl/overlap.py).
+    max_staleness: int = 0
 
     def validate(self, p: str) -> None:
         _check(self.steps >= 1, f"{p}.steps", self.steps, "must be >= 1")
@@ -312,6 +334,8 @@ class TrainerConfig:
         _one_of(f"{p}.eval_split", self.eval_split, ["test", "val"])
         _check(self.save_every >= 1, f"{p}.save_every", self.save_every, "must be >= 1")
         _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness,
+               "must be >= 0 (0: synchronous rollout and update)")
 
 
 @dataclass
@@ -338,6 +362,8 @@ class Config:
         _check(self.placement.plan or self.placement.rank <= self.rollout.max_lora_rank, "placement.rank",
                self.placement.rank, f"above rollout.max_lora_rank={self.rollout.max_lora_rank}; lower it or "
                "raise rollout.max_lora_rank")
+        _check(self.trainer.max_staleness == 0 or self.algorithm.loss == "grpo", "trainer.max_staleness",
+               self.trainer.max_staleness, "SFT has no rollouts to overlap; set trainer.max_staleness=0")
         _check(self.trainer.eval_split != "val" or self.data.val_size > 0, "trainer.eval_split",
                self.trainer.eval_split, "needs data.val_size > 0 (the rows held out of training)")
         return self

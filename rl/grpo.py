@@ -1,7 +1,8 @@
 """GRPO math as pure functions on torch tensors: advantages (written in core/advantages.py, which
 the placement probe shares), per-token log-probabilities,
-entropy, KL estimators, loss aggregation, the clipped policy loss, importance weights on the
-rollout/learner mismatch, and the SFT loss that shares the same aggregation.
+entropy, KL estimators, loss aggregation, the clipped policy loss, the importance corrections for
+the gap between the policy that sampled and the one that learns (TIS, MIS, IcePop), and the SFT
+loss that shares the same aggregation.
 
 Conventions: responses are padded to ``[B, T]``; ``mask`` is the response-token mask (bool or
 0/1 float) and every reduction is over masked-in tokens only. Values at masked-out positions are
@@ -14,7 +15,7 @@ pass the GLOBAL normaliser (``num_tokens`` = masked tokens of the whole batch, `
 and their gradients sum to the full-batch gradient. Without them each piece is normalised by its
 own counts (a mean over the piece), which is what a single-piece batch wants.
 
-Deliberately left out: sequence-level importance ratios (GSPO), two-sided ratio caps (TRL's
+Deliberately left out: sequence-level ratios inside the clipped objective (GSPO), two-sided ratio caps (TRL's
 ``delta``), CISPO/SAPO/VESPO losses, entropy bonuses and entropy masks, batch-level reward
 scaling, and multi-reward normalise-then-sum. Nothing here touches a model or a process group.
 """
@@ -222,11 +223,108 @@ def truncated_is_weights(learner_logprobs: Tensor, rollout_logprobs: Tensor, mas
     with clip_max=cap). A NaN rollout logprob (the engine could not score the token) gives w = 1.
     """
     if cap <= 0:
-        raise ValueError(f"cap={cap} must be > 0; set algorithm.tis_cap >= 1 (0 turns it off)")
+        raise ValueError(f"cap={cap} must be > 0; set algorithm.tis_cap >= 1 with algorithm.is_correction=tis")
     with torch.no_grad():
         diff = torch.nan_to_num(learner_logprobs.detach() - rollout_logprobs, nan=0.0)
         w = torch.exp(_masked(diff, mask)).clamp(max=cap)
         return _masked(w, mask)
+
+
+def _log_ratio(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """log(pi_learner / pi_rollout) per token, detached; 0 at masked-out tokens and where the
+    rollout logprob is NaN (the engine could not score the token: taken as no mismatch)."""
+    diff = torch.nan_to_num(learner_logprobs.detach() - rollout_logprobs, nan=0.0)
+    return _masked(diff, mask)
+
+
+def _check_band(low: float, high: float, field: str) -> None:
+    if not 0 < low < 1 < high:
+        raise ValueError(f"band [{low}, {high}] must satisfy 0 < low < 1 < high; "
+                         f"set algorithm.{field}_low and algorithm.{field}_high around 1")
+
+
+def sequence_is_mask(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                     low: float, high: float) -> Tensor:
+    """MIS: weight 1 on every token of a sequence whose ratio lies in [low, high], 0 on the
+    whole sequence otherwise (and 0 at masked-out tokens); detached.
+
+    The sequence ratio is the GEOMETRIC MEAN of the token ratios, exp(mean_t log(learner_t /
+    rollout_t)), not their product: the product's log is a sum over tokens, so one band would
+    drop long completions for the same per-token drift that it lets through in short ones (a
+    drift of 0.01 nats a token is a product of e^5 = 148 over 500 tokens). verl's rollout_is
+    calls the product level "sequence" and this one "geometric". A sequence with no masked-in
+    tokens has ratio 1.
+    """
+    _check_band(low, high, "mis")
+    with torch.no_grad():
+        log_r = _log_ratio(learner_logprobs, rollout_logprobs, mask)
+        n = mask.to(log_r.dtype).sum(dim=-1)
+        seq_ratio = torch.exp(log_r.sum(dim=-1) / n.clamp(min=1.0))
+        keep = (seq_ratio >= low) & (seq_ratio <= high)
+        return _masked(keep[:, None].to(log_r.dtype).expand_as(log_r), mask)
+
+
+def icepop_weights(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor,
+                   low: float = 0.5, high: float = 2.0) -> Tensor:
+    """IcePop (Ring-1T): w_t = k_t if low <= k_t <= high else 0, with k_t = pi_learner / pi_rollout
+    on token t; detached, 0 at masked-out tokens.
+
+    Inside the band the token keeps its importance weight (as TIS without the cap); outside it the
+    token is dropped from the policy gradient instead of being clipped, so a token the two engines
+    disagree on badly contributes nothing rather than a capped, still wrong, amount.
+    """
+    _check_band(low, high, "icepop")
+    with torch.no_grad():
+        k = torch.exp(_log_ratio(learner_logprobs, rollout_logprobs, mask))
+        inside = (k >= low) & (k <= high)
+        return _masked(torch.where(inside, k, 0.0), mask)
+
+
+IS_CORRECTIONS = ("none", "tis", "mis", "icepop")
+
+
+def correction_weights(kind: str, learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor, *,
+                       tis_cap: float = 0.0, mis_band: tuple[float, float] = (0.5, 2.0),
+                       icepop_band: tuple[float, float] = (0.5, 2.0)) -> Tensor | None:
+    """The policy-gradient weights [B, T] of ``algorithm.is_correction`` (None for ``none``).
+
+    ``learner_logprobs`` are the learner's logprobs BEFORE the update (the policy that learns),
+    ``rollout_logprobs`` the engine's at sampling time (the policy that sampled, possibly older
+    by up to ``trainer.max_staleness`` adapter versions).
+    """
+    if kind == "none":
+        return None
+    if kind == "tis":
+        return truncated_is_weights(learner_logprobs, rollout_logprobs, mask, tis_cap)
+    if kind == "mis":
+        return sequence_is_mask(learner_logprobs, rollout_logprobs, mask, *mis_band)
+    if kind == "icepop":
+        return icepop_weights(learner_logprobs, rollout_logprobs, mask, *icepop_band)
+    raise ValueError(f"is_correction={kind!r} is not one of {IS_CORRECTIONS}; set algorithm.is_correction to one of them")
+
+
+def configured_correction(algorithm, learner_logprobs: Tensor, rollout_logprobs: Tensor,
+                          mask: Tensor) -> Tensor | None:
+    """``correction_weights`` with the fields of an ``rl.config.AlgorithmConfig`` (the learner
+    ranks weight the loss with it, the learner group measures what it masked with it)."""
+    a = algorithm
+    return correction_weights(a.is_correction, learner_logprobs, rollout_logprobs, mask, tis_cap=a.tis_cap,
+                              mis_band=(a.mis_low, a.mis_high), icepop_band=(a.icepop_low, a.icepop_high))
+
+
+def masked_fractions(weights: Tensor | None, mask: Tensor) -> dict[str, Tensor]:
+    """How much of a batch a correction dropped: masked_token_frac (masked-in tokens with weight
+    0) and masked_seq_frac (sequences whose masked-in tokens all have weight 0); 0 without weights."""
+    with torch.no_grad():
+        m = mask.bool()
+        if weights is None or not m.any():
+            zero = torch.zeros(())
+            return {"masked_token_frac": zero, "masked_seq_frac": zero}
+        dropped = m & (weights == 0)
+        has_tokens = m.any(dim=-1)
+        seq_dropped = has_tokens & (dropped.sum(dim=-1) == m.sum(dim=-1))
+        return {"masked_token_frac": dropped.sum() / m.sum(),
+                "masked_seq_frac": seq_dropped.sum() / has_tokens.sum()}
 
 
 def logprob_mismatch(learner_logprobs: Tensor, rollout_logprobs: Tensor, mask: Tensor) -> dict[str, Tensor]:

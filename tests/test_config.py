@@ -42,6 +42,12 @@ def test_overrides_are_coerced_to_field_types():
     ("placement.budget=half", "placement.budget"),
     ("algorithm.std_normalize=maybe", "expected true or false"),
     ("rollout.temperature=0", "must be > 0"),
+    ("trainer.max_staleness=-1", "trainer.max_staleness=-1 is not allowed: must be >= 0"),
+    ("algorithm.is_correction=vtrace", "choose one of none, tis, mis, icepop"),
+    ("algorithm.is_correction=tis", "algorithm.tis_cap=0.0 is not allowed: is_correction=tis needs a cap >= 1"),
+    ("algorithm.tis_cap=2", "set algorithm.is_correction=tis or tis_cap=0"),
+    ("algorithm.icepop_high=0.9", "algorithm.icepop_low/icepop_high=[0.5, 0.9] is not allowed: a band around 1"),
+    ("algorithm.mis_low=0", "algorithm.mis_low/mis_high=[0.0, 1.25]"),
 ])
 def test_bad_values_fail_in_one_line(override, needle):
     with pytest.raises(ConfigError) as e:
@@ -82,3 +88,8 @@ def test_cli_prints_one_line_suggestion():
     assert r.returncode == 2
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert lines == ["error: unknown config key 'learner.lrr'; did you mean 'learner.lr'?"]
+
+
+def test_overlap_is_refused_for_sft():
+    with pytest.raises(ConfigError, match="SFT has no rollouts to overlap; set trainer.max_staleness=0"):
+        load_config(REPO / "launch/configs/tiny.yaml", ["algorithm.loss=sft", "trainer.max_staleness=1"])

@@ -250,3 +250,75 @@ def test_logprob_mismatch_by_hand():
     assert out["kl_k3"].item() == pytest.approx(0.0743606, abs=1e-7)
     empty = grpo.logprob_mismatch(learner, rollout, torch.zeros(1, 4, dtype=torch.bool))
     assert all(v.item() == 0.0 for v in empty.values())
+
+
+# ---------------------------------------------------------------- importance corrections
+def test_sequence_mask_keeps_sequences_whose_geometric_mean_ratio_is_in_the_band():
+    # Rows: learner - rollout per token; position 0 is the prompt (masked out, its value ignored).
+    nan = float("nan")
+    learner = t([[9.0, 0.2, -0.2, 0.0],     # ratios e^.2, e^-.2: geometric mean 1 -> kept
+                 [9.0, 0.3, 0.3, 0.3],      # geometric mean e^.3 = 1.35 > 1.25 -> dropped
+                 [9.0, 0.1, 0.1, 0.1],      # geometric mean e^.1 = 1.105 -> kept
+                 [0.1, 0.1, 0.1, 0.1],      # four tokens: the PRODUCT e^.4 = 1.49 would leave the band,
+                                            # the geometric mean e^.1 does not -> kept
+                 [9.0, -0.3, 0.0, 0.0],     # mean -0.1: e^-.1 = 0.905 >= 0.8 -> kept
+                 [9.0, -0.9, 0.0, 0.0],     # mean -0.3: e^-.3 = 0.741 < 0.8 -> dropped
+                 [9.0, 0.0, 0.0, 0.0]])     # no masked-in tokens: ratio 1, all weights 0 anyway
+    rollout = torch.zeros_like(learner)
+    rollout[0, 3] = nan  # masked out here; an unscored masked-in token counts as ratio 1 (below)
+    rollout[4, 2] = nan
+    mask = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1],
+                         [0, 0, 0, 0]])
+    w = grpo.sequence_is_mask(learner, rollout, mask, low=0.8, high=1.25)
+    expected = mask.float() * t([1, 0, 1, 1, 1, 0, 0])[:, None]
+    torch.testing.assert_close(w, expected)
+    assert not w.requires_grad
+    with pytest.raises(ValueError, match="algorithm.mis_low and algorithm.mis_high"):
+        grpo.sequence_is_mask(learner, rollout, mask, low=1.0, high=2.0)
+
+
+def test_icepop_gives_tokens_outside_the_band_zero_weight_and_keeps_k_inside():
+    k = t([[2.5, 1.5, 0.4, 0.5, 2.0, 1.0]])
+    learner = torch.log(k).requires_grad_()
+    rollout = torch.zeros_like(k)
+    rollout[0, 5] = float("nan")
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1]])
+    w = grpo.icepop_weights(learner, rollout, mask, low=0.5, high=2.0)
+    # 2.5 and 0.4 leave [0.5, 2]: 0; inside, the weight is the ratio itself (the bounds included).
+    torch.testing.assert_close(w, t([[0.0, 1.5, 0.0, 0.5, 2.0, 1.0]]))
+    assert not w.requires_grad
+    masked_out = grpo.icepop_weights(learner, rollout, torch.tensor([[0, 1, 1, 1, 1, 1]]))
+    assert masked_out[0, 0].item() == 0.0
+    fr = grpo.masked_fractions(w, mask)
+    assert fr["masked_token_frac"].item() == pytest.approx(2 / 6) and fr["masked_seq_frac"].item() == 0.0
+
+
+def test_correction_weights_dispatch_and_masked_fractions_by_hand():
+    learner = t([[0.0, math.log(3.0), 0.0], [0.0, 1.0, 1.0]])
+    rollout = torch.zeros_like(learner)
+    mask = torch.tensor([[0, 1, 1], [0, 1, 1]])
+    assert grpo.correction_weights("none", learner, rollout, mask) is None
+    torch.testing.assert_close(grpo.correction_weights("tis", learner, rollout, mask, tis_cap=2.0),
+                               t([[0.0, 2.0, 1.0], [0.0, 2.0, 2.0]]))
+    # Geometric means: row 0 sqrt(3) = 1.73 and row 1 e = 2.72, both above 1.5: both dropped.
+    mis = grpo.correction_weights("mis", learner, rollout, mask, mis_band=(0.5, 1.5))
+    torch.testing.assert_close(mis, torch.zeros(2, 3, dtype=mis.dtype))
+    fr = grpo.masked_fractions(mis, mask)
+    assert fr["masked_token_frac"].item() == 1.0 and fr["masked_seq_frac"].item() == 1.0
+    ice = grpo.correction_weights("icepop", learner, rollout, mask, icepop_band=(0.5, 2.9))
+    torch.testing.assert_close(ice, t([[0.0, 0.0, 1.0], [0.0, math.e, math.e]]))
+    fr = grpo.masked_fractions(ice, mask)
+    assert fr["masked_token_frac"].item() == pytest.approx(0.25) and fr["masked_seq_frac"].item() == 0.0
+    assert all(v.item() == 0.0 for v in grpo.masked_fractions(None, mask).values())
+    with pytest.raises(ValueError, match="set algorithm.is_correction"):
+        grpo.correction_weights("vtrace", learner, rollout, mask)
+
+
+def test_icepop_weights_the_policy_gradient_token_by_token():
+    # With old = current (ratio 1, no clipping) and advantage 1, the token-mean loss is
+    # -sum_t w_t / N: IcePop's weights [0, 1.5, 0] over 3 tokens give -0.5.
+    lp = t([[-1.0, -1.0, -1.0]])
+    k = t([[3.0, 1.5, 0.1]])
+    w = grpo.icepop_weights(lp, lp - torch.log(k), torch.ones(1, 3))
+    loss, _ = grpo.policy_loss(lp, lp, t([1.0]), torch.ones(1, 3), is_weights=w)
+    assert loss.item() == pytest.approx(-0.5)

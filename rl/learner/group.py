@@ -170,11 +170,14 @@ class LearnerGroup:
         outs = self._all([r.train_step.remote(s, totals) for r, s in zip(self.ranks, shards)])
         m = combine_metrics(outs, num_tokens, a.loss, a.kl_coef > 0)
         if a.loss != "sft":
-            from rl.grpo import logprob_mismatch
+            from rl.grpo import configured_correction, logprob_mismatch, masked_fractions
 
             learner_lp = torch.cat([o["learner_logprobs"] for o in outs])[: batch.input_ids.shape[0]]
             mm = logprob_mismatch(learner_lp, batch.rollout_logprobs, batch.response_mask)
             m.update({f"logprob_mismatch_{k}": float(v) for k, v in mm.items()})
+            # What the importance correction dropped (the ranks apply the same weights to their shards).
+            w = configured_correction(a, learner_lp, batch.rollout_logprobs, batch.response_mask)
+            m.update({f"is_{k}": float(v) for k, v in masked_fractions(w, batch.response_mask).items()})
         m["time_s"] = time.perf_counter() - t0
         return m
 

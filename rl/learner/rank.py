@@ -35,8 +35,7 @@ import torch.nn.functional as F
 from core.lora import full_tensor, pattern_matches
 from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
-from rl.grpo import (entropy_from_logits, policy_loss, sft_loss, token_logprobs,
-                     truncated_is_weights)
+from rl.grpo import configured_correction, entropy_from_logits, policy_loss, sft_loss, token_logprobs
 from rl.learner.optim import build_optimizer, build_scheduler
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
@@ -246,7 +245,7 @@ class LearnerRank:
                    num_sequences=totals["num_sequences"], num_tokens=totals["num_tokens"])
         if a.loss == "sft":
             return sft_loss(lp, mask, **agg), {}
-        w = truncated_is_weights(mb["old"], mb["rollout_logprobs"], mask, a.tis_cap) if a.tis_cap else None
+        w = configured_correction(a, mb["old"], mb["rollout_logprobs"], mask)
         return policy_loss(lp, mb["old"], mb["advantages"], mask, epsilon_low=a.epsilon_low,
                            epsilon_high=a.epsilon_high, ref_logprobs=mb.get("ref"), kl_coef=a.kl_coef,
                            kl_estimator=a.kl_estimator, is_weights=w, **agg)
