@@ -153,7 +153,32 @@ def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float) -> None:
         n = tokens_of(rows)
         last_rate = n / dt
         rec(f"{p}x{g}", {"tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1),
-                         "max_new_tokens": tokens, "mean_completion_tokens": round(n / (p * g), 1)})
+                         "max_new_tokens": tokens, "mean_completion_tokens": round(n / (p * g), 1),
+                         "seed_mode": getattr(engine, "seed_mode", "request")})
+    if kind != "hf" and last_rate:
+        seed_mode_pair(engine, tok, s, tokens, rec, deadline, last_rate)
+
+
+def seed_mode_pair(engine, tok, s: Sizes, tokens: int, rec: Recorder, deadline: float, rate: float) -> None:
+    """The largest batch again in the other rollout.seed_mode, on the same engine: what vLLM's
+    per-request seeded sampling (a Python loop over the batch every decode step) costs."""
+    from rl.rollout.engine import SamplingSpec
+
+    p, g = s.batches[-1]
+    if p * g * tokens / rate > deadline - time.time():
+        rec(f"{p}x{g}_other_seed_mode", {"skipped": "no time left"})
+        return
+    mode = engine.seed_mode
+    engine.seed_mode = "request" if mode == "batch" else "batch"
+    try:
+        t = time.perf_counter()
+        n = tokens_of(engine.generate(prompt_ids(tok, p), SamplingSpec(n=g, max_new_tokens=tokens, temperature=1.0,
+                                                                       seed=1)))
+        dt = time.perf_counter() - t
+    finally:
+        engine.seed_mode = mode
+    rec(f"{p}x{g}_other_seed_mode", {"seed_mode": "request" if mode == "batch" else "batch", "tokens": n,
+                                     "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1)})
 
 
 def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
@@ -274,7 +299,7 @@ def summarise(results: dict) -> dict:
         return v if v != {} else None
 
     batches = sorted({k for kind in ("graphs", "eager", "hf") for k, v in results.get(f"rollout-{kind}", {}).items()
-                      if isinstance(v, dict) and "tokens_per_s" in v}, key=lambda b: [int(x) for x in b.split("x")])
+                      if isinstance(v, dict) and "tokens_per_s" in v and k.replace("x", "").isdigit()}, key=lambda b: [int(x) for x in b.split("x")])
     for b in batches:
         graphs, eager, hf = (get(f"rollout-{k}", b, "tokens_per_s") for k in ("graphs", "eager", "hf"))
         for name, v in (("graphs", graphs), ("eager", eager), ("hf", hf)):
@@ -284,6 +309,12 @@ def summarise(results: dict) -> dict:
             out[f"graphs_over_eager_{b}"] = round(graphs / eager, 2)
         if graphs and hf:
             out[f"graphs_over_hf_{b}"] = round(graphs / hf, 2)
+    other = get("rollout-graphs", "128x8_other_seed_mode")
+    mode = get("rollout-graphs", "128x8", "seed_mode")
+    if other and "tokens_per_s" in other and mode:
+        rates = {mode: get("rollout-graphs", "128x8", "tokens_per_s"), other["seed_mode"]: other["tokens_per_s"]}
+        out["graphs_128x8_tokens_per_s_by_seed_mode"] = rates
+        out["graphs_128x8_batch_over_request_seeds"] = round(rates["batch"] / rates["request"], 3)
     top = get("rollout-graphs", "128x8", "tokens_per_s")
     if top:
         out["graphs_128x8_goal_25k_tokens_per_s"] = "met" if top >= 25_000 else "NOT met"

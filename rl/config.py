@@ -103,6 +103,13 @@ class RolloutConfig:
     # "merged" (folded into a copy of the base weights and reloaded in place: 3-4x faster
     # decoding on CPU), "auto" (merged on CPU hosts, adapter on GPUs). rl/rollout/merged.py
     weight_sync: str = "auto"
+    # How a vLLM worker makes a seeded step reproducible: "request" (every sequence carries
+    # its own seed: the same samples whatever the batching, but vLLM then draws each
+    # sequence's noise in a Python loop, one kernel per sequence per decode step), "batch"
+    # (the worker reseeds the engine's generator from the step seed and its prompt offset
+    # before each call: one draw per decode step, reproducible for the same batch),
+    # "auto" (request on CPU hosts, batch on GPUs, where the loop costs most).
+    seed_mode: str = "auto"
 
     def validate(self, p: str) -> None:
         _one_of(f"{p}.engine", self.engine, ["vllm", "hf"])
@@ -123,6 +130,7 @@ class RolloutConfig:
             value = getattr(self, key)
             _check(isinstance(value, bool) or value == "auto", f"{p}.{key}", value, "auto, true or false")
         _one_of(f"{p}.weight_sync", self.weight_sync, ["auto", "adapter", "merged"])
+        _one_of(f"{p}.seed_mode", self.seed_mode, ["auto", "request", "batch"])
 
 
 @dataclass

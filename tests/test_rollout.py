@@ -180,6 +180,31 @@ def test_prompt_offset_draws_other_streams(engine):
         assert ids(together)[1] == ids(later)[0]
 
 
+def test_batch_seed_mode_is_reproducible_per_call_without_request_seeds(engine):
+    """rollout.seed_mode=batch (the GPU default): no request carries a seed (vLLM would loop
+    over them every decode step); the worker reseeds the engine per call instead, so the same
+    step and offset draw the same samples, and another step or offset draws others."""
+    import dataclasses
+
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    if not isinstance(engine, VLLMEngine):
+        pytest.skip("seed_mode is a vLLM setting")
+    ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
+    spec = SamplingSpec(n=2, max_new_tokens=6, temperature=1.0, seed=99)
+    mode, engine.seed_mode = engine.seed_mode, "batch"
+    try:
+        assert engine._params(spec, 0).seed is None
+        one, two = engine.generate([PROMPT_A, [1, 42]], spec), engine.generate([PROMPT_A, [1, 42]], spec)
+        other_step = engine.generate([PROMPT_A, [1, 42]], dataclasses.replace(spec, seed=100))
+        other_worker = engine.generate([PROMPT_A, [1, 42]], dataclasses.replace(spec, prompt_offset=2))
+    finally:
+        engine.seed_mode = mode
+    assert ids(one) == ids(two)
+    assert ids(one) != ids(other_step) and ids(one) != ids(other_worker)
+    assert all(len({tuple(c.token_ids) for c in row}) == 2 for row in one), "a prompt's samples are identical"
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
 def test_logprobs_match_teacher_forced_forward(engine, base_model, temperature, top_p):
     spec = SamplingSpec(n=2, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=5)

@@ -5,8 +5,9 @@ import pytest
 
 from rl.config import ConfigError, load_config
 from rl.rollout.pool import chunk_specs
-from rl.rollout.vllm_engine import check_vllm_dtype, explain_sleep_failure, resolve_enforce_eager, resolve_sleep_mode
-from rl.rollout.engine import SamplingSpec, prompt_seed, step_seed
+from rl.rollout.vllm_engine import (check_vllm_dtype, explain_sleep_failure, resolve_enforce_eager, resolve_seed_mode,
+                                    resolve_sleep_mode)
+from rl.rollout.engine import SamplingSpec, batch_seed, prompt_seed, step_seed
 from rl.trainer import rollout_settings
 
 
@@ -51,6 +52,20 @@ def test_eager_and_sleep_resolution():
     assert resolve_sleep_mode(False, colocated=True, on_gpu=True) is False
     with pytest.raises(ValueError, match=r"^rollout.sleep_mode=true needs vLLM on a GPU.*set rollout.sleep_mode"):
         resolve_sleep_mode(True, colocated=True, on_gpu=False)
+
+
+def test_seed_mode_resolution_and_batch_seeds():
+    assert resolve_seed_mode("auto", on_gpu=False, in_process=True) == "request"
+    assert resolve_seed_mode("auto", on_gpu=True, in_process=True) == "batch"
+    assert resolve_seed_mode("auto", on_gpu=True, in_process=False) == "request"  # a reseed would not reach it
+    assert resolve_seed_mode("request", on_gpu=True, in_process=True) == "request"
+    with pytest.raises(ValueError, match=r"^rollout.seed_mode=batch needs .*set rollout.seed_mode=request"):
+        resolve_seed_mode("batch", on_gpu=True, in_process=False)
+    # One seed per (step, worker offset): distinct across 50 steps x 4 workers, stable across calls.
+    seeds = {batch_seed(step_seed(0, s), off) for s in range(50) for off in (0, 8, 16, 24)}
+    assert len(seeds) == 200 and batch_seed(5, 8) == batch_seed(5, 8)
+    with pytest.raises(ConfigError, match="rollout.seed_mode"):
+        load_config(None, ["rollout.seed_mode=global"])
 
 
 def test_float32_vllm_on_a_gpu_fails_in_one_line_naming_the_fix():

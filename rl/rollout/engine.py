@@ -71,6 +71,12 @@ def prompt_seed(seed: int, prompt_index: int, n: int) -> int:
     return _mix(f"prompt:{seed}:{prompt_index}", (1 << 62) // max(1, n)) * max(1, n)
 
 
+def batch_seed(seed: int, prompt_offset: int) -> int:
+    """The generator seed of one engine call (``rollout.seed_mode: batch``): distinct across
+    steps (``seed`` is the step's) and across the workers of a step (their prompt offsets)."""
+    return _mix(f"batch:{seed}:{prompt_offset}", 1 << 62)
+
+
 def _mix(text: str, modulus: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % modulus
 

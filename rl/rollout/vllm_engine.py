@@ -33,7 +33,7 @@ import os
 import shutil
 import tempfile
 
-from rl.rollout.engine import Completion, SamplingSpec, check_prompts, prompt_seed
+from rl.rollout.engine import Completion, SamplingSpec, batch_seed, check_prompts, prompt_seed
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
 
 # The ranks vLLM accepts for max_lora_rank.
@@ -64,6 +64,21 @@ def check_vllm_dtype(dtype: str, on_gpu: bool) -> None:
 def resolve_enforce_eager(setting, on_gpu: bool) -> bool:
     """``rollout.enforce_eager``: auto is eager on CPU and CUDA graphs on a GPU."""
     return (not on_gpu) if setting == "auto" else bool(setting)
+
+
+def resolve_seed_mode(setting: str, on_gpu: bool, in_process: bool) -> str:
+    """``rollout.seed_mode``: auto is one seed per request on CPU, one reseed per call on a GPU.
+
+    vLLM samples a seeded request with its own generator, in a Python loop over the batch's
+    seeded sequences (one small kernel each, every decode step); at GPU batch sizes that
+    loop, not the model, sets the decode step's time. "batch" reseeds the engine's default
+    generator instead, which only reaches the sampler when the engine runs in this process.
+    """
+    mode = ("batch" if on_gpu and in_process else "request") if setting == "auto" else setting
+    if mode == "batch" and not in_process:
+        raise ValueError("rollout.seed_mode=batch needs vLLM's engine in the worker's process "
+                         "(VLLM_ENABLE_V1_MULTIPROCESSING=0); unset that variable or set rollout.seed_mode=request")
+    return mode
 
 
 def resolve_sleep_mode(setting, colocated: bool, on_gpu: bool) -> bool:
@@ -135,6 +150,8 @@ class VLLMEngine:
             extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
         if self.sleeps:
             extra["enable_sleep_mode"] = True
+        self.seed_mode = resolve_seed_mode(getattr(rollout_cfg, "seed_mode", "auto"), on_gpu,
+                                           os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
         self.max_lora_rank = rollout_cfg.max_lora_rank
         self.max_model_len = rollout_cfg.max_model_len
         self.llm = LLM(
@@ -190,7 +207,9 @@ class VLLMEngine:
         from vllm import SamplingParams
 
         # vLLM gives child i of a request seed+i; prompt_seed spaces prompts by n.
-        seed = None if spec.seed is None else prompt_seed(spec.seed, spec.prompt_offset + prompt_index, spec.n)
+        seed = None
+        if spec.seed is not None and self.seed_mode == "request":
+            seed = prompt_seed(spec.seed, spec.prompt_offset + prompt_index, spec.n)
         return SamplingParams(n=1 if spec.temperature == 0 else spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
                               top_p=spec.top_p, seed=seed, logprobs=0)
 
@@ -202,6 +221,10 @@ class VLLMEngine:
         self.wake_up()
         prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         params = [self._params(sampling, i) for i in range(len(prompt_ids))]
+        if sampling.seed is not None and self.seed_mode == "batch":
+            import torch
+
+            torch.manual_seed(batch_seed(sampling.seed, sampling.prompt_offset))
         outs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
         rows = [[_completion(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
         # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
