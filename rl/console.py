@@ -56,3 +56,16 @@ def configure(verbose: bool) -> None:
         tf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def progress_fields(m: dict) -> dict[str, str]:
+    """The progress bar's numbers for one step: reward, accuracy where a GSM8K reward runs, step time."""
+    out = {}
+    if "reward/mean" in m:
+        out["reward"] = f"{m['reward/mean']:.3f}"
+    if "reward/gsm8k_flexible/mean" in m:
+        out["acc"] = f"{m['reward/gsm8k_flexible/mean']:.3f}"
+    if "learner/loss" in m and "reward/mean" not in m:
+        out["loss"] = f"{m['learner/loss']:.4f}"
+    out["step"] = f"{m['time/step_s']:.1f}s"
+    return out

@@ -11,10 +11,14 @@ One step::
 With ``algorithm.loss=sft`` the rollout and reward stages are replaced by the gold
 solutions, so SFT and GRPO differ only in the loss (the regime contrast needs that).
 
-Left out on purpose: asynchronous (off-policy) rollouts; rollout and update alternate,
-so the policy that samples is the one that learns, up to the logprob mismatch that is
-measured every step. Generation-time reward shaping beyond what the reward library
-does, and multi-turn / tool-use rollouts.
+By default (``trainer.max_staleness=0``) rollout and update alternate, so the policy that
+samples is the one that learns, up to the logprob mismatch measured every step. With
+``max_staleness=k > 0`` the rollouts of the next k steps are launched before a step trains
+(rl/rollout/overlap.py), so they overlap learning and are up to k adapter versions old; the
+staleness is logged every step and ``algorithm.is_correction`` weighs the gap.
+
+Left out on purpose: generation-time reward shaping beyond what the reward library does,
+and multi-turn / tool-use rollouts.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from rl import checkpoint as ckpt
 from rl.learner.batch import grpo_batch, sft_batch
 from rl.learner.group import LearnerDied
 from rl.config import Config
-from rl.console import actor_env
+from rl.console import actor_env, progress_fields
 from rl.data import PromptSampler, attach_prompts, load_task
 from rl.evaluate import accuracy, eval_runner, graded
 from rl.grpo import group_advantages, zero_variance_groups
@@ -71,6 +75,7 @@ def rollout_settings(cfg: Config, dtype: str):
     a setting vLLM cannot serve fails here in one line, before Ray or any actor starts."""
     import dataclasses
 
+    from rl.rollout.overlap import check_overlap
     from rl.rollout.vllm_engine import check_vllm_dtype, resolve_sleep_mode
 
     r = cfg.rollout
@@ -79,7 +84,9 @@ def rollout_settings(cfg: Config, dtype: str):
     on_gpu = torch.cuda.is_available() and cfg.cluster.gpus_per_rollout_worker > 0
     check_vllm_dtype(dtype, on_gpu)
     colocated = cfg.cluster.colocate and cfg.cluster.gpus_per_learner_rank > 0
-    return dataclasses.replace(r, sleep_mode=resolve_sleep_mode(r.sleep_mode, colocated, on_gpu))
+    sleep_mode = resolve_sleep_mode(r.sleep_mode, colocated, on_gpu)
+    check_overlap(cfg.trainer.max_staleness, sleep_mode)
+    return dataclasses.replace(r, sleep_mode=sleep_mode)
 
 
 class StartupError(ValueError):
@@ -97,7 +104,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
-        self.lock = self.learner = self.rollout = self.layout = self.metrics = None
+        self.lock = self.learner = self.rollout = self.rollouts = self.layout = self.metrics = None
         self.rewards = self.eval_rewards = None
         try:
             self._prepare()
@@ -113,6 +120,8 @@ class Trainer:
             raise
         self.step, self.adapter_version, self.wake_s = 0, 0, 0.0
         self.eval_problems: dict[str, list[float]] = {}  # the last evaluation, problem by problem
+        # Dataset rows trained at each step (1-based): a resume must neither skip nor repeat one.
+        self.trained_prompts: dict[int, list[int]] = {}
 
     def _prepare(self) -> None:
         """Everything that can reject the run's inputs, before Ray or any actor starts."""
@@ -139,6 +148,7 @@ class Trainer:
         from rl.cluster import init_ray
         from rl.learner.group import LearnerGroup
         from rl.resources import reserve
+        from rl.rollout.overlap import RolloutQueue
         from rl.rollout.pool import RolloutPool
 
         cfg = self.cfg
@@ -165,6 +175,10 @@ class Trainer:
         served = served_config(self.served, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster, actor_env(cfg.logging.verbose)) if needs_rollout else None
+        if cfg.algorithm.loss == "grpo":
+            self.rollouts = RolloutQueue(self.rollout, self.sampler, [r["prompt_ids"] for r in self.train_rows],
+                                         cfg.rollout.prompts_per_step, self._sampling, cfg.trainer.max_staleness,
+                                         cfg.trainer.steps)
         self.metrics = MetricsLog(self.run_dir, cfg.logging, cfg.to_dict())
 
     def _rollout_dtype(self) -> str:
@@ -190,31 +204,37 @@ class Trainer:
         return True
 
     def save(self) -> Path:
-        state = {"sampler": self.sampler.state_dict(), "adapter_version": self.adapter_version}
+        # A batch in flight is not saved: the sampler goes back to before its prompts were drawn.
+        sampler = self.rollouts.sampler_state() if self.rollouts is not None else self.sampler.state_dict()
+        state = {"sampler": sampler, "adapter_version": self.adapter_version}
         return ckpt.save_checkpoint(self.run_dir, self.step, state, self.learner.save,
                                     keep=self.cfg.trainer.keep_checkpoints)
 
     def _sync(self) -> float:
         if self.rollout is None:
             return 0.0
+        overlapped = self.cfg.trainer.max_staleness > 0
         t = time.perf_counter()
-        self.rollout.wake_up()
+        if not overlapped:  # an overlapped rollout never sleeps (check_overlap)
+            self.rollout.wake_up()
         self.wake_s = time.perf_counter() - t
         t = time.perf_counter()
         self.adapter_version += 1
-        self.rollout.sync(self.learner.export_adapter(self.adapter_version))
+        # Overlapped: queued behind the rollouts in flight, which keep their older adapter.
+        self.rollout.sync(self.learner.export_adapter(self.adapter_version), wait=not overlapped)
         return time.perf_counter() - t
 
     # ------------------------------------------------------------------ phases
 
-    def _sampling(self, greedy: bool = False):
+    def _sampling(self, step: int = 1, greedy: bool = False):
+        """Step ``step``'s (1-based) sampling settings; its seed is the step's, whenever it is launched."""
         from rl.rollout.engine import SamplingSpec, step_seed
 
         r = self.cfg.rollout
         if greedy:
             return SamplingSpec(n=1, max_new_tokens=r.eval_max_new_tokens, temperature=0.0)
         return SamplingSpec(n=r.group_size, max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                            top_p=r.top_p, seed=step_seed(self.cfg.trainer.seed, self.step))
+                            top_p=r.top_p, seed=step_seed(self.cfg.trainer.seed, step - 1))
 
     def evaluate(self) -> dict[str, float]:
         if not self.test_rows or self.rollout is None:
@@ -225,14 +245,22 @@ class Trainer:
         self.eval_problems = graded(self.test_rows, texts, self.eval_rewards)
         return accuracy(self.test_rows, texts, self.eval_rewards, self.eval_problems)
 
-    def grpo_step(self, rows: list[dict]) -> dict[str, float]:
-        cfg, G, m = self.cfg, self.cfg.rollout.group_size, {}
-        t0 = time.perf_counter()
-        groups = self.rollout.generate([r["prompt_ids"] for r in rows], self._sampling())
-        completions = [c for g in groups for c in g]
+    def grpo_step(self, batch) -> dict[str, float]:
+        """One update on a collected rl.rollout.overlap.Batch (unless it is too stale or all flat)."""
+        from rl.rollout.overlap import admit, staleness
+
+        cfg, G = self.cfg, self.cfg.rollout.group_size
+        rows = [self.train_rows[i] for i in batch.indices]
+        completions = [c for g in batch.groups for c in g]
         flat_rows = [r for r in rows for _ in range(G)]
+        m = {"rollout/staleness": float(staleness(self.adapter_version, batch.versions)),
+             "rollout/in_flight": float(self.rollouts.in_flight()), "time/rollout_wait_s": batch.wait_s}
+        if not admit(self.adapter_version, batch.versions, cfg.trainer.max_staleness):
+            m["rollout/stale_batch_skipped"] = 1.0  # never trained on; its prompts are spent
+            return m
         t1 = time.perf_counter()
-        self.rollout.sleep()  # the learner gets the rollout's accelerator memory (sleep mode)
+        if not cfg.trainer.max_staleness:  # overlapped, a sleep would wait for the rollouts in flight
+            self.rollout.sleep()  # the learner gets the rollout's accelerator memory (sleep mode)
         m["time/sleep_s"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         scored = self.rewards.score([r["prompt"] for r in flat_rows], [c.text for c in completions],
@@ -255,16 +283,16 @@ class Trainer:
                   "groups/zero_variance_frac": flat.float().mean().item(),
                   "rollout/response_tokens_mean": new_tokens / len(completions),
                   "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                  "time/rollout_s": t1 - t0, "time/reward_s": t2 - t1,
-                  "throughput/rollout_tokens_per_s": new_tokens / max(t1 - t0, 1e-9)})
+                  "time/rollout_s": batch.rollout_s, "time/reward_s": t2 - t1,
+                  "throughput/rollout_tokens_per_s": new_tokens / max(batch.rollout_s, 1e-9)})
         if not keep.any():  # every group was flat: nothing to learn from this batch
             m["learner/skipped_flat_batch"] = 1.0
             return m
         idx = keep.nonzero().flatten().tolist()
-        batch = grpo_batch([flat_rows[i]["prompt_ids"] for i in idx], [completions[i] for i in idx],
-                           adv[idx], self.tok.pad_token_id, cfg.rollout.max_new_tokens, cfg.algorithm.overlong_mask)
+        train_batch = grpo_batch([flat_rows[i]["prompt_ids"] for i in idx], [completions[i] for i in idx], adv[idx],
+                                 self.tok.pad_token_id, cfg.rollout.max_new_tokens, cfg.algorithm.overlong_mask)
         t3 = time.perf_counter()
-        m.update({f"learner/{k}": v for k, v in self.learner.train_step(batch).items()})
+        m.update({f"learner/{k}": v for k, v in self.learner.train_step(train_batch).items()})
         m["time/learner_s"] = time.perf_counter() - t3
         return m
 
@@ -295,12 +323,17 @@ class Trainer:
         final_eval: dict = {}
         while self.step < cfg.trainer.steps:
             t = time.perf_counter()
-            rows = [self.train_rows[i] for i in self.sampler.next_indices(cfg.rollout.prompts_per_step)]
             try:
-                m = self.grpo_step(rows) if cfg.algorithm.loss == "grpo" else self.sft_step(rows)
+                if self.rollouts is not None:  # GRPO: collects this step's rollout, launches the next
+                    batch = self.rollouts.take(self.step + 1)
+                    indices, m = batch.indices, self.grpo_step(batch)
+                else:
+                    indices = self.sampler.next_indices(cfg.rollout.prompts_per_step)
+                    m = self.sft_step([self.train_rows[i] for i in indices])
                 self.step += 1
+                self.trained_prompts[self.step] = indices
                 self.wake_s = 0.0
-                m["time/sync_s"] = self._sync() if not m.get("learner/skipped_flat_batch") else 0.0
+                m["time/sync_s"] = self._sync() if "time/learner_s" in m else 0.0  # no update, no new version
                 m["time/wake_s"] = self.wake_s
             except LearnerDied as e:
                 last = ckpt.latest_checkpoint(self.run_dir)
@@ -345,19 +378,6 @@ class Trainer:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
-
-
-def progress_fields(m: dict) -> dict[str, str]:
-    """The progress bar's numbers for one step: reward, accuracy where a GSM8K reward runs, step time."""
-    out = {}
-    if "reward/mean" in m:
-        out["reward"] = f"{m['reward/mean']:.3f}"
-    if "reward/gsm8k_flexible/mean" in m:
-        out["acc"] = f"{m['reward/gsm8k_flexible/mean']:.3f}"
-    if "learner/loss" in m and "reward/mean" not in m:
-        out["loss"] = f"{m['learner/loss']:.4f}"
-    out["step"] = f"{m['time/step_s']:.1f}s"
-    return out
 
 
 def train(cfg: Config, recipe: str = "run") -> Path:

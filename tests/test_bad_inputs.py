@@ -85,3 +85,14 @@ def test_gsm8k_neither_on_the_hub_nor_shipped(monkeypatch, tmp_path):
     monkeypatch.setattr(bundled, "GSM8K", tmp_path / "absent")
     with pytest.raises(data.DataError, match=r"not reachable on the hub .* set data.path or \$PLACERL_GSM8K_DIR"):
         data.load_gsm8k("train")
+
+
+def test_overlap_where_the_rollout_sleeps_on_the_learners_gpu(run, monkeypatch):
+    import torch
+
+    # A GPU host as the start-up checks see it: colocated ranks and workers share a GPU, so the
+    # rollout sleeps (vLLM sleep mode) whenever the learner steps and nothing could overlap.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    line = run("trainer.max_staleness=1", "cluster.gpus_per_learner_rank=1", "cluster.gpus_per_rollout_worker=1")
+    assert "trainer.max_staleness=1 cannot overlap rollout and learning here" in line
+    assert "set trainer.max_staleness=0, or cluster.colocate=false" in line

@@ -81,6 +81,9 @@ def test_rollout_settings_resolve_before_anything_starts():
     assert rollout_settings(cfg, "float32").sleep_mode is False  # no GPU share here
     assert rollout_settings(load_config("launch/configs/tiny.yaml", ["rollout.engine=hf", "rollout.sleep_mode=true"]),
                             "float32").sleep_mode is False  # the hf engine has nothing to sleep
+    # Overlap on a CPU: nothing sleeps, so it runs (correctly, if no faster: one set of cores).
+    overlapped = load_config("launch/configs/tiny.yaml", ["trainer.max_staleness=1"])
+    assert rollout_settings(overlapped, "float32").sleep_mode is False
 
 
 @pytest.mark.parametrize("override,ok", [("rollout.enforce_eager=auto", "auto"), ("rollout.enforce_eager=false", False),

@@ -87,6 +87,9 @@ class Completion:
     logprobs: list[float]  # one per token; see the module docstring for which distribution
     text: str  # decoded without special tokens
     finish_reason: str  # "stop" (an eos token) | "length" (max_new_tokens reached)
+    # The adapter version that generated it, set by the rollout worker (0: the initial adapter,
+    # which is the base model); the driver measures a batch's staleness with it.
+    adapter_version: int = 0
 
 
 class RolloutEngine(Protocol):

@@ -1,5 +1,9 @@
 """The set of rollout worker actors, as the driver sees it: one call to generate, one to sync.
 
+``generate`` is ``submit`` (returns at once) then ``collect`` (waits), so a driver can keep a
+rollout in flight while the learner steps (rl/rollout/overlap.py); ``sync(wait=False)`` queues
+the next adapter behind it.
+
 It spreads prompts over the workers, and it is where a dead worker is replaced: a
 worker that dies (its process killed, its node lost) is restarted in the same bundle,
 given the newest adapter, and its share of the prompts is generated again, so the run
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -28,6 +33,15 @@ def chunk_specs(sampling, sizes: list[int]) -> list:
     return [dataclasses.replace(sampling, prompt_offset=o) for o in offsets]
 
 
+@dataclass
+class PendingRollout:
+    """A generate in flight: each worker's prompts, sampling settings and result reference."""
+
+    chunks: list[list[list[int]]]
+    specs: list
+    refs: dict[int, object]
+
+
 class RolloutPool:
     def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int, layout, cluster_cfg,
                  runtime_env: dict | None = None):
@@ -37,6 +51,7 @@ class RolloutPool:
         self._layout, self._gpus, self._threads = layout, cluster_cfg.gpus_per_rollout_worker, cluster_cfg.cpu_threads
         self._runtime_env = runtime_env or {}  # rl.console.actor_env: quiet or verbose workers
         self._adapter = None  # ObjectRef of the newest AdapterPayload
+        self._loading: dict[int, object] = {}  # worker index -> its adapter load not yet checked
         self.restarts = 0
         self.workers = [self._start(i) for i in range(rollout_cfg.num_workers)]
         ray.get([w.ping.remote() for w in self.workers])
@@ -51,6 +66,7 @@ class RolloutPool:
     def _restart(self, i: int) -> None:
         log.warning("rollout worker %d died; restarting it and re-syncing the adapter", i)
         self.restarts += 1
+        self._loading.pop(i, None)  # a fresh worker gets the newest adapter below
         try:
             ray.kill(self.workers[i])
         except Exception:  # already gone
@@ -59,12 +75,17 @@ class RolloutPool:
         if self._adapter is not None:
             ray.get(self.workers[i].load_adapter.remote(self._adapter))
 
-    def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> list[list]:
+    def submit(self, prompt_ids: list[list[int]], sampling) -> "PendingRollout":
+        """Start generating and return at once; ``collect`` waits for the completions. Each
+        worker runs its calls in order, so anything sent to it later (an adapter sync) runs after."""
         chunks = split_evenly(prompt_ids, len(self.workers))
         specs = chunk_specs(sampling, [len(c) for c in chunks])
         refs = {i: self.workers[i].generate.remote(c, specs[i]) for i, c in enumerate(chunks) if c}
+        return PendingRollout(chunks, specs, refs)
+
+    def collect(self, pending: "PendingRollout", retries: int = 2) -> list[list]:
         out: dict[int, list] = {}
-        for i, ref in refs.items():
+        for i, ref in pending.refs.items():
             for attempt in range(retries + 1):
                 try:
                     out[i] = ray.get(ref)
@@ -73,15 +94,28 @@ class RolloutPool:
                     if attempt == retries:
                         raise
                     self._restart(i)
-                    ref = self.workers[i].generate.remote(chunks[i], specs[i])
+                    ref = self.workers[i].generate.remote(pending.chunks[i], pending.specs[i])
+        self._settle()  # syncs queued behind this rollout
         return [group for i in sorted(out) for group in out[i]]
 
-    def sync(self, payload_ref) -> None:
-        """Serve ``payload_ref`` (an AdapterPayload in the object store) on every worker."""
+    def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> list[list]:
+        return self.collect(self.submit(prompt_ids, sampling), retries)
+
+    def sync(self, payload_ref, wait: bool = True) -> None:
+        """Serve ``payload_ref`` (an AdapterPayload in the object store) on every worker. With
+        ``wait=False`` the loads are queued behind the workers' calls in flight and checked at
+        the next ``collect`` or ``sync``."""
+        self._settle()
         self._adapter = payload_ref
-        for i, w in enumerate(self.workers):
+        self._loading = {i: w.load_adapter.remote(payload_ref) for i, w in enumerate(self.workers)}
+        if wait:
+            self._settle()
+
+    def _settle(self) -> None:
+        loading, self._loading = self._loading, {}
+        for i, ref in loading.items():
             try:
-                ray.get(w.load_adapter.remote(payload_ref))
+                ray.get(ref)
             except _DEAD:
                 self._restart(i)
 

@@ -35,7 +35,13 @@ class LocalRolloutWorker:
         self.engine = make_engine(rollout_cfg, model_path, dtype, seed)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
-        return self.engine.generate(prompt_ids, sampling)
+        groups = self.engine.generate(prompt_ids, sampling)
+        # The actor runs one call at a time, so no adapter load happened during this generate.
+        version = self.engine.adapter_version() or 0
+        for group in groups:
+            for c in group:
+                c.adapter_version = version
+        return groups
 
     def load_adapter(self, payload: AdapterPayload) -> int:
         # Pass the payload as an object-store reference (ray.put once, every worker
