@@ -138,14 +138,15 @@ def main() -> int:
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct", help="model.name: a builtin, a folder or a .gguf")
     ap.add_argument("--arms", default="sync,overlap", help="comma-separated from sync,overlap (run in this order)")
     ap.add_argument("--steps", type=int, default=20, help="GRPO steps per arm (the first is not timed)")
-    ap.add_argument("--eval-size", type=int, default=1319, help="test problems evaluated after the last step")
+    ap.add_argument("--eval-size", type=int, default=None,
+                    help="test problems evaluated after the last step; default 1319 (all of GSM8K's test set), 8 with --smoke")
     ap.add_argument("--out", default="bench_overlap.json", help="the JSON, merged with what it already holds")
     ap.add_argument("--smoke", action="store_true", help="the tiny recipe on a CPU: a check of the plumbing")
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--arm-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.smoke and args.eval_size == 1319:
-        args.eval_size = 8
+    if args.eval_size is None:
+        args.eval_size = 8 if args.smoke else 1319
     if args.arm:
         run_arm(args)
         return 0
