@@ -4,6 +4,7 @@
     python -m bench.bench_overlap --arms sync --steps 20 --out reports/gpu/bench_overlap.json
     python -m bench.bench_overlap --arms overlap --steps 20 --out reports/gpu/bench_overlap.json
     python -m bench.bench_overlap --smoke --out /tmp/overlap.json                        # a CPU check
+    python -m bench.bench_overlap --steps 16 --out ... learner.lr=2e-4                   # recipe overrides last
 
 Each arm is the GPU recipe (launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml) disaggregated:
 the learner rank on one GPU, the vLLM worker on the other (cluster.colocate=false, one GPU each, no
@@ -50,8 +51,8 @@ def arm_overrides(args, staleness: int, out_dir: str) -> list[str]:
               "trainer.eval_every=0", f"trainer.eval_size={args.eval_size}", f"logging.output_dir={out_dir}",
               f"logging.run_name=staleness-{staleness}", "logging.tensorboard=false", "logging.progress=false"]
     if args.smoke:
-        return common + ["rollout.engine=vllm"]
-    return common + [f"model.name={args.model}"] + TWO_GPUS
+        return common + ["rollout.engine=vllm"] + args.overrides
+    return common + [f"model.name={args.model}"] + TWO_GPUS + args.overrides
 
 
 def run_arm(args) -> None:
@@ -117,7 +118,8 @@ def orchestrate(args) -> int:
         arm_file = out.with_name(f".{out.name}.{arm}.arm.json")
         arm_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "bench.bench_overlap", "--arm", arm, "--arm-out", str(arm_file),
-               "--steps", str(args.steps), "--eval-size", str(args.eval_size), "--model", args.model]
+               "--steps", str(args.steps), "--eval-size", str(args.eval_size), "--model", args.model,
+               *args.overrides]
         print(f"=== {arm}: trainer.max_staleness={ARMS[arm]}, {args.steps} steps", flush=True)
         proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), cwd=REPO, stderr=subprocess.PIPE, text=True)
         if proc.returncode or not arm_file.exists():
@@ -142,6 +144,7 @@ def main() -> int:
                     help="test problems evaluated after the last step; default 1319 (all of GSM8K's test set), 8 with --smoke")
     ap.add_argument("--out", default="bench_overlap.json", help="the JSON, merged with what it already holds")
     ap.add_argument("--smoke", action="store_true", help="the tiny recipe on a CPU: a check of the plumbing")
+    ap.add_argument("overrides", nargs="*", help="recipe overrides for both arms, e.g. learner.lr=2e-4")
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--arm-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
