@@ -101,6 +101,7 @@ def test_learner_killed_mid_step_stops_clearly_and_the_same_command_resumes(ray_
     assert f"resumed from {saved.parent} at step 2" in caplog.text
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == [1, 2, 3]  # step 3 once, steps 1-2 not redone
+    assert all(m["rollout/staleness"] == 0.0 for m in metrics)  # the synchronous loop: always on-policy
     assert position["position"] == 2 * cfg.rollout.prompts_per_step
     # The segfaulting reward: counted on step 1, its samples ungraded; the run went on regardless.
     assert marker.exists() and metrics[0]["reward/segfaults_once/errors"] > 0

@@ -131,3 +131,21 @@ def test_a_stop_with_a_batch_in_flight_resumes_without_skipping_or_repeating_a_p
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
     # The resumed step's batch comes from the resumed adapter; the next is one version behind again.
     assert [m["rollout/staleness"] for m in metrics] == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.slow
+def test_a_batch_older_than_the_bound_is_never_trained_on(ray_local, tiny_model_path, tmp_path):
+    # The fault injected: a queue two steps deep under a bound of one. Step 3's batch was launched
+    # before step 1 trained (version 0) and reaches a learner at version 2.
+    _, trainer = _trainer(tmp_path, "too-deep")
+    trainer.rollouts.depth = 2
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    metrics = read_metrics(tmp_path / "too-deep")
+    assert [m["rollout/staleness"] for m in metrics] == [0.0, 1.0, 2.0, 1.0]
+    assert [m.get("rollout/stale_batch_skipped", 0.0) for m in metrics] == [0.0, 0.0, 1.0, 0.0]
+    # Not trained on: no learner step and no new adapter version after step 3.
+    assert ["learner/loss" in m for m in metrics] == [True, True, False, True]
+    assert metrics[2]["time/sync_s"] == 0.0 and trainer.adapter_version == 3
