@@ -37,6 +37,8 @@ def cpu_threads(configured: int, actors: int, host_cores: int | None = None) -> 
     Ray gives an actor with a fraction of a CPU one thread. A step rolls out, then updates:
     rollout workers and learner ranks never compute at the same time, so the actors of
     each kind may share all the host's cores (on two cores: a SmolLM2 step 79 s -> 52 s).
+    With trainer.max_staleness > 0 they do compute at once, and contend for the same cores
+    on a CPU host; cluster.cpu_threads then sets a smaller share.
     """
     if configured:
         return configured
