@@ -39,6 +39,9 @@ def step_times(records: list[dict]) -> dict[str, float]:
     steps = steps[1:] if len(steps) > 1 else steps
     out = {name: _mean([r.get(key, float("nan")) for r in steps]) for name, key in PHASES}
     out["step"] = _mean([r["time/step_s"] for r in steps])
+    # Overlapped rollouts (trainer.max_staleness > 0): the part of the rollout the driver waited for.
+    out["rollout_wait"] = _mean([r.get("time/rollout_wait_s", float("nan")) for r in steps])
+    out["overlapped"] = float(any(r.get("rollout/staleness", 0) > 0 for r in steps))
     out["steps_averaged"] = float(len(steps))
     return out
 
@@ -91,6 +94,8 @@ def summarize(run_dir: str | Path, title: str = "") -> str:
     t = step_times(records)
     if math.isfinite(t["step"]):
         parts = ", ".join(f"{name} {t[name]:.1f} s" for name, _ in PHASES if math.isfinite(t[name]))
+        if t["overlapped"] and math.isfinite(t["rollout_wait"]):
+            parts += f" (rollout overlapped with learning: {t['rollout_wait']:.1f} s of it waited for)"
         lines.append(f"step time {t['step']:.1f} s: {parts} (mean of {int(t['steps_averaged'])} steps)")
     curve = plot_reward_curve(records, run_dir / CURVE) if records else None
     lines += [f"{'metrics':13}{run_dir / 'metrics.jsonl'}",

@@ -42,6 +42,20 @@ def test_overlap_is_refused_only_where_the_rollout_sleeps_for_the_learner():
     assert "\n" not in str(e.value)
 
 
+def test_the_run_summary_says_how_much_of_an_overlapped_rollout_was_waited_for(tmp_path):
+    from rl.run_summary import summarize
+
+    def step(i: int, staleness: float) -> str:
+        return json.dumps({"step": i, "time/step_s": 2.0, "time/rollout_s": 1.5, "time/rollout_wait_s": 0.25,
+                           "time/reward_s": 0.1, "time/learner_s": 1.8, "time/sync_s": 0.05,
+                           "rollout/staleness": staleness})
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(step(i, float(i > 1)) for i in (1, 2, 3)) + "\n")
+    assert "rollout overlapped with learning: 0.2 s of it waited for" in summarize(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(step(i, 0.0) for i in (1, 2, 3)) + "\n")
+    assert "overlapped" not in summarize(tmp_path)
+
+
 # ---------------------------------------------------------------- real runs
 def _trainer(tmp_path, name: str, *extra: str):
     from rl.trainer import Trainer
