@@ -147,6 +147,9 @@ class LearnerConfig:
     updates_per_batch: int = 1  # policy updates on each rollout batch (mu in GRPO)
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
+    # Positions per chunk of the output layer when computing token logprobs from the hidden
+    # states (rl/learner/logprobs.py); 0: the model's whole [b, t, vocab] logits at once.
+    logprob_chunk: int = 1024
 
     def validate(self, p: str) -> None:
         _check(self.num_ranks >= 1, f"{p}.num_ranks", self.num_ranks, "must be >= 1")
@@ -161,6 +164,8 @@ class LearnerConfig:
         _check(self.micro_batch_size >= 1, f"{p}.micro_batch_size", self.micro_batch_size, "must be >= 1")
         _check(self.updates_per_batch >= 1, f"{p}.updates_per_batch", self.updates_per_batch, "must be >= 1")
         _one_of(f"{p}.mixed_precision", self.mixed_precision, ["auto", "fp32", "bf16"])
+        _check(self.logprob_chunk >= 0, f"{p}.logprob_chunk", self.logprob_chunk,
+               "must be >= 0 (0: whole logits at once)")
 
 
 @dataclass

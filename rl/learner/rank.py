@@ -36,6 +36,7 @@ from core.lora import full_tensor, pattern_matches
 from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
 from rl.grpo import configured_correction, entropy_from_logits, policy_loss, sft_loss, token_logprobs
+from rl.learner.logprobs import chunkable, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
@@ -105,6 +106,7 @@ class LearnerRank:
             self.after_backward = list(attach(peft_model, cfg) or [])
         self._shard(peft_model, cfg.learner.mixed_precision, cuda)
         self.model = peft_model
+        self._chunkable = chunkable(peft_model.get_base_model())
         self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         lc = cfg.learner
@@ -208,25 +210,32 @@ class LearnerRank:
 
     def _logprobs(self, mb: dict, temperature: float, entropy: bool = False):
         """Per-token logprobs [b, t] (0 at position 0) and, if asked, the summed entropy over
-        response tokens (only those rows of the logits, a chunk at a time: no [b, t, V] copy)."""
-        # Logits only from the first labelled position on: the prompt's positions get no
-        # loss, and over a 49k vocabulary their [b, t, V] float32 logits (and gradients)
-        # were a third of a GSM8K micro-batch's compute in lm_head and most of its memory.
+        labelled tokens (the response tokens in training)."""
+        # Positions from the first labelled one on: the prompt's positions get no loss, and
+        # over a 49k vocabulary their logits were a third of a GSM8K micro-batch's lm_head compute.
         labelled = (mb["labels"] != -100).any(dim=0).nonzero()
         first = int(labelled[0]) if labelled.numel() else 0
         T = mb["input_ids"].shape[1]
+        labels = mb["labels"][:, first:]
+        chunk = self.cfg.learner.logprob_chunk
+        if chunk and self._chunkable:
+            # The last kept position predicts nothing: label it -100.
+            with logprob_head(self.model, F.pad(labels, (0, 1), value=-100), temperature, chunk, entropy):
+                out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                 logits_to_keep=T - first).logits[:, :-1]
+            lp, ent = out[..., 0], (out[..., 1].detach().sum() if entropy else None)
+            return F.pad(lp, (first + 1, 0)), ent
         logits = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
                             logits_to_keep=T - first).logits[:, :-1]
-        lp = F.pad(token_logprobs(logits, mb["labels"][:, first:], temperature), (first + 1, 0))
+        lp = F.pad(token_logprobs(logits, labels, temperature), (first + 1, 0))
         ent = None
         if entropy:
             with torch.no_grad():
-                rows, cols = mb["response_mask"][:, 1:].nonzero(as_tuple=True)
-                cols = cols - first
+                rows, cols = (labels != -100).nonzero(as_tuple=True)
                 ent = logits.new_zeros((), dtype=torch.float32)
                 for s in range(0, rows.numel(), 2048):
-                    chunk = logits.detach()[rows[s:s + 2048], cols[s:s + 2048]]
-                    ent = ent + entropy_from_logits(chunk[None], temperature).sum()
+                    chunk_logits = logits.detach()[rows[s:s + 2048], cols[s:s + 2048]]
+                    ent = ent + entropy_from_logits(chunk_logits[None], temperature).sum()
         return lp, ent
 
     @torch.no_grad()
