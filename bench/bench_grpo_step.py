@@ -12,7 +12,13 @@ CPU). The first step of each is warm-up and is left out of the means.
 
 ``--weight-sync adapter,merged`` runs placerl once per way of serving the adapter
 (vLLM's LoRA kernels; merged into the base weights, the CPU default) in the same
-invocation and prints the ratio of their step times.
+invocation and prints the ratio of their step times. ``--logprob-chunk 0,1024`` does the same
+for the learner's ``learner.logprob_chunk`` (0: whole [b, t, vocab] logits; else token logprobs
+from the hidden states, the output layer that many positions at a time); with both lists every
+pair runs.
+
+For each placerl run the learner actor's peak resident memory and the rollout worker's CPU
+use while the learner trains are sampled from outside (bench/actor_usage.py).
 """
 from __future__ import annotations
 
@@ -28,14 +34,20 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def placerl_steps(args, weight_sync: str = "auto") -> list[dict]:
+def placerl_steps(args, weight_sync: str = "auto", logprob_chunk: str | None = None) -> tuple[list[dict], dict]:
+    """The step metrics of one placerl run, and its actors' CPU and memory (bench/actor_usage.py)."""
+    from bench.actor_usage import ActorUsage
     from bench.recipe_steps import recipe_step_metrics
 
-    return recipe_step_metrics("launch/configs/gsm8k_grpo.yaml", [f"rollout.weight_sync={weight_sync}",
-        f"trainer.steps={args.steps}", f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
-        f"rollout.max_new_tokens={args.tokens}", f"learner.micro_batch_size={args.micro_batch}",
-        f"trainer.save_every={args.steps + 1}", "reward.functions=[{name: gsm8k_flexible}]",
-        f"placement.rank={args.rank}", f"placement.alpha={2 * args.rank}"])
+    chunk = [f"learner.logprob_chunk={logprob_chunk}"] if logprob_chunk is not None else []
+    with ActorUsage() as usage:
+        steps = recipe_step_metrics("launch/configs/gsm8k_grpo.yaml", [
+            *chunk, f"rollout.weight_sync={weight_sync}", f"trainer.steps={args.steps}",
+            f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
+            f"rollout.max_new_tokens={args.tokens}", f"learner.micro_batch_size={args.micro_batch}",
+            f"trainer.save_every={args.steps + 1}", "reward.functions=[{name: gsm8k_flexible}]",
+            f"placement.rank={args.rank}", f"placement.alpha={2 * args.rank}"])
+    return steps, usage.summary()
 
 
 def trl_step_times(args) -> list[float]:
@@ -94,33 +106,50 @@ def main() -> int:
                          "of SmolLM2 logits needs about 20 GB)")
     ap.add_argument("--weight-sync", default="auto",
                     help="comma-separated rollout.weight_sync modes to time (auto, adapter, merged)")
+    ap.add_argument("--logprob-chunk", default=None,
+                    help="comma-separated learner.logprob_chunk values to time (default: the config's)")
     ap.add_argument("--skip-trl", action="store_true")
     args = ap.parse_args()
     if (args.prompts * args.group) % args.micro_batch:
         ap.error(f"--micro-batch={args.micro_batch} must divide prompts x group = {args.prompts * args.group}")
-    modes = args.weight_sync.split(",")
-    by_mode = {}
-    for mode in modes:
-        steps = placerl_steps(args, mode)[1:]
+    chunks = args.logprob_chunk.split(",") if args.logprob_chunk else [None]
+    runs = [(mode, chunk) for mode in args.weight_sync.split(",") for chunk in chunks]
+    by_run = {}
+    for mode, chunk in runs:
+        metrics, usage = placerl_steps(args, mode, chunk)
+        steps = metrics[1:]
         ours = statistics.mean(m["time/step_s"] for m in steps)
         parts = {k: statistics.mean(m.get(k, 0.0) for m in steps)
                  for k in ("time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s")}
-        by_mode[mode] = {"placerl_step_s": ours, "sync_over_step": parts["time/sync_s"] / ours,
-                         **{f"placerl_{k[5:]}": v for k, v in parts.items()},
-                         "rollout_tokens_per_s": statistics.mean(m["throughput/rollout_tokens_per_s"] for m in steps),
-                         "reward_over_step": parts["time/reward_s"] / ours}
-    result = dict(by_mode[modes[-1]])
-    if len(modes) > 1:
-        result["by_weight_sync"] = by_mode
-        for mode in modes[1:]:
-            result[f"{mode}_over_{modes[0]}_step"] = by_mode[mode]["placerl_step_s"] / by_mode[modes[0]]["placerl_step_s"]
-            result[f"{mode}_over_{modes[0]}_rollout"] = (by_mode[mode]["placerl_rollout_s"]
-                                                       / by_mode[modes[0]]["placerl_rollout_s"])
+        by_run[mode if chunk is None else f"{mode}/chunk={chunk}"] = {
+            "placerl_step_s": ours, "sync_over_step": parts["time/sync_s"] / ours,
+            **{f"placerl_{k[5:]}": v for k, v in parts.items()},
+            "rollout_tokens_per_s": statistics.mean(m["throughput/rollout_tokens_per_s"] for m in steps),
+            "reward_over_step": parts["time/reward_s"] / ours, **usage}
+    names = list(by_run)
+    result = dict(by_run[names[-1]])
+    if len(names) > 1:
+        result["by_run"] = by_run
+        first = by_run[names[0]]
+        for name in names[1:]:
+            for part in ("step", "rollout", "learner"):
+                result[f"{name}_over_{names[0]}_{part}"] = (by_run[name][f"placerl_{part}_s"]
+                                                          / first[f"placerl_{part}_s"])
+            result[f"{name}_over_{names[0]}_learner_peak_rss"] = (by_run[name]["learner_peak_rss_gb"]
+                                                                 / max(first["learner_peak_rss_gb"], 1e-9))
     ours = result["placerl_step_s"]
     if not args.skip_trl:
         theirs = statistics.mean(trl_step_times(args)[1:])
         result.update({"trl_step_s": theirs, "placerl_over_trl": ours / theirs})
+        for r in by_run.values():
+            r["placerl_over_trl"] = r["placerl_step_s"] / theirs
     print(json.dumps(result, indent=1))
+    for name, r in by_run.items():
+        print(f"{name}: step {r['placerl_step_s']:.1f} s (rollout {r['placerl_rollout_s']:.1f} s at "
+              f"{r['rollout_tokens_per_s']:.0f} tokens/s, learner {r['placerl_learner_s']:.1f} s, sync "
+              f"{r['placerl_sync_s']:.2f} s); learner peak RSS {r['learner_peak_rss_gb']:.2f} GB; rollout worker "
+              f"{r['worker_cores_during_train_step']:.2f} cores while the learner trains"
+              + (f"; placerl / TRL {r['placerl_over_trl']:.3f}" if "placerl_over_trl" in r else ""))
     print(f"sync / step = {result['sync_over_step']:.3%} (goal < 5%)")
     if "trl_step_s" in result:
         print(f"placerl step / TRL step = {result['placerl_over_trl']:.3f} (goal <= 0.5 on a CPU; TRL {theirs:.1f} s, placerl {ours:.1f} s)")
