@@ -150,6 +150,9 @@ class LearnerConfig:
     # Positions per chunk of the output layer when computing token logprobs from the hidden
     # states (rl/learner/logprobs.py); 0: the model's whole [b, t, vocab] logits at once.
     logprob_chunk: int = 1024
+    # One forward over a prompt that rows of a micro-batch share (a GRPO group), its KV cache
+    # reused for each row's completion (rl/learner/shared_prefix.py); one rank, no checkpointing.
+    shared_prefix: bool = True
 
     def validate(self, p: str) -> None:
         _check(self.num_ranks >= 1, f"{p}.num_ranks", self.num_ranks, "must be >= 1")

@@ -38,6 +38,7 @@ from rl.cluster import LOOPBACK, free_port
 from rl.grpo import configured_correction, entropy_from_logits, policy_loss, sft_loss, token_logprobs
 from rl.learner.logprobs import chunkable, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
+from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
 TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
@@ -107,6 +108,9 @@ class LearnerRank:
         self._shard(peft_model, cfg.learner.mixed_precision, cuda)
         self.model = peft_model
         self._chunkable = chunkable(peft_model.get_base_model())
+        # See rl/learner/shared_prefix.py for why one rank and no checkpointing.
+        self._share_prefix = (cfg.learner.shared_prefix and self.world_size == 1
+                              and not cfg.learner.gradient_checkpointing)
         self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         lc = cfg.learner
@@ -211,23 +215,33 @@ class LearnerRank:
     def _logprobs(self, mb: dict, temperature: float, entropy: bool = False):
         """Per-token logprobs [b, t] (0 at position 0) and, if asked, the summed entropy over
         labelled tokens (the response tokens in training)."""
+        def score(labels, **inputs):
+            return self._score(labels, temperature, entropy, **inputs)
+
+        if self._share_prefix:
+            split = split_shared_prefixes(mb["input_ids"], mb["attention_mask"], mb["labels"])
+            if split is not None:
+                return shared_prefix_logprobs(self.model, split, mb["input_ids"].shape, score)
         # Positions from the first labelled one on: the prompt's positions get no loss, and
         # over a 49k vocabulary their logits were a third of a GSM8K micro-batch's lm_head compute.
         labelled = (mb["labels"] != -100).any(dim=0).nonzero()
         first = int(labelled[0]) if labelled.numel() else 0
         T = mb["input_ids"].shape[1]
-        labels = mb["labels"][:, first:]
+        # The last kept position predicts nothing: label it -100.
+        lp, ent = score(F.pad(mb["labels"][:, first:], (0, 1), value=-100), input_ids=mb["input_ids"],
+                        attention_mask=mb["attention_mask"], logits_to_keep=T - first)
+        return F.pad(lp[:, :-1], (first + 1, 0)), ent
+
+    def _score(self, labels, temperature: float, entropy: bool, **inputs):
+        """One forward over ``inputs``: the logprob of each kept position's label ([b, t], 0 where
+        -100) and, if asked, the entropy summed over labelled positions."""
         chunk = self.cfg.learner.logprob_chunk
         if chunk and self._chunkable:
-            # The last kept position predicts nothing: label it -100.
-            with logprob_head(self.model, F.pad(labels, (0, 1), value=-100), temperature, chunk, entropy):
-                out = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                 logits_to_keep=T - first).logits[:, :-1]
-            lp, ent = out[..., 0], (out[..., 1].detach().sum() if entropy else None)
-            return F.pad(lp, (first + 1, 0)), ent
-        logits = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                            logits_to_keep=T - first).logits[:, :-1]
-        lp = F.pad(token_logprobs(logits, labels, temperature), (first + 1, 0))
+            with logprob_head(self.model, labels, temperature, chunk, entropy):
+                out = self.model(**inputs).logits
+            return out[..., 0], (out[..., 1].detach().sum() if entropy else None)
+        logits = self.model(**inputs).logits
+        lp = token_logprobs(logits, labels, temperature)
         ent = None
         if entropy:
             with torch.no_grad():
