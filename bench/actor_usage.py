@@ -24,7 +24,7 @@ def _hwm_gb(pid: int) -> float:
 class ActorUsage:
     """``with ActorUsage() as usage: run()``, then ``usage.summary()``."""
 
-    def __init__(self, interval_s: float = 0.5):
+    def __init__(self, interval_s: float = 1.0):
         self.interval_s = interval_s
         self.learner_peak_gb = 0.0
         self.train_s = 0.0  # seconds sampled with the learner in train_step

@@ -12,10 +12,11 @@ CPU). The first step of each is warm-up and is left out of the means.
 
 ``--weight-sync adapter,merged`` runs placerl once per way of serving the adapter
 (vLLM's LoRA kernels; merged into the base weights, the CPU default) in the same
-invocation and prints the ratio of their step times. ``--logprob-chunk 0,1024`` does the same
-for the learner's ``learner.logprob_chunk`` (0: whole [b, t, vocab] logits; else token logprobs
-from the hidden states, the output layer that many positions at a time); with both lists every
-pair runs.
+invocation and prints the ratio of their step times. ``--learner-path whole,default`` does the
+same for the learner: ``whole`` is every row's whole forward and the whole [b, t, vocab] logits
+(``learner.shared_prefix=false learner.logprob_chunk=0``), ``default`` one forward per shared
+prompt and logprobs from the hidden states in chunks. With both lists every pair runs, or
+``--runs merged/whole,merged/default,adapter/default`` names the pairs.
 
 For each placerl run the learner actor's peak resident memory and the rollout worker's CPU
 use while the learner trains are sampled from outside (bench/actor_usage.py).
@@ -34,15 +35,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def placerl_steps(args, weight_sync: str = "auto", logprob_chunk: str | None = None) -> tuple[list[dict], dict]:
+LEARNER_PATHS = {"default": [], "whole": ["learner.shared_prefix=false", "learner.logprob_chunk=0"]}
+
+
+def placerl_steps(args, weight_sync: str = "auto", learner_path: str = "default") -> tuple[list[dict], dict]:
     """The step metrics of one placerl run, and its actors' CPU and memory (bench/actor_usage.py)."""
     from bench.actor_usage import ActorUsage
     from bench.recipe_steps import recipe_step_metrics
 
-    chunk = [f"learner.logprob_chunk={logprob_chunk}"] if logprob_chunk is not None else []
     with ActorUsage() as usage:
         steps = recipe_step_metrics("launch/configs/gsm8k_grpo.yaml", [
-            *chunk, f"rollout.weight_sync={weight_sync}", f"trainer.steps={args.steps}",
+            *LEARNER_PATHS[learner_path], f"rollout.weight_sync={weight_sync}", f"trainer.steps={args.steps}",
             f"rollout.prompts_per_step={args.prompts}", f"rollout.group_size={args.group}",
             f"rollout.max_new_tokens={args.tokens}", f"learner.micro_batch_size={args.micro_batch}",
             f"trainer.save_every={args.steps + 1}", "reward.functions=[{name: gsm8k_flexible}]",
@@ -106,22 +109,28 @@ def main() -> int:
                          "of SmolLM2 logits needs about 20 GB)")
     ap.add_argument("--weight-sync", default="auto",
                     help="comma-separated rollout.weight_sync modes to time (auto, adapter, merged)")
-    ap.add_argument("--logprob-chunk", default=None,
-                    help="comma-separated learner.logprob_chunk values to time (default: the config's)")
+    ap.add_argument("--learner-path", default="default",
+                    help=f"comma-separated learner paths to time ({', '.join(LEARNER_PATHS)})")
+    ap.add_argument("--runs", default=None, help="comma-separated WEIGHT_SYNC/LEARNER_PATH pairs (instead "
+                                                 "of every pair of --weight-sync and --learner-path)")
     ap.add_argument("--skip-trl", action="store_true")
     args = ap.parse_args()
     if (args.prompts * args.group) % args.micro_batch:
         ap.error(f"--micro-batch={args.micro_batch} must divide prompts x group = {args.prompts * args.group}")
-    chunks = args.logprob_chunk.split(",") if args.logprob_chunk else [None]
-    runs = [(mode, chunk) for mode in args.weight_sync.split(",") for chunk in chunks]
+    runs = ([tuple(r.split("/")) for r in args.runs.split(",")] if args.runs else
+            [(mode, path) for mode in args.weight_sync.split(",") for path in args.learner_path.split(",")])
+    for run in runs:
+        if len(run) != 2 or run[1] not in LEARNER_PATHS:
+            ap.error(f"run {'/'.join(run)!r} is not WEIGHT_SYNC/LEARNER_PATH with a learner path among "
+                     f"{', '.join(LEARNER_PATHS)}")
     by_run = {}
-    for mode, chunk in runs:
-        metrics, usage = placerl_steps(args, mode, chunk)
+    for mode, path in runs:
+        metrics, usage = placerl_steps(args, mode, path)
         steps = metrics[1:]
         ours = statistics.mean(m["time/step_s"] for m in steps)
         parts = {k: statistics.mean(m.get(k, 0.0) for m in steps)
                  for k in ("time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s")}
-        by_run[mode if chunk is None else f"{mode}/chunk={chunk}"] = {
+        by_run[mode if len(runs) == len({m for m, _ in runs}) else f"{mode}/{path}"] = {
             "placerl_step_s": ours, "sync_over_step": parts["time/sync_s"] / ours,
             **{f"placerl_{k[5:]}": v for k, v in parts.items()},
             "rollout_tokens_per_s": statistics.mean(m["throughput/rollout_tokens_per_s"] for m in steps),

@@ -280,3 +280,47 @@ def test_sft_loss_is_the_response_nll_and_falls(ray_local, tiny_model_path):
         assert all(m["probe/grads_present"] == 1.0 for m in metrics)
     finally:
         group.shutdown()
+
+
+def grouped_batch(prompts: int, group: int, seed: int) -> TrainBatch:
+    """GRPO's layout: ``group`` completions of each prompt, contiguous, prompts of different lengths."""
+    from rl.learner.batch import pad_sequences
+
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = [torch.randint(0, 2000, (int(n),), generator=g).tolist()
+                  for n in torch.randint(4, 9, (prompts,), generator=g)]
+    prompt_ids = [p for p in prompt_ids for _ in range(group)]
+    responses = [torch.randint(0, 2000, (int(n),), generator=g).tolist()
+                 for n in torch.randint(2, 10, (len(prompt_ids),), generator=g)]
+    lps = [(-10.0 + 0.1 * torch.randn(len(r), generator=g)).tolist() for r in responses]
+    ids, attn, resp, rollout_lp = pad_sequences(prompt_ids, responses, 0, lps)
+    return TrainBatch(ids, attn, resp, torch.randn(len(prompt_ids), generator=g), rollout_lp, max_tokens=ids.shape[1])
+
+
+@pytest.mark.slow
+def test_shared_prompts_and_chunked_head_match_whole_rows(ray_local, tiny_model_path):
+    """The learner's defaults (one forward per shared prompt, logprobs from the hidden states in
+    chunks) against whole rows and whole logits: the same updates, within fp32 rounding."""
+    learner = {"lr": 1e-2, "updates_per_batch": 2, "micro_batch_size": 8}
+    built = {}
+    try:
+        built["default"] = LearnerGroup(make_cfg(tiny_model_path, learner={**learner, "logprob_chunk": 5}),
+                                        tiny_model_path, LORA)
+        built["whole"] = LearnerGroup(make_cfg(tiny_model_path, learner={**learner, "logprob_chunk": 0,
+                                                                         "shared_prefix": False}),
+                                      tiny_model_path, LORA)
+        init = built["default"].lora_state()
+        for seed in (1, 2):
+            batch = grouped_batch(4, 4, seed)
+            metrics = {k: g.train_step(batch) for k, g in built.items()}
+            for k in ("loss", "pg_loss", "grad_norm", "entropy", "clip_fraction", "ratio_mean"):
+                assert math.isclose(metrics["default"][k], metrics["whole"][k], rel_tol=1e-4, abs_tol=1e-6), k
+        states = {k: g.lora_state() for k, g in built.items()}
+        assert max_diff(states["default"], init) > 1e-3
+        assert max_diff(states["default"], states["whole"]) < TOL
+        probe = grouped_batch(2, 4, 3)
+        lp = {k: g.logprobs(probe, temperature=1.0) for k, g in built.items()}
+        assert (lp["default"] - lp["whole"]).abs().max() < 1e-4
+    finally:
+        for g in built.values():
+            g.shutdown()

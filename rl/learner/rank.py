@@ -111,6 +111,10 @@ class LearnerRank:
         # See rl/learner/shared_prefix.py for why one rank and no checkpointing.
         self._share_prefix = (cfg.learner.shared_prefix and self.world_size == 1
                               and not cfg.learner.gradient_checkpointing)
+        if self._share_prefix:
+            # Each layer runs backward twice per micro-batch (completions, then the prompt
+            # through the cache): its weights stay gathered until the update (train_step).
+            peft_model.set_reshard_after_backward(False)
         self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         lc = cfg.learner
@@ -322,6 +326,8 @@ class LearnerRank:
                         sums[f"{k}_tok"] = sums[f"{k}_tok"] + m[k] * mb["num_tokens"] / mu
             sums["loss"] = sums["loss"] + loss_sum / mu
             norm, skip, d = self._update(loss_sum)
+            if self._share_prefix:
+                self._reshard()  # the next forward gathers the updated weights
             diag.update(d)
             norms.append(norm)
             skipped += skip
@@ -331,6 +337,13 @@ class LearnerRank:
         out.update(lr=lr, skipped=skipped, grad_norm=sum(finite) / len(finite) if finite else norms[-1],
                    learner_logprobs=torch.cat(learner_lp).cpu(), diagnostics=diag if self.rank == 0 else {})
         return out
+
+    def _reshard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def _update(self, local_loss: torch.Tensor) -> tuple[float, float, dict]:
         """Mask, clip and step; a non-finite loss on any rank or grad norm skips the step."""
