@@ -326,8 +326,6 @@ class LearnerRank:
                         sums[f"{k}_tok"] = sums[f"{k}_tok"] + m[k] * mb["num_tokens"] / mu
             sums["loss"] = sums["loss"] + loss_sum / mu
             norm, skip, d = self._update(loss_sum)
-            if self._share_prefix:
-                self._reshard()  # the next forward gathers the updated weights
             diag.update(d)
             norms.append(norm)
             skipped += skip
@@ -348,6 +346,10 @@ class LearnerRank:
     def _update(self, local_loss: torch.Tensor) -> tuple[float, float, dict]:
         """Mask, clip and step; a non-finite loss on any rank or grad norm skips the step."""
         diag = {}
+        if self._share_prefix:
+            # Register the sharded parameters again (they hold the gradients that hooks, masks
+            # and the optimizer read) and let the next forward gather the updated weights.
+            self._reshard()
         for fn in self.after_backward:
             diag.update(fn(self.steps) or {})
         if self.b_masks:
