@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rl.grpo import entropy_from_logits, token_logprobs
+
 # Config fields of models whose forward changes the logits after the output projection
 # (softcapping, scaling): those keep the whole-logits path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -99,6 +101,22 @@ def head_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperat
         raise ValueError(f"hidden must be [B, T, H] and labels [B, T]; got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
     return _HeadLabelLogprob.apply(hidden, weight, bias, labels, float(temperature), int(chunk), with_entropy)
+
+
+def logits_token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
+                          entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """The whole-logits path: ``token_logprobs`` of ``logits`` [B, T, V] and, if asked, the entropy
+    summed over labelled positions (without gradient, 2048 rows of the logits at a time)."""
+    lp = token_logprobs(logits, labels, temperature)
+    if not entropy:
+        return lp, None
+    with torch.no_grad():
+        rows, cols = (labels != -100).nonzero(as_tuple=True)
+        total = logits.new_zeros((), dtype=torch.float32)
+        for s in range(0, rows.numel(), 2048):
+            total = total + entropy_from_logits(logits.detach()[rows[s:s + 2048], cols[s:s + 2048]][None],
+                                                temperature).sum()
+    return lp, total
 
 
 def chunkable(model) -> bool:

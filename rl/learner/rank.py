@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from core.lora import full_tensor, pattern_matches
 from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
-from rl.grpo import configured_correction, entropy_from_logits, policy_loss, sft_loss, token_logprobs
-from rl.learner.logprobs import chunkable, logprob_head
+from rl.grpo import configured_correction, policy_loss, sft_loss
+from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
 
@@ -113,7 +113,7 @@ class LearnerRank:
                               and not cfg.learner.gradient_checkpointing)
         if self._share_prefix:
             # Each layer runs backward twice per micro-batch (completions, then the prompt
-            # through the cache): its weights stay gathered until the update (train_step).
+            # through the cache): its weights stay gathered until _update reshards them.
             peft_model.set_reshard_after_backward(False)
         self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -244,17 +244,7 @@ class LearnerRank:
             with logprob_head(self.model, labels, temperature, chunk, entropy):
                 out = self.model(**inputs).logits
             return out[..., 0], (out[..., 1].detach().sum() if entropy else None)
-        logits = self.model(**inputs).logits
-        lp = token_logprobs(logits, labels, temperature)
-        ent = None
-        if entropy:
-            with torch.no_grad():
-                rows, cols = (labels != -100).nonzero(as_tuple=True)
-                ent = logits.new_zeros((), dtype=torch.float32)
-                for s in range(0, rows.numel(), 2048):
-                    chunk_logits = logits.detach()[rows[s:s + 2048], cols[s:s + 2048]]
-                    ent = ent + entropy_from_logits(chunk_logits[None], temperature).sum()
-        return lp, ent
+        return logits_token_logprobs(self.model(**inputs).logits, labels, temperature, entropy)
 
     @torch.no_grad()
     def logprobs(self, shard: dict, temperature: float) -> torch.Tensor:
