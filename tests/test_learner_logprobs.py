@@ -22,6 +22,21 @@ def _inputs(dtype, bias: bool, seed: int = 0):
     return hidden, weight, b, labels
 
 
+def _lora_tiny(tiny_model_path):
+    from peft import LoraConfig, get_peft_model
+
+    from core.models import load_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(load_model(tiny_model_path, "float32"),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)  # B = 0 would leave A's gradient zero on both paths
+    model.config.use_cache = False  # as the learner sets it: the shared path asks for the cache itself
+    return model
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("chunk", [1, 4, 1024])
 @pytest.mark.parametrize("bias", [False, True])
@@ -67,16 +82,7 @@ def test_bad_arguments_are_one_line_errors():
 
 def test_tiny_llama_lora_gradients_equal_the_whole_logits(tiny_model_path):
     """The model's own forward with the head swapped: the LoRA gradients the learner steps on."""
-    from peft import LoraConfig, get_peft_model
-
-    from core.models import load_model
-
-    torch.manual_seed(0)
-    model = get_peft_model(load_model(tiny_model_path, "float32"),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)  # B = 0 would leave A's gradient zero on both paths
+    model = _lora_tiny(tiny_model_path)
     assert chunkable(model.get_base_model())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 2000, (4, 24), generator=g)
@@ -133,21 +139,6 @@ def _grouped_rows(seed: int = 0):
     resp[-1] = 0
     labels = torch.where(resp[:, 1:].bool(), ids[:, 1:], -100)
     return ids, attn, labels
-
-
-def _lora_tiny(tiny_model_path):
-    from peft import LoraConfig, get_peft_model
-
-    from core.models import load_model
-
-    torch.manual_seed(0)
-    model = get_peft_model(load_model(tiny_model_path, "float32"),
-                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.02)
-    model.config.use_cache = False  # as the learner sets it: the shared path asks for the cache itself
-    return model
 
 
 def test_split_shared_prefixes_groups_rows_by_prompt():
