@@ -210,9 +210,13 @@ class Trainer:
         return ckpt.save_checkpoint(self.run_dir, self.step, state, self.learner.save,
                                     keep=self.cfg.trainer.keep_checkpoints)
 
-    def _sync(self) -> float:
+    def _sync(self) -> dict[str, float]:
+        """Serve the learner's adapter on the rollout workers; ``time/sync_s`` and, per stage
+        (rl/rollout/worker.py load_adapter), ``time/sync_<stage>_s``."""
         if self.rollout is None:
-            return 0.0
+            return {}
+        from rl.rollout.engine import payload_dtype
+
         overlapped = self.cfg.trainer.max_staleness > 0
         t = time.perf_counter()
         if not overlapped:  # an overlapped rollout never sleeps (check_overlap)
@@ -220,9 +224,10 @@ class Trainer:
         self.wake_s = time.perf_counter() - t
         t = time.perf_counter()
         self.adapter_version += 1
-        # Overlapped: queued behind the rollouts in flight, which keep their older adapter.
-        self.rollout.sync(self.learner.export_adapter(self.adapter_version), wait=not overlapped)
-        return time.perf_counter() - t
+        ref = self.learner.export_adapter(self.adapter_version, payload_dtype(self.served, self._rollout_dtype()))
+        # Overlapped: queued behind the rollouts in flight, which keep their older adapter (no stages then).
+        stages = self.rollout.sync(ref, wait=not overlapped)
+        return {"time/sync_s": time.perf_counter() - t, **{f"time/sync_{k}": v for k, v in stages.items()}}
 
     # ------------------------------------------------------------------ phases
 
@@ -333,7 +338,7 @@ class Trainer:
                 self.step += 1
                 self.trained_prompts[self.step] = indices
                 self.wake_s = 0.0
-                m["time/sync_s"] = self._sync() if "time/learner_s" in m else 0.0  # no update, no new version
+                m.update(self._sync() if "time/learner_s" in m else {"time/sync_s": 0.0})  # no update, no new version
                 m["time/wake_s"] = self.wake_s
             except LearnerDied as e:
                 last = ckpt.latest_checkpoint(self.run_dir)

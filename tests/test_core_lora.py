@@ -49,3 +49,13 @@ def test_config_json_round_trip_and_full_tensor_of_a_plain_tensor():
     p = torch.nn.Parameter(torch.randn(3, 2))
     got = full_tensor(p)
     assert torch.equal(got, p) and not got.requires_grad
+
+
+def test_shard_numels_is_dtensor_shard0_split():
+    from core.lora import shard_numels
+
+    for rows in range(0, 9):
+        for parts in range(1, 5):
+            t = torch.zeros(rows, 3)
+            chunks = [c.numel() for c in torch.chunk(t, parts)] if rows else []
+            assert shard_numels((rows, 3), parts) == chunks + [0] * (parts - len(chunks)), (rows, parts)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 
 import pytest
 import torch
@@ -17,8 +18,11 @@ import torch
 from core.lora import lora_config_from_dict
 from rl.config import RolloutConfig
 from rl.rollout.engine import SamplingSpec, make_engine
+from rl.rollout.pool import slowest_stages
 from rl.rollout.sync import (
+    AdapterPayload,
     check_ranks,
+    check_unfolded,
     fold_scales_for_vllm,
     gather_lora_state,
     make_payload,
@@ -80,10 +84,17 @@ def vllm_engine(request, tiny_model_path, float32_vllm):
     return make_engine(cfg, tiny_model_path, "float32", seed=0)
 
 
+@pytest.mark.parametrize("folded", [False, True], ids=["as-peft", "folded-on-learner"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_vllm_after_sync_matches_learner(case, base, vllm_engine):
+def test_vllm_after_sync_matches_learner(case, folded, base, vllm_engine):
+    if folded and type(vllm_engine).__name__ != "VLLMEngine":
+        pytest.skip("only vLLM's LoRA path takes an adapter folded on the learner")
     model = learner_model(base, CASES[case], seed=len(case))
-    payload = make_payload(model, version=(vllm_engine.adapter_version() or 0) + 1)
+    # Folded: what the learner sends a vLLM worker (rl.rollout.engine.payload_dtype), through pickle as through Ray.
+    payload = make_payload(model, version=(vllm_engine.adapter_version() or 0) + 1,
+                           serve_dtype=torch.float32 if folded else None)
+    if folded:
+        payload = pickle.loads(pickle.dumps(payload))
     if case == "single-module":
         assert len(payload.tensors) == 2, sorted(payload.tensors)
     if case.startswith(("mixed", "rslora")):
@@ -165,6 +176,47 @@ def test_fold_multiplies_each_b_by_its_peft_scale(base):
     assert payload.tensors is not folded  # inputs untouched
 
 
+@pytest.mark.parametrize("case", ["mixed-rank-alpha", "rslora-mixed-rank"])
+def test_payload_folded_on_learner_is_the_worker_fold_then_the_served_cast(case, base):
+    model = learner_model(base, CASES[case], seed=4)
+    plain = make_payload(model, version=3)
+    expected, expected_cfg = fold_scales_for_vllm(plain.tensors, plain.peft_config)
+    for dtype in (torch.float32, torch.bfloat16):
+        sent = make_payload(model, version=3, serve_dtype=dtype)
+        got = pickle.loads(pickle.dumps(sent))  # as Ray's object store carries it
+        assert got.folded and got.peft_config == expected_cfg and set(got.tensors) == set(expected)
+        for k, v in expected.items():
+            # Folded in float32 before the cast: bit for bit what vLLM made of the old payload.
+            assert got.tensors[k].dtype == dtype and torch.equal(got.tensors[k], v.to(dtype)), k
+        assert got.timings["gather_s"] >= 0 and got.timings["sent_at"] > 0 and "unpack_s" in got.timings
+    with pytest.raises(ValueError, match="folded for vLLM's LoRA kernels"):
+        check_unfolded(sent)
+    check_unfolded(plain)
+
+
+def test_payload_pickles_as_one_flat_buffer_per_dtype():
+    gen = torch.Generator().manual_seed(0)
+    tensors = {f"t{i}": torch.randn((i % 5 + 1, 7), generator=gen).to(torch.bfloat16 if i % 3 else torch.float32)
+               for i in range(300)}
+    payload = AdapterPayload(9, tensors, {"r": 4}, timings={"sent_at": 1.0})
+    blob = pickle.dumps(payload)
+    # Tensor by tensor, 300 small tensors pickled to several times their bytes.
+    assert len(blob) < payload.num_bytes() + 20_000, (len(blob), payload.num_bytes())
+    back = pickle.loads(blob)
+    assert back.version == 9 and back.peft_config == {"r": 4} and not back.folded
+    assert list(back.tensors) == list(tensors)
+    for k, v in tensors.items():
+        assert back.tensors[k].dtype == v.dtype and torch.equal(back.tensors[k], v)
+    back.tensors["t1"].mul_(2)  # writable, and its own memory: the sender's tensors are untouched
+    assert torch.equal(tensors["t1"], pickle.loads(blob).tensors["t1"])
+
+
+def test_slowest_stages_takes_each_stage_from_the_slowest_worker():
+    reports = [{"version": 3, "add_lora_s": 0.2, "fold_s": 0.01}, {"version": 3, "add_lora_s": 0.1, "fold_s": 0.05}]
+    assert slowest_stages(reports) == {"add_lora_s": 0.2, "fold_s": 0.05}
+    assert slowest_stages([]) == {}
+
+
 def test_written_adapter_loads_in_peft_and_computes_the_same(base, tmp_path):
     from peft import PeftModel
 
@@ -198,6 +250,8 @@ def _fsdp_gather(rank: int, world: int, init_file: str, model_path: str, out: st
         fully_shard(model)
         assert any(isinstance(p, DTensor) for n, p in model.named_parameters() if "lora_" in n)
         got = gather_lora_state(model)
+        if world == 3 and rank == 2:  # a rank-2 module over 3 ranks: shards of 1, 1 and 0 rows, gathered at once
+            assert any(p.to_local().shape[0] == 0 for n, p in model.named_parameters() if "lora_A" in n)
         if rank == 0:
             torch.save({"expected": expected, "got": got}, out)
         # Both ranks reach teardown together: a rank that tears gloo down while its peer
@@ -208,11 +262,12 @@ def _fsdp_gather(rank: int, world: int, init_file: str, model_path: str, out: st
 
 
 @pytest.mark.slow
-def test_gather_lora_state_under_fsdp2_two_ranks(tiny_model_path, tmp_path):
+@pytest.mark.parametrize("world", [2, 3], ids=["two-ranks", "three-ranks-uneven-and-empty-shards"])
+def test_gather_lora_state_under_fsdp2(world, tiny_model_path, tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "gathered.pt")
-    mp.spawn(_fsdp_gather, args=(2, str(tmp_path / "init"), tiny_model_path, out), nprocs=2, join=True)
+    mp.spawn(_fsdp_gather, args=(world, str(tmp_path / "init"), tiny_model_path, out), nprocs=world, join=True)
     result = torch.load(out)
     assert set(result["got"]) == set(result["expected"]) and result["got"]
     for k, v in result["expected"].items():

@@ -188,9 +188,10 @@ class LearnerGroup:
         rows = self._all([r.logprobs.remote(s, t) for r, s in zip(self.ranks, split_batch(batch, self.n))])
         return torch.cat(rows)[: batch.input_ids.shape[0]]
 
-    def export_adapter(self, version: int):
-        """ObjectRef of an rl.rollout.sync.AdapterPayload (every rank gathers, rank 0 returns it)."""
-        refs = [r.export_adapter.remote(version) for r in self.ranks]
+    def export_adapter(self, version: int, serve_dtype: str | None = None):
+        """ObjectRef of an rl.rollout.sync.AdapterPayload (every rank gathers, rank 0 returns it);
+        ``serve_dtype`` as in LearnerRank.export_adapter (rl.rollout.engine.payload_dtype)."""
+        refs = [r.export_adapter.remote(version, serve_dtype) for r in self.ranks]
         self._all(refs[1:])
         return refs[0]
 

@@ -362,11 +362,13 @@ class LearnerRank:
         """Full LoRA tensors under the model's parameter names (collective)."""
         return {n: full_tensor(p).cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
 
-    def export_adapter(self, version: int):
-        """The adapter as an AdapterPayload on rank 0 (collective); None elsewhere."""
+    def export_adapter(self, version: int, serve_dtype: str | None = None):
+        """The adapter as an AdapterPayload on rank 0 (collective); None elsewhere.
+        ``serve_dtype``: folded for vLLM and cast to that dtype (rl/rollout/sync.py)."""
         from rl.rollout.sync import make_payload
 
-        payload = make_payload(self.model, version)
+        dtype = getattr(torch, serve_dtype) if serve_dtype else None
+        payload = make_payload(self.model, version, serve_dtype=dtype)
         return payload if self.rank == 0 else None
 
     def state_for_save(self) -> dict | None:

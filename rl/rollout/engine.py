@@ -129,6 +129,14 @@ def make_engine(rollout_cfg, model_path: str, dtype: str, seed: int) -> RolloutE
     raise ValueError(f"rollout.engine={rollout_cfg.engine!r} is not known; choose vllm or hf")
 
 
+def payload_dtype(rollout_cfg, dtype: str) -> str | None:
+    """The dtype the learner casts the adapter to, folded for vLLM's LoRA kernels, before it
+    travels; None where the engine takes the adapter as PEFT holds it (hf, merged weights)."""
+    from rl.rollout.merged import merges_weights
+
+    return dtype if rollout_cfg.engine == "vllm" and not merges_weights(rollout_cfg) else None
+
+
 def rollout_dtype(cfg) -> str:
     """``rollout.dtype``, with auto = bfloat16 on a GPU and the model's dtype elsewhere."""
     if cfg.rollout.dtype != "auto":

@@ -24,7 +24,7 @@ import torch
 
 from rl.rollout.engine import Completion, SamplingSpec, check_prompts, prompt_seed
 from core.lora import lora_config_from_dict
-from rl.rollout.sync import AdapterPayload, check_ranks
+from rl.rollout.sync import AdapterPayload, check_ranks, check_unfolded
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -161,6 +161,7 @@ class HFEngine:
     def load_adapter(self, payload: AdapterPayload) -> None:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+        check_unfolded(payload)
         # Same cap as the vLLM engine, so that a run behaves the same whichever engine serves it.
         check_ranks(payload.peft_config, self.max_lora_rank, payload.tensors)
         if self._peft is None or payload.peft_config != self._peft_config:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from rl.rollout.sync import _A, _B, _PREFIX, AdapterPayload, check_ranks, check_servable, module_scales
+from rl.rollout.sync import (_A, _B, _PREFIX, AdapterPayload, check_ranks, check_servable, check_unfolded,
+                             module_scales)
 from rl.rollout.vllm_engine import VLLMEngine
 
 
@@ -82,6 +83,7 @@ class MergedVLLMEngine(VLLMEngine):
 
     def load_adapter(self, payload: AdapterPayload) -> None:
         check_servable(payload.peft_config)
+        check_unfolded(payload)
         # Not needed to serve it, but the adapter path refuses these and a run must not
         # depend on which path serves it.
         check_ranks(payload.peft_config, self.max_lora_rank, payload.tensors)

@@ -33,6 +33,16 @@ def chunk_specs(sampling, sizes: list[int]) -> list:
     return [dataclasses.replace(sampling, prompt_offset=o) for o in offsets]
 
 
+def slowest_stages(reports: list[dict]) -> dict[str, float]:
+    """Per stage, the longest of the workers' times (pure): a sync waits for its slowest worker."""
+    out: dict[str, float] = {}
+    for report in reports:
+        for k, v in report.items():
+            if k.endswith("_s"):
+                out[k] = max(out.get(k, 0.0), float(v))
+    return out
+
+
 @dataclass
 class PendingRollout:
     """A generate in flight: each worker's prompts, sampling settings and result reference."""
@@ -101,23 +111,25 @@ class RolloutPool:
     def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> list[list]:
         return self.collect(self.submit(prompt_ids, sampling), retries)
 
-    def sync(self, payload_ref, wait: bool = True) -> None:
-        """Serve ``payload_ref`` (an AdapterPayload in the object store) on every worker. With
+    def sync(self, payload_ref, wait: bool = True) -> dict[str, float]:
+        """Serve ``payload_ref`` (an AdapterPayload in the object store) on every worker, all
+        loading at once; returns seconds per sync stage, the slowest worker's for each. With
         ``wait=False`` the loads are queued behind the workers' calls in flight and checked at
-        the next ``collect`` or ``sync``."""
+        the next ``collect`` or ``sync`` (and no stages are returned)."""
         self._settle()
         self._adapter = payload_ref
         self._loading = {i: w.load_adapter.remote(payload_ref) for i, w in enumerate(self.workers)}
-        if wait:
-            self._settle()
+        return self._settle() if wait else {}
 
-    def _settle(self) -> None:
+    def _settle(self) -> dict[str, float]:
         loading, self._loading = self._loading, {}
+        reports = []
         for i, ref in loading.items():
             try:
-                ray.get(ref)
+                reports.append(ray.get(ref))
             except _DEAD:
                 self._restart(i)
+        return slowest_stages(reports)
 
     def sleep(self) -> None:
         """Free the workers' accelerator memory while the learner steps (engines without

@@ -13,6 +13,17 @@ folded into its B and a global scale of exactly 1. That makes the served adapter
 independent of the vLLM version. The folded export is for serving only; checkpoints
 keep the payload as PEFT wrote it (:func:`write_peft_adapter` on the unfolded payload).
 
+For vLLM the learner does that fold itself, on its device and in float32, then casts to
+the served dtype (:func:`make_payload` with ``serve_dtype``): the bytes that travel halve
+in bfloat16 and the result is the same as folding on the worker before vLLM's own cast.
+All tensors leave the device in ONE copy (one flat buffer, split into views), and a
+payload pickles as one flat array per dtype plus a manifest: pickled tensor by tensor,
+hundreds of small tensors cost far more than their bytes, and views of one buffer would
+each carry the whole buffer.
+
+Every payload carries ``timings`` (seconds per stage so far, and ``sent_at``, the wall
+clock when the learner handed it over) so that a sync can report where its time went.
+
 Left out: DoRA, LoRA bias and ``modules_to_save`` adapters (vLLM does not serve them;
 :func:`check_servable` says so in one line), and any transport other than Ray's
 object store (NCCL broadcast of the adapter is not needed at LoRA sizes).
@@ -21,11 +32,14 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+import time
+import weakref
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from core.lora import full_tensor, lora_config_to_dict, lora_scale
+from core.lora import full_tensors, lora_config_to_dict, lora_scale
 
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
@@ -38,36 +52,127 @@ class AdapterPayload:
     version: int
     tensors: dict[str, torch.Tensor]  # PEFT state-dict names (adapter name stripped), CPU
     peft_config: dict  # JSON-able LoraConfig fields, see lora_config_to_dict
+    folded: bool = False  # per-module scales already folded into B (fold_scales_for_vllm)
+    timings: dict = field(default_factory=dict)  # sync stage -> seconds, and "sent_at" (time.time())
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k != "tensors"}
+        state["packed"] = pack_tensors(self.tensors)
+        return state
 
-def make_payload(peft_model, version: int, adapter_name: str = "default") -> AdapterPayload:
-    """Gather the adapter (collective under FSDP2) and wrap it with its config."""
-    tensors = gather_lora_state(peft_model, adapter_name)
-    return AdapterPayload(version, tensors, lora_config_to_dict(peft_model.peft_config[adapter_name]))
+    def __setstate__(self, state: dict) -> None:
+        t = time.perf_counter()
+        packed = state.pop("packed")
+        self.__dict__.update(state)
+        self.tensors = unpack_tensors(packed)
+        self.timings = dict(self.timings, unpack_s=time.perf_counter() - t)
+
+
+def make_payload(peft_model, version: int, adapter_name: str = "default",
+                 serve_dtype: torch.dtype | None = None) -> AdapterPayload:
+    """Gather the adapter (collective under FSDP2) and wrap it with its config.
+
+    ``serve_dtype``: fold the per-module scales for vLLM (in float32, on the model's
+    device) and cast to that dtype before the copy to CPU; None keeps the adapter as
+    PEFT holds it (checkpoints, the hf and merged engines).
+    """
+    t = time.perf_counter()
+    config = lora_config_to_dict(peft_model.peft_config[adapter_name])
+    tensors = gather_lora_state(peft_model, adapter_name, to_cpu=serve_dtype is None)
+    if serve_dtype is not None:
+        tensors, config = fold_scales_for_vllm(tensors, config)
+        tensors = to_cpu_at_once({k: v.to(serve_dtype) for k, v in tensors.items()})
+    return AdapterPayload(version, tensors, config, folded=serve_dtype is not None,
+                          timings={"gather_s": time.perf_counter() - t, "sent_at": time.time()})
 
 
 # ----------------------------------------------------------------------------- gathering
 
-def gather_lora_state(peft_model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The adapter's tensors, full and on CPU, named as ``get_peft_model_state_dict`` names them.
+def gather_lora_state(peft_model, adapter_name: str = "default", to_cpu: bool = True) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, full and on CPU (or left where they are), named as
+    ``get_peft_model_state_dict`` names them.
 
-    Collective under FSDP2: every rank must call it, in the same order, because each
-    sharded LoRA parameter is all-gathered by ``DTensor.full_tensor()``. Only LoRA
-    parameters are gathered, never the base weights.
+    Collective under FSDP2: every rank must call it, in the same order, because the
+    sharded LoRA parameters are all-gathered (one collective, :func:`core.lora.full_tensors`).
+    Only LoRA parameters are gathered, never the base weights.
     """
+    named = [(n, p) for n, p in peft_model.named_parameters() if "lora_" in n]
+    keys = _peft_keys(peft_model, adapter_name, [n for n, _ in named])
+    out = {keys[n]: t for (n, _), t in zip(named, full_tensors([p for _, p in named])) if n in keys}
+    return to_cpu_at_once(out) if to_cpu else out
+
+
+_PEFT_KEYS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _peft_keys(peft_model, adapter_name: str, names: list[str]) -> dict[str, str]:
+    """``{parameter name: PEFT state-dict key}`` for ``adapter_name``'s parameters, as
+    ``get_peft_model_state_dict`` names and selects them; worked out once per model (PEFT
+    takes tens of milliseconds per call for hundreds of tensors)."""
     from peft import get_peft_model_state_dict
 
-    full = {}
-    for name, p in peft_model.named_parameters():
-        if "lora_" not in name:
-            continue
-        full[name] = full_tensor(p).to("cpu", copy=True)
-    # PEFT strips the adapter name and keeps only that adapter's keys.
-    out = get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=adapter_name)
-    return {k: v.contiguous() for k, v in out.items()}
+    cached = _PEFT_KEYS.setdefault(peft_model, {})
+    key = (adapter_name, tuple(names))
+    if key not in cached:
+        # Placeholders stand in for the tensors: PEFT only selects and renames entries.
+        placeholders = {n: torch.empty(0) for n in names}
+        by_id = {id(v): n for n, v in placeholders.items()}
+        selected = get_peft_model_state_dict(peft_model, state_dict=placeholders, adapter_name=adapter_name)
+        if not all(id(v) in by_id for v in selected.values()):
+            raise RuntimeError("PEFT's adapter state dict holds tensors that are not the adapter's parameters")
+        cached[key] = {by_id[id(v)]: k for k, v in selected.items()}
+    return cached[key]
+
+
+def to_cpu_at_once(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh contiguous CPU copies of ``tensors`` made by one device-to-host copy per dtype
+    (hundreds of small copies each wait for the device); the results are views of one buffer."""
+    out = {}
+    for dtype in dict.fromkeys(t.dtype for t in tensors.values()):
+        names = [k for k, t in tensors.items() if t.dtype == dtype]
+        flat = torch.cat([tensors[k].detach().reshape(-1) for k in names]).to("cpu")
+        out.update(_split(flat, [(k, tuple(tensors[k].shape)) for k in names]))
+    return {k: out[k] for k in tensors}
+
+
+def _split(flat: torch.Tensor, manifest: list[tuple[str, tuple]]) -> dict[str, torch.Tensor]:
+    out, offset = {}, 0
+    for name, shape in manifest:
+        n = int(np.prod(shape, dtype=np.int64))
+        out[name] = flat[offset:offset + n].view(shape)
+        offset += n
+    return out
+
+
+# ----------------------------------------------------------------------------- transport
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> dict:
+    """``tensors`` as one flat numpy array per dtype plus a manifest: what pickles fast
+    (numpy arrays go out of band, zero-copy in Ray's object store). 16-bit floats travel
+    as int16 bit patterns (numpy has no bfloat16)."""
+    groups = []
+    for dtype in dict.fromkeys(t.dtype for t in tensors.values()):
+        names = [k for k, t in tensors.items() if t.dtype == dtype]
+        flat = torch.cat([tensors[k].detach().to("cpu").reshape(-1) for k in names])
+        bits = flat.view(torch.int16) if dtype in (torch.bfloat16, torch.float16) else flat
+        groups.append((str(dtype).removeprefix("torch."), bits.numpy(),
+                       [(k, tuple(tensors[k].shape)) for k in names]))
+    return {"order": list(tensors), "groups": groups}
+
+
+def unpack_tensors(packed: dict) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`pack_tensors`: views of one writable buffer per dtype."""
+    out = {}
+    for dtype_name, array, manifest in packed["groups"]:
+        # An array read out of Ray's object store is a read-only view of shared memory:
+        # copy it once, since vLLM scales B in place and other workers read the same object.
+        flat = torch.from_numpy(array if array.flags.writeable else array.copy())
+        dtype = getattr(torch, dtype_name)
+        out.update(_split(flat.view(dtype) if flat.dtype != dtype else flat, manifest))
+    return {k: out[k] for k in packed["order"]}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -94,6 +199,13 @@ def check_ranks(peft_config: dict, max_lora_rank: int,
             raise ValueError(
                 f"adapter rank {rank} of module {where} exceeds rollout.max_lora_rank={max_lora_rank}; "
                 f"raise rollout.max_lora_rank to at least {rank} or lower that module's rank")
+
+
+def check_unfolded(payload: AdapterPayload) -> None:
+    """Refuse, in one line, an adapter folded for vLLM where PEFT's own form is needed."""
+    if payload.folded:
+        raise ValueError(f"adapter version {payload.version} was folded for vLLM's LoRA kernels "
+                         "(rl.rollout.engine.payload_dtype); export it with serve_dtype=None for this engine")
 
 
 def check_servable(peft_config: dict) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 
 from rl.rollout.engine import Completion, SamplingSpec, batch_seed, check_prompts, prompt_seed
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
@@ -232,18 +233,33 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ adapters
 
-    def load_adapter(self, payload: AdapterPayload) -> None:
+    def load_adapter(self, payload: AdapterPayload) -> dict[str, float]:
+        """Serve ``payload`` from now on; returns seconds per stage (check, wake, fold, write,
+        add_lora, remove) for the sync's timing report."""
         from vllm.lora.request import LoRARequest
+
+        timings, t = {}, time.perf_counter()
+
+        def stage(name: str) -> None:
+            nonlocal t
+            now = time.perf_counter()
+            timings[f"{name}_s"], t = now - t, now
 
         check_servable(payload.peft_config)
         check_ranks(payload.peft_config, self.max_lora_rank, payload.tensors)
+        stage("check")
         self.wake_up()  # adapter slots are unmapped while asleep
-        tensors, config = fold_scales_for_vllm(payload.tensors, payload.peft_config)
+        stage("wake")
+        # A payload from the learner arrives folded (rl/rollout/sync.py make_payload).
+        tensors, config = ((payload.tensors, payload.peft_config) if payload.folded
+                           else fold_scales_for_vllm(payload.tensors, payload.peft_config))
+        stage("fold")
         lora_id = self._next_id
         self._next_id += 1
         folder = tempfile.mkdtemp(prefix=f"placerl-lora-v{payload.version}-", dir=_adapter_root())
         try:
             write_peft_adapter(AdapterPayload(payload.version, tensors, config), folder)
+            stage("write")
             request = LoRARequest(lora_name=f"v{payload.version}-id{lora_id}", lora_int_id=lora_id,
                                   lora_path=folder)
             # Loads now, so that a broken adapter fails here and not in the middle of a rollout.
@@ -251,9 +267,12 @@ class VLLMEngine:
                 raise RuntimeError(f"vLLM did not register adapter version {payload.version}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+        stage("add_lora")
         previous, self._lora, self._version = self._lora, request, payload.version
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        stage("remove")
+        return timings
 
     def adapter_version(self) -> int | None:
         return self._version

@@ -7,6 +7,7 @@ module imports on hosts without Ray. The engine interface is :mod:`rl.rollout.en
 from __future__ import annotations
 
 import os
+import time
 
 from rl.rollout.engine import Completion, SamplingSpec, make_engine
 from rl.rollout.sync import AdapterPayload
@@ -43,11 +44,19 @@ class LocalRolloutWorker:
                 c.adapter_version = version
         return groups
 
-    def load_adapter(self, payload: AdapterPayload) -> int:
+    def load_adapter(self, payload: AdapterPayload) -> dict[str, float]:
+        """Serve ``payload``; returns ``version`` and seconds per sync stage: the learner's
+        (carried in the payload), ``transfer`` (learner hand-over to this call: object store,
+        deserialization, queueing), and the engine's own stages."""
         # Pass the payload as an object-store reference (ray.put once, every worker
         # reads it); Ray resolves a top-level reference before this method runs.
-        self.engine.load_adapter(payload)
-        return payload.version
+        arrived = time.time()
+        report = {k: v for k, v in payload.timings.items() if k != "sent_at"}
+        if "sent_at" in payload.timings:
+            report["transfer_s"] = max(0.0, arrived - payload.timings["sent_at"])
+        report.update(self.engine.load_adapter(payload) or {})
+        report["version"] = payload.version
+        return report
 
     def adapter_version(self) -> int | None:
         return self.engine.adapter_version()

@@ -1,0 +1,206 @@
+"""Learner -> vLLM adapter sync, stage by stage: the current path against the previous one, in one run.
+
+    python -m bench.bench_sync                                   # SmolLM2-135M-Instruct, all-linear r=16, CPU
+    python -m bench.bench_sync --model tiny-llama --syncs 3      # a quick look
+    python -m bench.bench_sync --recipe launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml \\
+        --model qwen2.5-coder-0.5b-instruct --syncs 8 --out bench_sync.json     # one GPU, sleep mode on
+
+It starts the real system of a training run (the recipe's Trainer: the FSDP2 learner rank(s)
+and the vLLM rollout worker(s) as Ray actors, served through vLLM's LoRA kernels), makes the
+adapter's B non-zero, and then syncs K times with each path, alternating new and old so
+that both see the same (noisy) machine:
+
+  new  the trainer's own ``_sync``: on the learner one batched device-to-host copy of the
+       adapter, folded for vLLM and cast to the served dtype there; one flat buffer per
+       dtype through Ray's object store; all workers loading at once;
+  old  the path before it, reproduced here: each LoRA tensor copied to the host one by one
+       in the learner's dtype, pickled tensor by tensor, the scales folded on the worker,
+       the workers loaded one after the other.
+Both end in the same vLLM load (a PEFT folder in RAM-backed temp storage, ``add_lora`` under
+a new id, ``remove_lora`` of the previous). Stages, in seconds (medians over the K syncs):
+  gather      the learner: gather, fold and cast (new), copy to host (both);
+  transfer    learner hand-over to the worker's load call: object store, deserialization;
+  unpack      part of transfer: rebuilding the tensors from the flat buffers (new only);
+  check, wake, fold, write, add_lora, remove    the worker's engine (wake: 0 unless asleep);
+  activate    the first 1-token generate after the sync minus the next one (vLLM moves an
+              adapter into its slots on first use, so this cost lands in the next rollout);
+  total       the driver's wall time of export + sync, as the trainer's ``time/sync_s``.
+With sleep mode on (the GPU recipe) the engine is put to sleep before every sync and woken
+first, as in a training step; the wake is outside ``total`` as in the trainer.
+After the last sync of each path the same greedy completion is asked for: both paths must
+serve the same adapter (``same_greedy_tokens``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "write", "add_lora", "remove", "activate")
+
+
+# ----------------------------------------------------------------------------- the old path
+
+def old_export(rank, version: int):
+    """Runs in a learner rank actor: the adapter as before, tensor by tensor to the host in the
+    learner's dtype, unfolded, as a plain dict (so it pickles tensor by tensor, as it did)."""
+    from peft import get_peft_model_state_dict
+
+    from core.lora import full_tensor, lora_config_to_dict
+
+    t = time.perf_counter()
+    full = {n: full_tensor(p).to("cpu", copy=True) for n, p in rank.model.named_parameters() if "lora_" in n}
+    tensors = {k: v.contiguous() for k, v in get_peft_model_state_dict(rank.model, state_dict=full).items()}
+    out = {"version": version, "tensors": tensors, "peft_config": lora_config_to_dict(rank.model.peft_config["default"]),
+           "timings": {"gather_s": time.perf_counter() - t, "sent_at": time.time()}}
+    return out if rank.rank == 0 else None
+
+
+def old_load(worker, raw: dict) -> dict:
+    """Runs in a rollout worker actor: the engine folds the scales itself (an unfolded payload)."""
+    from rl.rollout.sync import AdapterPayload
+
+    report = {"transfer_s": time.time() - raw["timings"]["sent_at"], "gather_s": raw["timings"]["gather_s"]}
+    report.update(worker.engine.load_adapter(AdapterPayload(raw["version"], raw["tensors"], raw["peft_config"])))
+    return report
+
+
+def old_sync(trainer) -> dict:
+    import ray
+
+    from rl.rollout.pool import slowest_stages
+
+    t = time.perf_counter()
+    trainer.adapter_version += 1
+    refs = [r.__ray_call__.remote(old_export, trainer.adapter_version) for r in trainer.learner.ranks]
+    ray.get(refs[1:])
+    reports = [ray.get(w.__ray_call__.remote(old_load, refs[0])) for w in trainer.rollout.workers]  # one by one
+    return {"time/sync_s": time.perf_counter() - t, **{f"time/sync_{k}": v for k, v in slowest_stages(reports).items()}}
+
+
+# ----------------------------------------------------------------------------- the run
+
+def perturb_adapter(rank, seed: int) -> None:
+    """Runs in a learner rank actor: B non-zero (as after training), so that serving shows."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + rank.rank)
+    with torch.no_grad():
+        for n, p in rank.model.named_parameters():
+            if "lora_B" in n:
+                local = p.to_local() if hasattr(p, "to_local") else p
+                local.copy_(torch.randn(local.shape, generator=gen).to(local) * 1e-2)
+
+
+def timed_generate(trainer, prompt_ids: list[int], tokens: int) -> tuple[float, list[int]]:
+    from rl.rollout.engine import SamplingSpec
+
+    t = time.perf_counter()
+    out = trainer.rollout.generate([prompt_ids], SamplingSpec(n=1, max_new_tokens=tokens, temperature=0.0))
+    return time.perf_counter() - t, out[0][0].token_ids
+
+
+def one_sync(trainer, path: str, prompt_ids: list[int]) -> dict:
+    if trainer.served.sleep_mode:
+        trainer.rollout.sleep()
+    t = time.perf_counter()
+    trainer.rollout.wake_up()
+    wake = time.perf_counter() - t
+    m = trainer._sync() if path == "new" else old_sync(trainer)
+    row = {k[len("time/sync_"):-2]: v for k, v in m.items() if k.startswith("time/sync_") and k != "time/sync_s"}
+    row["total"], row["wake_before"] = m["time/sync_s"], wake
+    first, _ = timed_generate(trainer, prompt_ids, 1)
+    second, _ = timed_generate(trainer, prompt_ids, 1)
+    row["activate"] = max(0.0, first - second)
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    keys = [k for k in (*STAGES, "total", "wake_before") if any(k in r for r in rows)]
+    return {k: round(statistics.median(r.get(k, 0.0) for r in rows), 5) for k in keys}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--recipe", default="launch/configs/gsm8k_grpo.yaml")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--rank", type=int, default=16, help="all-linear LoRA rank (alpha = 2 x rank)")
+    ap.add_argument("--syncs", type=int, default=5, help="syncs per path, after one warm-up sync of each")
+    ap.add_argument("--paths", default="new,old", help="comma-separated: new, old")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
+    ap.add_argument("--out", default="", help="also write the JSON here")
+    args = ap.parse_args()
+    paths = args.paths.split(",")
+    if set(paths) - {"new", "old"} or not paths:
+        ap.error(f"--paths={args.paths!r}: name new and/or old")
+
+    from rl.config import load_config
+    from rl.rollout.vllm_engine import use_in_process_engine
+    from rl.trainer import Trainer
+
+    use_in_process_engine()
+    out_dir = Path(tempfile.mkdtemp(prefix="placerl-bench-sync-"))
+    cfg = load_config(REPO / args.recipe, [
+        f"model.name={args.model}", "placement.scorer=uniform", f"placement.rank={args.rank}",
+        f"placement.alpha={2 * args.rank}", f"rollout.max_lora_rank={max(args.rank, 16)}",
+        "rollout.engine=vllm", "rollout.weight_sync=adapter", "trainer.eval_size=0", "logging.run_name=bench",
+        f"logging.output_dir={out_dir}", "logging.tensorboard=false", "logging.progress=false", *args.set])
+    t = time.perf_counter()
+    trainer = Trainer(cfg, out_dir / "bench")
+    start_s = time.perf_counter() - t
+    try:
+        import ray
+
+        ray.get([r.__ray_call__.remote(perturb_adapter, 0) for r in trainer.learner.ranks])
+        prompt = trainer.train_rows[0]["prompt_ids"]
+        rows: dict[str, list[dict]] = {p: [] for p in paths}
+        for i in range(args.syncs + 1):  # the first of each is warm-up
+            for p in paths:
+                row = one_sync(trainer, p, prompt)
+                if i:
+                    rows[p].append(row)
+        greedy = {}
+        for p in paths:
+            one_sync(trainer, p, prompt)
+            greedy[p] = timed_generate(trainer, prompt, 16)[1]
+        payload_mb = ray.get(trainer.learner.ranks[0].__ray_call__.remote(
+            lambda rank: sum(p.numel() for n, p in rank.model.named_parameters() if "lora_" in n) / 1e6))
+    finally:
+        trainer.close()
+    result = {"model": args.model, "recipe": args.recipe, "lora_rank": args.rank, "lora_params_m": round(payload_mb, 3),
+              "rollout_dtype": trainer._rollout_dtype(), "sleep_mode": bool(trainer.served.sleep_mode),
+              "workers": cfg.rollout.num_workers, "learner_ranks": cfg.learner.num_ranks, "syncs": args.syncs,
+              "start_s": round(start_s, 1), "median_s": {p: summarize(rows[p]) for p in paths},
+              "per_sync_s": {p: [{k: round(v, 5) for k, v in r.items()} for r in rows[p]] for p in paths}}
+    if len(paths) == 2:
+        result["old_over_new_total"] = round(result["median_s"]["old"]["total"] / result["median_s"]["new"]["total"], 3)
+        result["same_greedy_tokens"] = greedy["old"] == greedy["new"]
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    med = result["median_s"]
+    keys = [k for k in (*STAGES, "total") if any(k in med[p] for p in paths)]
+    print(f"\nadapter sync, median of {args.syncs} syncs, seconds ({args.model}, r={args.rank}, "
+          f"{result['lora_params_m']}M LoRA params, served in {result['rollout_dtype']}, sleep mode "
+          f"{'on' if result['sleep_mode'] else 'off'})")
+    print(f"{'stage':<10}" + "".join(f"{p:>10}" for p in paths))
+    for k in keys:
+        print(f"{k:<10}" + "".join(f"{med[p].get(k, 0.0):>10.4f}" for p in paths))
+    if "old_over_new_total" in result:
+        print(f"old / new total = {result['old_over_new_total']:.2f}; same greedy tokens: {result['same_greedy_tokens']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
