@@ -275,7 +275,9 @@ def test_rollout_worker_actor(ray_local, tiny_model_path, base_model):
         base = ray_local.get(worker.generate.remote([[1, 42, 43]], spec))
         peft_model, payload = lora_payload(copy.deepcopy(base_model), _lora_config(), 4, 5)
         ref = ray_local.put(payload)
-        assert ray_local.get(worker.load_adapter.remote(ref)) == 5
+        report = ray_local.get(worker.load_adapter.remote(ref))
+        # The version served, and where the sync's time went (learner gather, transfer, engine).
+        assert report["version"] == 5 and report["gather_s"] >= 0 and report["transfer_s"] >= 0
         assert ray_local.get(worker.adapter_version.remote()) == 5
         tuned = ray_local.get(worker.generate.remote([[1, 42, 43]], spec))
         assert tuned[0][0].token_ids == greedy_reference(peft_model, [1, 42, 43], 4)

@@ -273,3 +273,30 @@ def test_gather_lora_state_under_fsdp2(world, tiny_model_path, tmp_path):
     for k, v in result["expected"].items():
         assert result["got"][k].device.type == "cpu" and not hasattr(result["got"][k], "full_tensor")
         torch.testing.assert_close(result["got"][k], v, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_training_steps_log_each_sync_stage(ray_local, tiny_model_path, tmp_path):
+    """The real trainer with vLLM's LoRA path: every step logs where its sync's time went."""
+    from rl.config import load_config
+    from rl.metrics_log import read_metrics
+    from rl.trainer import Trainer
+
+    recipe = os.path.join(os.path.dirname(__file__), "..", "launch", "configs", "tiny.yaml")
+    cfg = load_config(recipe, [f"logging.output_dir={tmp_path}", "logging.run_name=stages", "trainer.steps=2",
+                               "trainer.eval_size=0", "logging.progress=false", "logging.tensorboard=false",
+                               "rollout.weight_sync=adapter", "trainer.save_every=10"])
+    trainer = Trainer(cfg, tmp_path / "stages")
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    steps = [m for m in read_metrics(tmp_path / "stages") if "time/step_s" in m]
+    assert len(steps) == 2
+    for m in steps:
+        stages = {k for k in m if k.startswith("time/sync_") and k != "time/sync_s"}
+        assert {f"time/sync_{s}_s" for s in ("gather", "transfer", "unpack", "fold", "write", "add_lora",
+                                             "remove")} <= stages, sorted(stages)
+        assert all(m[k] >= 0 for k in stages)
+        # The stages happen one after another inside the sync: together they cannot exceed it.
+        assert sum(m[k] for k in stages if k != "time/sync_unpack_s") <= m["time/sync_s"] + 0.05
