@@ -1,0 +1,55 @@
+"""The vLLM GPU benchmark's summary: the ratios and goal checks computed from the parts that
+ran (pure; ``bench/bench_vllm_gpu.py`` writes them under ``summary``)."""
+from __future__ import annotations
+
+
+def summarise(results: dict) -> dict:
+    """The ratios that can be computed from the parts that are there (pure)."""
+    out = {}
+
+    def get(part, *keys):
+        v = results.get(part, {})
+        for k in keys:
+            v = v.get(k, {}) if isinstance(v, dict) else {}
+        return v if v != {} else None
+
+    batches = sorted({k for kind in ("graphs", "eager", "hf") for k, v in results.get(f"rollout-{kind}", {}).items()
+                      if isinstance(v, dict) and "tokens_per_s" in v and k.replace("x", "").isdigit()}, key=lambda b: [int(x) for x in b.split("x")])
+    for b in batches:
+        graphs, eager, hf = (get(f"rollout-{k}", b, "tokens_per_s") for k in ("graphs", "eager", "hf"))
+        for name, v in (("graphs", graphs), ("eager", eager), ("hf", hf)):
+            if v:
+                out[f"rollout_tokens_per_s_{name}_{b}"] = v
+        if graphs and eager:
+            out[f"graphs_over_eager_{b}"] = round(graphs / eager, 2)
+        if graphs and hf:
+            out[f"graphs_over_hf_{b}"] = round(graphs / hf, 2)
+    other = get("rollout-graphs", "128x8_other_seed_mode")
+    mode = get("rollout-graphs", "128x8", "seed_mode")
+    if other and "tokens_per_s" in other and mode:
+        rates = {mode: get("rollout-graphs", "128x8", "tokens_per_s"), other["seed_mode"]: other["tokens_per_s"]}
+        out["graphs_128x8_tokens_per_s_by_seed_mode"] = rates
+        out["graphs_128x8_batch_over_request_seeds"] = round(rates["batch"] / rates["request"], 3)
+    top = get("rollout-graphs", "128x8", "tokens_per_s")
+    if top:
+        out["graphs_128x8_goal_25k_tokens_per_s"] = "met" if top >= 25_000 else "NOT met"
+    ratio = get("overhead", "result", "framework_over_raw")
+    if ratio:
+        out["framework_over_raw_vllm"] = ratio
+        out["framework_over_raw_goal_1.05"] = "met" if ratio <= 1.05 else "NOT met"
+    ours, theirs = get("step-placerl", "mean_after_first"), get("step-trl", "mean_after_first")
+    if ours:
+        out["placerl_step_s"] = ours["step_s"]
+        out["sync_over_step"] = ours["sync_over_step"]
+        out["sync_over_step_goal_2%"] = "met" if ours["sync_over_step"] < 0.02 else "NOT met"
+    if ours and theirs:
+        out["placerl_over_trl_step"] = round(ours["step_s"] / theirs["step_s"], 3)
+        out["placerl_over_trl_goal_0.5"] = "met" if ours["step_s"] / theirs["step_s"] <= 0.5 else "NOT met"
+    with_sleep = get("step-placerl", "memory", "peak_gpu_used_gib")
+    without = get("step-placerl-nosleep", "memory", "peak_gpu_used_gib")
+    if with_sleep and without:
+        out["peak_gpu_gib_sleep_vs_nosleep"] = [with_sleep, without]
+    two = get("step-placerl-2gpu", "mean_after_first")
+    if ours and two:
+        out["step_s_2gpu_over_colocated"] = round(two["step_s"] / ours["step_s"], 3)
+    return out
