@@ -125,3 +125,22 @@ def full_tensors(params: list[torch.Tensor]) -> list[torch.Tensor]:
                 offsets[r] += k[r]
             out[i] = torch.cat(pieces).view(t.shape)
     return out
+
+
+def check_lora_shapes(peft_model, lora_config: dict) -> None:
+    """PEFT pattern keys are regexes that silently fall back to the default rank: check
+    that every rank_pattern key matched a LoRA module and gave it the rank asked for."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
+              if isinstance(m, LoraLayer) and "default" in m.r}
+    for key, rank in (lora_config.get("rank_pattern") or {}).items():
+        hits = [n for n in layers if pattern_matches(key, n)]
+        if not hits:
+            raise ValueError(f"rank_pattern key {key!r} matched no LoRA module; use full module names "
+                             "(model.layers.0.mlp.down_proj, regex-escaped) that target_modules covers")
+        for n in hits:
+            a = layers[n].lora_A["default"].weight
+            if a.shape[0] != rank:
+                raise ValueError(f"{n}: lora_A has rank {a.shape[0]} but rank_pattern asks {rank}; "
+                                 "an earlier pattern key matched it first, make the keys disjoint")

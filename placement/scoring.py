@@ -80,7 +80,7 @@ def plan_from_config(placement_cfg, model_path: str, probe_rows: list[dict] | No
         if source == "grpo" and "completions" not in rows[0]:
             raise ValueError(f"placement.scorer={placement_cfg.scorer} with probe_source=grpo needs rows with "
                              "completions and rewards; build them with rl.placement_probe.grpo_probe_rows "
-                             "(rl.trainer.make_plan does), or set placement.probe_source=sft")
+                             "(rl.startup.make_plan does), or set placement.probe_source=sft")
         probe = build_probe(load_tokenizer(model_path), rows, source, max_tokens)
     model = load_scoring_model(model_path, placement_cfg.probe_dtype)
     plan = score_model(placement_cfg.scorer, model, probe, budget, settings, model_name=model_path)

@@ -70,7 +70,7 @@ def test_bad_batch_is_rejected_in_one_line():
 def test_rank_pattern_that_falls_back_is_caught(tiny_model_path):
     from peft import LoraConfig, get_peft_model
 
-    from rl.learner.rank import check_lora_shapes
+    from core.lora import check_lora_shapes
     from core.models import load_model
 
     # "layers.0.mlp.down" matches nothing (PEFT anchors at the end): PEFT silently uses r=4.

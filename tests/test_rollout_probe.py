@@ -71,7 +71,7 @@ def test_grpo_probe_gradient_is_the_policy_gradient(probe_rows, tiny_model_path)
 
 
 def test_make_plan_uses_the_scorers_regime(tiny_model_path, train_rows):
-    from rl.trainer import make_plan
+    from rl.startup import make_plan
 
     bmask, _ = make_plan(_cfg(tiny_model_path, "placement.scorer=bmask", "placement.budget=fraction=0.02",
                               "placement.probe_steps=2"), tiny_model_path, train_rows)

@@ -8,7 +8,7 @@ from rl.rollout.pool import chunk_specs
 from rl.rollout.vllm_engine import (check_vllm_dtype, explain_sleep_failure, resolve_enforce_eager, resolve_seed_mode,
                                     resolve_sleep_mode)
 from rl.rollout.engine import SamplingSpec, batch_seed, prompt_seed, step_seed
-from rl.trainer import rollout_settings
+from rl.startup import rollout_settings
 
 
 def sample_seeds(run_seed: int, step: int, prompts: int, n: int, workers: int) -> list[int]:

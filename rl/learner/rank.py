@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from core.lora import full_tensor, pattern_matches
+from core.lora import check_lora_shapes, full_tensor
 from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
 from rl.grpo import configured_correction, policy_loss, sft_loss
@@ -42,25 +42,6 @@ from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefix
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
 TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
-
-
-def check_lora_shapes(peft_model, lora_config: dict) -> None:
-    """PEFT pattern keys are regexes that silently fall back to the default rank: check
-    that every rank_pattern key matched a LoRA module and gave it the rank asked for."""
-    from peft.tuners.lora import LoraLayer
-
-    layers = {n.removeprefix("base_model.model."): m for n, m in peft_model.named_modules()
-              if isinstance(m, LoraLayer) and "default" in m.r}
-    for key, rank in (lora_config.get("rank_pattern") or {}).items():
-        hits = [n for n in layers if pattern_matches(key, n)]
-        if not hits:
-            raise ValueError(f"rank_pattern key {key!r} matched no LoRA module; use full module names "
-                             "(model.layers.0.mlp.down_proj, regex-escaped) that target_modules covers")
-        for n in hits:
-            a = layers[n].lora_A["default"].weight
-            if a.shape[0] != rank:
-                raise ValueError(f"{n}: lora_A has rank {a.shape[0]} but rank_pattern asks {rank}; "
-                                 "an earlier pattern key matched it first, make the keys disjoint")
 
 
 def _decoder_layers(model) -> list[torch.nn.Module]:
