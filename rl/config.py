@@ -20,16 +20,7 @@ import yaml
 
 from core.lora import DEFAULT_TARGET_MODULES
 from rl.typed_yaml import ConfigError, build, merge, parse_overrides
-
-
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def _one_of(key: str, value: Any, choices: typing.Iterable[str]) -> None:
-    choices = list(choices)
-    _check(value in choices, key, value, "choose one of " + ", ".join(map(str, choices)))
+from rl.typed_yaml import check as _check, one_of as _one_of
 
 
 @dataclass
@@ -144,6 +135,9 @@ class LearnerConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 1.0
     micro_batch_size: int = 8  # sequences per forward/backward; the rest is accumulation
+    # > 0: rows sorted by length, packed so that rows x longest row <= this many tokens (at most
+    # micro_batch_size rows): less padding (rl/learner/batching.py); 0: micro_batch_size rows in order.
+    micro_batch_tokens: int = 0
     updates_per_batch: int = 1  # policy updates on each rollout batch (mu in GRPO)
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
@@ -165,6 +159,8 @@ class LearnerConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"{p}.min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
         _check(self.max_grad_norm > 0, f"{p}.max_grad_norm", self.max_grad_norm, "must be > 0")
         _check(self.micro_batch_size >= 1, f"{p}.micro_batch_size", self.micro_batch_size, "must be >= 1")
+        _check(self.micro_batch_tokens >= 0, f"{p}.micro_batch_tokens", self.micro_batch_tokens,
+               "must be >= 0 (0: micro_batch_size rows in batch order)")
         _check(self.updates_per_batch >= 1, f"{p}.updates_per_batch", self.updates_per_batch, "must be >= 1")
         _one_of(f"{p}.mixed_precision", self.mixed_precision, ["auto", "fp32", "bf16"])
         _check(self.logprob_chunk >= 0, f"{p}.logprob_chunk", self.logprob_chunk,

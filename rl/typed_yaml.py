@@ -19,6 +19,17 @@ class ConfigError(ValueError):
     """A configuration problem, described in one line."""
 
 
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """A schema's validation step: ``key=value`` is refused in one line saying what is allowed."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def one_of(key: str, value: Any, choices: typing.Iterable[str]) -> None:
+    choices = list(choices)
+    check(value in choices, key, value, "choose one of " + ", ".join(map(str, choices)))
+
+
 def _suggest(key: str, valid: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     return f"; did you mean '{close[0]}'?" if close else ""

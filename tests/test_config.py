@@ -48,6 +48,7 @@ def test_overrides_are_coerced_to_field_types():
     ("algorithm.tis_cap=2", "set algorithm.is_correction=tis or tis_cap=0"),
     ("algorithm.icepop_high=0.9", "algorithm.icepop_low/icepop_high=[0.5, 0.9] is not allowed: a band around 1"),
     ("algorithm.mis_low=0", "algorithm.mis_low/mis_high=[0.0, 1.25]"),
+    ("learner.micro_batch_tokens=-1", "learner.micro_batch_tokens=-1 is not allowed: must be >= 0"),
 ])
 def test_bad_values_fail_in_one_line(override, needle):
     with pytest.raises(ConfigError) as e:

@@ -324,3 +324,76 @@ def test_shared_prompts_and_chunked_head_match_whole_rows(ray_local, tiny_model_
     finally:
         for g in built.values():
             g.shutdown()
+
+
+def uneven_batch(seed: int) -> TrainBatch:
+    """Four GRPO groups of four; the first two groups' completions are long, the last two short,
+    so that token-budget planning reorders rows and the two ranks' shards need different plans."""
+    from rl.learner.batch import pad_sequences
+
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 2000, (int(n),), generator=g).tolist() for n in torch.randint(4, 9, (4,), generator=g)]
+    prompt_ids = [p for p in prompts for _ in range(4)]
+    spans = [(20, 41)] * 8 + [(1, 8)] * 8
+    responses = [torch.randint(0, 2000, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist()
+                 for lo, hi in spans]
+    lps = [(-10.0 + 0.1 * torch.randn(len(r), generator=g)).tolist() for r in responses]
+    ids, attn, resp, rollout_lp = pad_sequences(prompt_ids, responses, 0, lps)
+    return TrainBatch(ids, attn, resp, torch.randn(16, generator=g), rollout_lp, max_tokens=ids.shape[1])
+
+
+@pytest.mark.slow
+def test_token_budget_micro_batches_match_fixed_ones(ray_local, tiny_model_path):
+    """Rows packed by length (learner.micro_batch_tokens) on 1 rank (GRPO groups kept whole for
+    the shared-prefix forward) and on 2 ranks (plans split to the same count) against fixed
+    micro-batches of 8 rows: the same updates and per-row logprobs in the original row order."""
+    import ray
+
+    from rl.learner.batching import plan_micro_batches
+
+    learner = {"lr": 1e-2, "updates_per_batch": 2, "micro_batch_size": 8}
+    budget = 120
+    batch = uneven_batch(1)
+    # One rank: each long group alone, the two short groups together (not the fixed 8 + 8 rows).
+    plan = plan_micro_batches(split_batch(batch, 1)[0], 8, budget, keep_groups=True)
+    assert sorted(plan) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15]]
+    plans = [plan_micro_batches(s, 8, budget) for s in split_batch(batch, 2)]
+    assert len(plans[0]) > len(plans[1])  # the 2-rank group must even them out
+    built = {}
+    try:
+        for name, extra in {"fixed": {}, "packed": {"micro_batch_tokens": budget},
+                            "packed2": {"micro_batch_tokens": budget, "num_ranks": 2}}.items():
+            built[name] = LearnerGroup(make_cfg(tiny_model_path, learner={**learner, **extra}), tiny_model_path, LORA)
+        init = built["fixed"].lora_state()
+        lp = {k: g.logprobs(batch, temperature=1.0) for k, g in built.items()}
+        assert lp["fixed"].abs().sum() > 0
+        for k in ("packed", "packed2"):
+            assert (lp[k] - lp["fixed"]).abs().max() < 1e-4, k
+        # The step's own pre-update logprobs, straight from the ranks (as LearnerGroup.train_step calls them).
+        totals = {"num_sequences": 16, "num_tokens": float(batch.response_mask.sum()), "max_tokens": batch.max_tokens}
+        outs = {}
+        for k, g in built.items():
+            ranks = ray.get([r.train_step.remote(s, totals) for r, s in zip(g.ranks, split_batch(batch, g.n))])
+            outs[k] = {"learner_logprobs": torch.cat([o["learner_logprobs"] for o in ranks]),
+                       **{m: sum(o[m] for o in ranks) for m in ("loss", "pg_loss", "entropy_sum", "clip_fraction_tok")}}
+        mask = batch.response_mask.bool()
+        for k, out in outs.items():
+            assert ((out["learner_logprobs"] - lp["fixed"]) * mask).abs().max() < 1e-4, k
+            for m in ("loss", "pg_loss", "entropy_sum", "clip_fraction_tok"):
+                assert math.isclose(out[m], outs["fixed"][m], rel_tol=1e-4, abs_tol=1e-6), (k, m)
+        states = {k: g.lora_state() for k, g in built.items()}
+        assert max_diff(states["fixed"], init) > 1e-3
+        assert max_diff(states["packed"], states["fixed"]) < TOL
+        assert max_diff(states["packed2"], states["fixed"]) < TOL
+        # A second step through the group, as the trainer runs it.
+        batch2 = uneven_batch(2)
+        m = {k: g.train_step(batch2) for k, g in built.items()}
+        for k in ("packed", "packed2"):
+            for key in ("loss", "grad_norm", "entropy", "clip_fraction", "logprob_mismatch_abs_diff_mean"):
+                assert math.isclose(m[k][key], m["fixed"][key], rel_tol=1e-4, abs_tol=1e-6), (k, key)
+        states = {k: g.lora_state() for k, g in built.items()}
+        assert max_diff(states["packed"], states["fixed"]) < TOL
+        assert max_diff(states["packed2"], states["fixed"]) < TOL
+    finally:
+        for g in built.values():
+            g.shutdown()

@@ -36,6 +36,7 @@ from core.lora import check_lora_shapes, full_tensor
 from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
 from rl.grpo import configured_correction, policy_loss, sft_loss
+from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
@@ -183,15 +184,26 @@ class LearnerRank:
 
     # ------------------------------------------------------------------ forward
 
-    def _micro_batches(self, shard: dict, label_mask: str) -> list[dict]:
-        """Chunks of micro_batch_size rows, each cut to its longest sequence (right padding)."""
+    def _plan(self, shard: dict) -> list[list[int]]:
+        """Row indices of each micro-batch (rl/learner/batching.py); with a token budget, every
+        rank runs as many micro-batches as the rank that needs most (FSDP2 collectives pair up)."""
+        lc = self.cfg.learner
+        plan = plan_micro_batches(shard, lc.micro_batch_size, lc.micro_batch_tokens, keep_groups=self._share_prefix)
+        if lc.micro_batch_tokens and self.world_size > 1:
+            count = torch.tensor([len(plan)], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            plan = split_to_count(plan, shard["attention_mask"].sum(dim=1).tolist(), int(count))
+        return plan
+
+    def _micro_batches(self, shard: dict, label_mask: str, plan: list[list[int]]) -> list[dict]:
+        """The planned rows of each micro-batch, cut to its longest sequence (right padding)."""
         out = []
-        B = shard["input_ids"].shape[0]
-        for s in range(0, B, self.cfg.learner.micro_batch_size):
-            mb = {k: v[s:s + self.cfg.learner.micro_batch_size] for k, v in shard.items()}
+        for rows in plan:
+            idx = torch.tensor(rows)
+            mb = {k: v[idx] for k, v in shard.items()}
             T = max(int(mb["attention_mask"].sum(dim=1).max()), 2)
             mb = {k: (v[:, :T] if v.dim() == 2 else v).to(self.device) for k, v in mb.items()}
-            mb["num_tokens"] = float(shard["response_mask"][s:s + self.cfg.learner.micro_batch_size].sum())
+            mb["num_tokens"] = float(shard["response_mask"][idx].sum())
             ids = mb["input_ids"]
             mb["labels"] = torch.where(mb[label_mask][:, 1:].bool(), ids[:, 1:], -100)
             out.append(mb)
@@ -230,10 +242,10 @@ class LearnerRank:
     @torch.no_grad()
     def logprobs(self, shard: dict, temperature: float) -> torch.Tensor:
         self.model.eval()
-        T = shard["input_ids"].shape[1]
-        rows = [F.pad(self._logprobs(mb, temperature)[0], (0, T - mb["input_ids"].shape[1])).cpu()
-                for mb in self._micro_batches(shard, "attention_mask")]
-        return torch.cat(rows)
+        plan = self._plan(shard)
+        mbs = self._micro_batches(shard, "attention_mask", plan)
+        pieces = [self._logprobs(mb, temperature)[0].cpu() for mb in mbs]
+        return in_row_order(pieces, plan, shard["input_ids"].shape[1])
 
     # ------------------------------------------------------------------ train
 
@@ -260,8 +272,8 @@ class LearnerRank:
         a, lc = self.cfg.algorithm, self.cfg.learner
         sft, mu = a.loss == "sft", lc.updates_per_batch
         temperature = 1.0 if sft else self.cfg.rollout.temperature
-        mbs = self._micro_batches(shard, "response_mask")
-        T = shard["input_ids"].shape[1]
+        plan = self._plan(shard)
+        mbs = self._micro_batches(shard, "response_mask", plan)
         if not sft and mu > 1 and self._dropout:
             # With dropout, pass 0's logprobs carry its dropout mask; old logprobs must not.
             with torch.no_grad():
@@ -286,7 +298,7 @@ class LearnerRank:
                     # Before any update this model's logprobs ARE the old policy's: reuse them
                     # instead of a separate no-grad pass (unless dropout made them noisy above).
                     mb.setdefault("old", lp.detach())
-                    learner_lp.append(F.pad(mb["old"], (0, T - lp.shape[1])))
+                    learner_lp.append(mb["old"])
                     sums["entropy_sum"] = sums["entropy_sum"] + ent
                 loss, m = self._loss(lp, mb, totals)
                 loss.backward()
@@ -304,7 +316,8 @@ class LearnerRank:
         finite = [g for g in norms if math.isfinite(g)]
         out = {k: float(v) for k, v in sums.items()}
         out.update(lr=lr, skipped=skipped, grad_norm=sum(finite) / len(finite) if finite else norms[-1],
-                   learner_logprobs=torch.cat(learner_lp).cpu(), diagnostics=diag if self.rank == 0 else {})
+                   learner_logprobs=in_row_order(learner_lp, plan, shard["input_ids"].shape[1]).cpu(),
+                   diagnostics=diag if self.rank == 0 else {})
         return out
 
     def _reshard(self) -> None:
