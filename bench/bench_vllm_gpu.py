@@ -25,7 +25,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
-      breakdown (its generation, reward, weight sync; learner = the rest of the step).
+      breakdown (its generation, reward, weight sync; learner = the rest of the step). Both run
+      with the recipe's ``learner.gradient_checkpointing``; placerl packs micro-batches by tokens
+      (``learner.micro_batch_tokens``) while TRL pads each micro-batch of 32 rows.
 The JSON (``--out``) is rewritten after every part and merged with what the file already
 holds, so parts can be spread over several calls and a killed call keeps what it finished;
 ``summary`` holds the ratios computed from what is there. A part that fails is recorded

@@ -4,7 +4,7 @@ Used by bench/bench_vllm_gpu.py (part ``step-trl``) to compare GRPO step time on
 Everything that both trainers share comes from the recipe: the model, the LoRA (rank,
 alpha, target modules), the prompts (in the order placerl's sampler draws them, with
 TRL's shuffling off), the group size, the completion length, the micro-batch, the
-learning rate, clip-higher, the vLLM memory share and context length. TRL generates a
+learning rate, clip-higher, activation checkpointing, the vLLM memory share and context length. TRL generates a
 whole step's completions at once (micro-batch x accumulation = prompts x group) and
 trains micro-batch by micro-batch, as placerl does. Its vLLM sleeps while it trains
 when ours does (on a GPU).
