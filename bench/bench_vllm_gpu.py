@@ -13,7 +13,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
   overhead
       the framework's rollout (RolloutPool -> RolloutWorker Ray actor -> VLLMEngine) over raw
       ``vllm.LLM.generate`` on an identically configured engine in the driver, same prompts,
-      same per-prompt seeds, same adapter; alternating rounds, ratio of the best (goal <= 1.05);
+      same seed scheme (rollout.seed_mode), same adapter, logprobs=0; raw with vLLM's default
+      output work and raw with the engine's lean SamplingParams; alternating rounds, ratio of
+      the best (goal <= 1.05 over raw; see part_overhead);
   step-placerl, step-placerl-nosleep
       the GPU recipe for a few GRPO steps (colocated learner + vLLM worker), with vLLM's sleep
       mode and without: mean step time after the first and its breakdown (rollout, reward,
@@ -76,6 +78,7 @@ class Sizes:
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.3
     overhead_rounds: int = 2
+    overhead_batch: tuple | None = None  # (prompts, samples, new tokens); None: the first of batches, tokens
     step_prompts: int = 32
     step_group: int = 8
     step_tokens: int = 512
@@ -84,6 +87,18 @@ class Sizes:
 
 
 def sizes_for(args) -> Sizes:
+    s = _base_sizes(args)
+    if args.overhead_size:
+        try:
+            s.overhead_batch = tuple(int(x) for x in args.overhead_size.lower().split("x"))
+        except ValueError:
+            s.overhead_batch = ()
+        if len(s.overhead_batch) != 3 or min(s.overhead_batch) < 1:
+            raise SystemExit(f"--overhead-size={args.overhead_size!r}: write PROMPTSxSAMPLESxTOKENS, e.g. 64x8x512")
+    return s
+
+
+def _base_sizes(args) -> Sizes:
     if args.smoke:
         return Sizes(model="tiny-llama", dtype="float32", recipe=SMOKE_RECIPE, batches=[(2, 2), (4, 2)], tokens=8,
                      hf_tokens=8, rank=8, max_model_len=512, overhead_rounds=2, step_prompts=2, step_group=2,
@@ -184,57 +199,6 @@ def seed_mode_pair(engine, tok, s: Sizes, tokens: int, rec: Recorder, deadline: 
                                      "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1)})
 
 
-def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
-    import ray
-    import torch
-
-    from rl.cluster import init_ray
-    from rl.config import config_from_dict
-    from rl.resources import reserve
-    from rl.rollout.pool import RolloutPool
-    from rl.rollout.vllm_engine import VLLMEngine
-    from rl.rollout.engine import SamplingSpec
-
-    path, tok, payload = model_and_adapter(s)
-    gpu = 0.4 if torch.cuda.is_available() else 0.0
-    cfg = config_from_dict({"rollout": asdict(rollout_config(s, "vllm")), "learner": {"num_ranks": 1},
-                            "cluster": {"colocate": True, "gpus_per_rollout_worker": gpu}})
-    init_ray(num_cpus=max(2, os.cpu_count() or 2), object_store_mb=1024)
-    pool = RolloutPool(cfg.rollout, path, s.dtype, 0, reserve(cfg), cfg.cluster)
-    pool.sync(ray.put(payload))
-    raw = VLLMEngine(cfg.rollout, path, s.dtype, 0)  # the same engine, configured alike, in this process
-    raw.load_adapter(payload)
-    p, g = s.batches[0]
-    ids = prompt_ids(tok, p)
-    spec = SamplingSpec(n=g, max_new_tokens=s.tokens, temperature=1.0, seed=1)
-    # Raw vLLM gets exactly the SamplingParams the engine would build (the same seeds).
-    params = [raw._params(spec, i) for i in range(len(ids))]
-    prompts = [{"prompt_token_ids": list(x)} for x in ids]
-
-    def raw_run() -> int:
-        outs = raw.llm.generate(prompts, params, lora_request=raw._lora, use_tqdm=False)
-        return sum(len(c.token_ids) for o in outs for c in o.outputs)
-
-    def pool_run() -> int:
-        return tokens_of(pool.generate(ids, spec))
-
-    small = SamplingSpec(n=2, max_new_tokens=8, temperature=1.0, seed=0)
-    raw.generate(ids[:2], small), pool.generate(ids[:2], small)  # warm-up
-    raw_t, pool_t = [], []
-    for r in range(s.overhead_rounds):
-        if raw_t and 2.5 * (raw_t[-1] + pool_t[-1]) > deadline - time.time():
-            break
-        for fn, times in ((raw_run, raw_t), (pool_run, pool_t)):
-            t = time.perf_counter()
-            n = fn()
-            times.append(time.perf_counter() - t)
-        rec(f"round_{r + 1}", {"raw_s": round(raw_t[-1], 3), "framework_s": round(pool_t[-1], 3), "tokens": n})
-    rec("result", {"batch": f"{p}x{g}x{s.tokens}", "raw_best_s": min(raw_t), "framework_best_s": min(pool_t),
-                   "framework_over_raw": round(min(pool_t) / min(raw_t), 4),
-                   "framework_over_raw_median": round(statistics.median(pool_t) / statistics.median(raw_t), 4)})
-    pool.shutdown()
-
-
 def step_overrides(s: Sizes) -> list[str]:
     return [f"model.name={s.model}", f"trainer.steps={s.steps}", f"trainer.save_every={s.steps + 1}",
             f"rollout.prompts_per_step={s.step_prompts}", f"rollout.group_size={s.step_group}",
@@ -280,6 +244,8 @@ def run_part(args) -> None:
     if name.startswith("rollout-"):
         part_rollout(s, name.split("-", 1)[1], rec, deadline)
     elif name == "overhead":
+        from bench.vllm_overhead import part_overhead
+
         part_overhead(s, rec, deadline)
     elif name.startswith("step-placerl"):
         part_step_placerl(s, rec, sleep=name == "step-placerl", two_gpus=name.endswith("2gpu"))
@@ -298,6 +264,7 @@ def one_line(text: str) -> str:
 
 
 def orchestrate(args) -> int:
+    sizes_for(args)  # a bad size fails here, in one line, before any part starts
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.exists() else {}
     doc.setdefault("results", {})
@@ -318,6 +285,7 @@ def orchestrate(args) -> int:
         part_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "bench.bench_vllm_gpu", "--part", part, "--part-out", str(part_file),
                "--deadline", str(deadline - 15), "--model", args.model] + (["--smoke"] if args.smoke else [])
+        cmd += ["--overhead-size", args.overhead_size] if args.overhead_size else []
         print(f"=== {part} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
@@ -368,6 +336,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench_vllm_gpu.json", help="the JSON, merged with what it already holds")
     ap.add_argument("--budget-s", type=float, default=540, help="wall-clock bound of this call, all parts together")
     ap.add_argument("--smoke", action="store_true", help="the tiny model and tiny sizes (a CPU check of every part)")
+    ap.add_argument("--overhead-size", default="", help="the overhead part's PROMPTSxSAMPLESxTOKENS (default: "
+                    "the first rollout batch and length; on a CPU e.g. 32x8x64 to weigh per-token host work)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)

@@ -14,7 +14,9 @@ the base weights:
 - per-module PEFT scales are folded into B (see :mod:`rl.rollout.sync`).
 
 Logprobs are vLLM's ``processed_logprobs``: the distribution after temperature and
-top-p, which is what :mod:`rl.rollout.engine` promises.
+top-p, which is what :mod:`rl.rollout.engine` promises. vLLM neither detokenizes nor builds
+a logprob dict per token while decoding; texts are decoded once per call after it
+(:mod:`rl.rollout.vllm_outputs`).
 
 On a GPU the engine runs with CUDA graphs (``rollout.enforce_eager: auto``), specialised
 on LoRA where the installed vLLM has ``cudagraph_specialize_lora``, and in bfloat16 (its
@@ -35,6 +37,7 @@ import tempfile
 import time
 
 from rl.rollout.engine import Completion, SamplingSpec, batch_seed, check_prompts, prompt_seed
+from rl.rollout.vllm_outputs import completion_rows, lean_output_options
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
 
 # The ranks vLLM accepts for max_lora_rank.
@@ -168,6 +171,8 @@ class VLLMEngine:
             **self._lora_args(rollout_cfg),
             **extra,
         )
+        self._output_options = lean_output_options()
+        self._tokenizer = self.llm.get_tokenizer()
         self._lora = None  # the LoRARequest being served
         self._version: int | None = None
         self._next_id = 1
@@ -211,8 +216,9 @@ class VLLMEngine:
         seed = None
         if spec.seed is not None and self.seed_mode == "request":
             seed = prompt_seed(spec.seed, spec.prompt_offset + prompt_index, spec.n)
-        return SamplingParams(n=1 if spec.temperature == 0 else spec.n, max_tokens=spec.max_new_tokens, temperature=spec.temperature,
-                              top_p=spec.top_p, seed=seed, logprobs=0)
+        return SamplingParams(n=1 if spec.temperature == 0 else spec.n, max_tokens=spec.max_new_tokens,
+                              temperature=spec.temperature, top_p=spec.top_p, seed=seed, logprobs=0,
+                              **self._output_options)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
         sampling.validate()
@@ -227,7 +233,8 @@ class VLLMEngine:
 
             torch.manual_seed(batch_seed(sampling.seed, sampling.prompt_offset))
         outs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
-        rows = [[_completion(c) for c in sorted(o.outputs, key=lambda c: c.index)] for o in outs]
+        rows = completion_rows(self._tokenizer, prompt_ids, outs,
+                               decoded=self._output_options.get("detokenize", True))
         # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
         return [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows]
 
@@ -280,12 +287,3 @@ class VLLMEngine:
     def loaded_lora_ids(self) -> set[int]:
         return set(self.llm.llm_engine.list_loras())
 
-
-def _completion(c) -> Completion:
-    ids = list(c.token_ids)
-    if c.logprobs is None or len(c.logprobs) != len(ids):
-        raise RuntimeError(f"vLLM returned {0 if c.logprobs is None else len(c.logprobs)} logprobs "
-                           f"for {len(ids)} tokens")
-    lps = [float(pos[tok].logprob) for pos, tok in zip(c.logprobs, ids)]
-    reason = c.finish_reason if c.finish_reason in ("stop", "length") else str(c.finish_reason)
-    return Completion(token_ids=ids, logprobs=lps, text=c.text, finish_reason=reason)
