@@ -70,13 +70,13 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     for r in range(s.overhead_rounds):
         if r and 1.5 * sum(t[-1] for t in times.values()) > deadline - time.time():
             break
-        tokens = {}
+        counts = {}
         for name, fn in runs.items():
             t = time.perf_counter()
-            tokens[name] = fn()
+            counts[name] = fn()
             times[name].append(time.perf_counter() - t)
         rec(f"round_{r + 1}", {**{f"{k}_s": round(v[-1], 3) for k, v in times.items()},
-                               **{f"{k}_tokens": n for k, n in tokens.items()}})
+                               **{f"{k}_tokens": n for k, n in counts.items()}})
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     rec("result", {"batch": f"{p}x{g}x{tokens}", "raw_best_s": best["raw"], "raw_lean_best_s": best["raw_lean"],
