@@ -101,6 +101,9 @@ class RolloutConfig:
     # before each call: one draw per decode step, reproducible for the same batch),
     # "auto" (request on CPU hosts, batch on GPUs, where the loop costs most).
     seed_mode: str = "auto"
+    # vLLM's async scheduling (the next step is scheduled while the current one runs on the
+    # device): auto leaves vLLM's default; true/false set it (true needs a vLLM that has it).
+    async_scheduling: bool | str = "auto"
 
     def validate(self, p: str) -> None:
         _one_of(f"{p}.engine", self.engine, ["vllm", "hf"])
@@ -117,7 +120,7 @@ class RolloutConfig:
         _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _check(self.cudagraph_max_batch >= 0, f"{p}.cudagraph_max_batch", self.cudagraph_max_batch,
                "must be >= 0 (0: vLLM's default)")
-        for key in ("enforce_eager", "sleep_mode"):
+        for key in ("enforce_eager", "sleep_mode", "async_scheduling"):
             value = getattr(self, key)
             _check(isinstance(value, bool) or value == "auto", f"{p}.{key}", value, "auto, true or false")
         _one_of(f"{p}.weight_sync", self.weight_sync, ["auto", "adapter", "merged"])

@@ -5,8 +5,8 @@ import pytest
 
 from rl.config import ConfigError, load_config
 from rl.rollout.pool import chunk_specs
-from rl.rollout.vllm_engine import (check_vllm_dtype, explain_sleep_failure, resolve_enforce_eager, resolve_seed_mode,
-                                    resolve_sleep_mode)
+from rl.rollout.vllm_engine import (async_scheduling_args, check_vllm_dtype, explain_sleep_failure,
+                                    resolve_enforce_eager, resolve_seed_mode, resolve_sleep_mode)
 from rl.rollout.engine import SamplingSpec, batch_seed, prompt_seed, step_seed
 from rl.startup import rollout_settings
 
@@ -87,7 +87,9 @@ def test_rollout_settings_resolve_before_anything_starts():
 
 
 @pytest.mark.parametrize("override,ok", [("rollout.enforce_eager=auto", "auto"), ("rollout.enforce_eager=false", False),
-                                         ("rollout.sleep_mode=true", True), ("rollout.sleep_mode=auto", "auto")])
+                                         ("rollout.sleep_mode=true", True), ("rollout.sleep_mode=auto", "auto"),
+                                         ("rollout.async_scheduling=true", True),
+                                         ("rollout.async_scheduling=auto", "auto")])
 def test_config_takes_auto_or_a_bool(override, ok):
     key = override.split("=")[0].split(".")[1]
     assert getattr(load_config("launch/configs/tiny.yaml", [override]).rollout, key) == ok
@@ -96,6 +98,17 @@ def test_config_takes_auto_or_a_bool(override, ok):
 def test_config_rejects_other_words():
     with pytest.raises(ConfigError, match=r"rollout.enforce_eager='sometimes' is not allowed: auto, true or false"):
         load_config("launch/configs/tiny.yaml", ["rollout.enforce_eager=sometimes"])
+    with pytest.raises(ConfigError, match=r"rollout.async_scheduling='maybe' is not allowed: auto, true or false"):
+        load_config("launch/configs/tiny.yaml", ["rollout.async_scheduling=maybe"])
+
+
+def test_async_scheduling_reaches_vllm_only_where_it_exists():
+    assert async_scheduling_args("auto") == {}  # vLLM's own default, on any vLLM
+    assert async_scheduling_args(True) == {"async_scheduling": True}  # the installed vLLM has it
+    assert async_scheduling_args(False, engine_fields={"async_scheduling"}) == {"async_scheduling": False}
+    assert async_scheduling_args(False, engine_fields={"model"}) == {}  # a vLLM without it never schedules ahead
+    with pytest.raises(ValueError, match=r"^rollout.async_scheduling=true: this vLLM has no async scheduling; set"):
+        async_scheduling_args(True, engine_fields={"model"})
 
 
 def test_cudagraph_max_batch_is_checked():

@@ -113,6 +113,26 @@ def explain_sleep_failure(error: BaseException) -> RuntimeError | None:
     return None
 
 
+def async_scheduling_args(setting, engine_fields: set[str] | None = None) -> dict:
+    """``rollout.async_scheduling`` as vLLM keyword arguments: auto leaves vLLM's default;
+    true/false are passed where this vLLM's EngineArgs has the field (a false elsewhere is
+    what that vLLM does anyway; a true is refused in one line)."""
+    if setting == "auto":
+        return {}
+    if engine_fields is None:
+        import dataclasses
+
+        from vllm.engine.arg_utils import EngineArgs
+
+        engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    if "async_scheduling" not in engine_fields:
+        if setting:
+            raise ValueError("rollout.async_scheduling=true: this vLLM has no async scheduling; "
+                             "set rollout.async_scheduling=auto or false")
+        return {}
+    return {"async_scheduling": bool(setting)}
+
+
 def _graph_options(enable_lora: bool, max_batch: int) -> dict:
     """CUDA-graph options, each where this vLLM has the field: graphs specialised on LoRA
     (with and without an active adapter), captured up to ``max_batch`` sequences (0: default)."""
@@ -154,6 +174,7 @@ class VLLMEngine:
             extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
         if self.sleeps:
             extra["enable_sleep_mode"] = True
+        extra.update(async_scheduling_args(getattr(rollout_cfg, "async_scheduling", "auto")))
         self.seed_mode = resolve_seed_mode(getattr(rollout_cfg, "seed_mode", "auto"), on_gpu,
                                            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
         self.max_lora_rank = rollout_cfg.max_lora_rank
