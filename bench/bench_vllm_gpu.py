@@ -9,7 +9,10 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       generated tokens / wall time at 64 x 8 and 128 x 8 (prompts x samples, 512 new tokens,
       temperature 1) for the model serving an all-linear r=16 adapter: vLLM with CUDA
       graphs, vLLM eager, the plain-transformers engine (hf: 128 new tokens, it is slow;
-      tokens/s of a launch-bound engine hardly depends on the length);
+      tokens/s of a launch-bound engine hardly depends on the length); graphs and eager also
+      run the largest batch in the other rollout.seed_mode, and graphs runs it once more in a
+      child process with batch seeds and rollout.async_scheduling=true (128x8_async_scheduling,
+      with whether vLLM kept it on: its CPU backend turns it off);
   overhead
       the framework's rollout (RolloutPool -> RolloutWorker Ray actor -> VLLMEngine) over raw
       ``vllm.LLM.generate`` on an identically configured engine in the driver, same prompts,
@@ -125,14 +128,14 @@ def model_and_adapter(s: Sizes):
     return path, load_tokenizer(path), br.adapter_payload(path, version=1)
 
 
-def rollout_config(s: Sizes, engine: str, eager="auto"):
+def rollout_config(s: Sizes, engine: str, eager="auto", **settings):
     from rl.config import RolloutConfig
 
     # Graphs for every decode batch of the largest rollout (vLLM's default stops at 512 sequences).
     graph_batch = max(p * g for p, g in s.batches)
     return RolloutConfig(engine=engine, max_lora_rank=s.rank, max_model_len=s.max_model_len, enforce_eager=eager,
                          sleep_mode=False, gpu_memory_utilization=s.gpu_memory_utilization, cpu_kv_cache_gb=1.0,
-                         cudagraph_max_batch=graph_batch)
+                         cudagraph_max_batch=graph_batch, **settings)
 
 
 def tokens_of(rows) -> int:
@@ -141,7 +144,9 @@ def tokens_of(rows) -> int:
 
 # ----------------------------------------------------------------------------- parts
 
-def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float) -> None:
+def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float, child: list[str] | None = None) -> None:
+    """``kind``: graphs, eager, hf, or graphs-async (the largest batch only, batch seeds, vLLM's
+    async scheduling on: the variant that rollout-graphs runs in a child process)."""
     import torch
 
     from rl.rollout.engine import SamplingSpec, make_engine
@@ -150,16 +155,23 @@ def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float) -> None:
     t = time.perf_counter()
     # On a CPU (the smoke run) vLLM runs eager whatever the part: it has no CUDA graphs.
     eager = {"graphs": False, "eager": True}.get(kind, "auto") if torch.cuda.is_available() else "auto"
-    engine = make_engine(rollout_config(s, "hf" if kind == "hf" else "vllm", eager), path, s.dtype, 0)
+    variant = {"async_scheduling": True, "seed_mode": "batch"} if kind == "graphs-async" else {}
+    if kind == "graphs-async":
+        eager = False if torch.cuda.is_available() else "auto"
+    engine = make_engine(rollout_config(s, "hf" if kind == "hf" else "vllm", eager, **variant), path, s.dtype, 0)
     rec("enforce_eager", eager)
     if kind == "hf":  # it decodes at most this many sequences at once, the rest in later chunks
         rec("hf_max_batch_sequences", engine.max_batch)
+    if variant:  # vLLM may turn it off where the platform lacks it (its CPU backend does)
+        config = getattr(engine.llm.llm_engine, "vllm_config", None)
+        rec("async_scheduling_in_effect", getattr(getattr(config, "scheduler_config", None), "async_scheduling", None))
     engine.load_adapter(payload)
-    rec("engine_start_s", round(time.perf_counter() - t, 1))
+    start_s = time.perf_counter() - t
+    rec("engine_start_s", round(start_s, 1))
     tokens = s.hf_tokens if kind == "hf" else s.tokens
     engine.generate(prompt_ids(tok, 2), SamplingSpec(n=2, max_new_tokens=8, temperature=1.0, seed=0))  # warm-up
     last_rate = None
-    for p, g in s.batches:
+    for p, g in s.batches[-1:] if variant else s.batches:
         left = deadline - time.time()
         if last_rate and p * g * tokens / last_rate > left:
             rec(f"{p}x{g}", {"skipped": f"about {p * g * tokens / last_rate:.0f} s needed, {left:.0f} s left"})
@@ -173,8 +185,39 @@ def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float) -> None:
         rec(f"{p}x{g}", {"tokens": n, "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1),
                          "max_new_tokens": tokens, "mean_completion_tokens": round(n / (p * g), 1),
                          "seed_mode": getattr(engine, "seed_mode", "request")})
-    if kind != "hf" and last_rate:
+    if kind in ("graphs", "eager") and last_rate:
         seed_mode_pair(engine, tok, s, tokens, rec, deadline, last_rate)
+    if kind == "graphs" and last_rate and child:
+        async_variant(s, rec, deadline, child, start_s + s.batches[-1][0] * s.batches[-1][1] * tokens / last_rate)
+
+
+def async_variant(s: Sizes, rec: Recorder, deadline: float, child: list[str], needed_s: float) -> None:
+    """The largest batch with batch seeds and ``rollout.async_scheduling=true``, in a child
+    process (an engine's GPU memory is not given back inside a process), recorded apart."""
+    p, g = s.batches[-1]
+    key, left = f"{p}x{g}_async_scheduling", deadline - time.time()
+    if needed_s * 1.5 + 30 > left:
+        rec(key, {"skipped": f"about {needed_s * 1.5 + 30:.0f} s needed, {left:.0f} s left"})
+        return
+    out = Path(rec.path).with_name(rec.path.name + ".async.json")
+    out.unlink(missing_ok=True)
+    # In this part's process group: killed with the part at the budget.
+    proc = subprocess.Popen(child + ["--part", "rollout-graphs-async", "--part-out", str(out), "--deadline",
+                                     str(deadline - 5)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        _, err = proc.communicate(timeout=max(1.0, left - 5))
+        error = f"exit {proc.returncode}: {one_line(err)}" if proc.returncode else None
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        error = f"killed at the budget: {one_line(err or '')}"
+    data = json.loads(out.read_text()) if out.exists() else {}
+    out.unlink(missing_ok=True)
+    result = {k: data[k] for k in ("async_scheduling_in_effect", "engine_start_s") if k in data}
+    result.update(data.get(f"{p}x{g}", {}))
+    if error:
+        result["error"] = error
+    rec(key, result)
 
 
 def seed_mode_pair(engine, tok, s: Sizes, tokens: int, rec: Recorder, deadline: float, rate: float) -> None:
@@ -242,7 +285,8 @@ def run_part(args) -> None:
     rec("sizes", asdict(s))
     name = args.part
     if name.startswith("rollout-"):
-        part_rollout(s, name.split("-", 1)[1], rec, deadline)
+        child = [sys.executable, "-m", "bench.bench_vllm_gpu", "--model", args.model] + (["--smoke"] * args.smoke)
+        part_rollout(s, name.split("-", 1)[1], rec, deadline, child)
     elif name == "overhead":
         from bench.vllm_overhead import part_overhead
 

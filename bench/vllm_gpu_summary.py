@@ -30,12 +30,17 @@ def summarise(results: dict) -> dict:
         rates = {mode: get("rollout-graphs", "128x8", "tokens_per_s"), other["seed_mode"]: other["tokens_per_s"]}
         out["graphs_128x8_tokens_per_s_by_seed_mode"] = rates
         out["graphs_128x8_batch_over_request_seeds"] = round(rates["batch"] / rates["request"], 3)
+    batch_rate = out.get("graphs_128x8_tokens_per_s_by_seed_mode", {}).get("batch")
+    async_rate = get("rollout-graphs", "128x8_async_scheduling", "tokens_per_s")
+    if batch_rate and async_rate:
+        out["graphs_128x8_async_over_batch_seeds"] = round(async_rate / batch_rate, 3)
     top = get("rollout-graphs", "128x8", "tokens_per_s")
     if top:
         out["graphs_128x8_goal_25k_tokens_per_s"] = "met" if top >= 25_000 else "NOT met"
     ratio = get("overhead", "result", "framework_over_raw")
     if ratio:
         out["framework_over_raw_vllm"] = ratio
+        out["framework_over_raw_lean_vllm"] = get("overhead", "result", "framework_over_raw_lean")
         out["framework_over_raw_goal_1.05"] = "met" if ratio <= 1.05 else "NOT met"
     ours, theirs = get("step-placerl", "mean_after_first"), get("step-trl", "mean_after_first")
     if ours:
