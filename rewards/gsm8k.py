@@ -138,6 +138,14 @@ def _math_verify():
     return parse, verify
 
 
+def warm_up() -> None:
+    """Import math-verify and run its parser and grader once (about 0.4 s on a CPU). Run when a
+    grader is prepared (rewards.registry.prepare): left lazy, the cost fell in whichever training
+    step first met an answer that is not a plain number, every reward thread waiting on the import."""
+    _, verify = _math_verify()
+    verify(_parse_gold("1"), _parse_candidate("\\frac{1}{2}"), timeout_seconds=None)
+
+
 @functools.lru_cache(maxsize=65536)
 def _parse_candidate(candidate: str):
     parse, _ = _math_verify()
@@ -254,6 +262,12 @@ def gsm8k_strict(prompts, completions, gold=None, answer=None, **kwargs) -> list
     return _grade(strict_answer, "gsm8k_strict", completions, gold, answer)
 
 
+gsm8k_strict.warm_up = warm_up
+
+
 def gsm8k_flexible(prompts, completions, gold=None, answer=None, **kwargs) -> list[float | None]:
     """1.0 when the flexible candidate (``####``, boxed, "answer is", last number) equals the gold."""
     return _grade(flexible_answer, "gsm8k_flexible", completions, gold, answer)
+
+
+gsm8k_flexible.warm_up = warm_up

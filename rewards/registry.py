@@ -175,7 +175,17 @@ def _is_factory(obj: Callable) -> bool:
 
 
 def prepare(ref: RewardRef) -> PreparedReward:
-    """Load the target and build the callable (calling a factory with the kwargs)."""
+    """Load the target and build the callable (calling a factory with the kwargs). A callable
+    with a ``warm_up`` attribute has it run here, once per process that prepares it: a heavy
+    import or a parser's first use is paid when the run starts, not inside a training step."""
+    prepared = _prepare(ref)
+    warm_up = getattr(prepared.fn, "warm_up", None)
+    if callable(warm_up):
+        warm_up()
+    return prepared
+
+
+def _prepare(ref: RewardRef) -> PreparedReward:
     obj = _load_target(ref.target, ref.label)
     kwargs = dict(ref.kwargs)
     fmt = kwargs.pop("completions_as", None)

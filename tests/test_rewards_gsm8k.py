@@ -169,3 +169,16 @@ def test_pathological_completions_are_graded_not_hung():
              "-" * 50000, "1," * 30000, "\\frac{1" * 5000, "\\boxed{(10^{10})!}", "#### 1\n" * 10000]
     assert gsm8k_flexible(None, texts, gold=["18"] * len(texts)) == [0.0] * len(texts)
     assert gsm8k_strict(None, texts, gold=["18"] * len(texts)) == [0.0] * len(texts)
+
+
+def test_preparing_a_grader_warms_math_verify_up():
+    """math-verify's import and first parse (about 0.4 s) happen when a grader is prepared, not
+    in the first training step that meets an answer needing it (a fresh process shows both)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from rewards import gsm8k; from rewards.registry import prepare, resolve; "
+            "assert 'math_verify' not in sys.modules; prepare(resolve('gsm8k_flexible')); "
+            "print('math_verify' in sys.modules, gsm8k._parse_candidate.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["True", "1"]
