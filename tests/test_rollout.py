@@ -141,6 +141,36 @@ def test_stops_at_eos_and_reports_length(engine, stop_model):
     assert all(c.finish_reason == "length" for c in b)
 
 
+def test_vllm_texts_and_logprobs_equal_vllms_own(engine, stop_model):
+    """The engine turns off vLLM's per-token detokenizing and logprob dicts and decodes the texts
+    once per call (rl/rollout/vllm_outputs.py): same seeds, same engine, the texts, tokens and
+    logprobs equal those of vLLM's own output path, for completions that stop on eos and ones
+    cut at max_new_tokens (sampled random tokens include broken UTF-8 pieces). Like the test
+    above, it needs the base model's greedy stop: it runs before any adapter is loaded."""
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    if not isinstance(engine, VLLMEngine):
+        pytest.skip("vLLM's own output path")
+    _, facts = stop_model
+    prompts = [PROMPT_A, facts["prompt_b"], [1, 42], list(range(1, 40))]
+    runs = []
+    for options in (engine._output_options, {}):  # the engine's, then vLLM's defaults
+        kept, engine._output_options = engine._output_options, options
+        try:
+            runs.append(engine.generate(prompts, SamplingSpec(n=4, max_new_tokens=12, temperature=1.0, seed=11))
+                        + engine.generate(prompts[:2], SamplingSpec(n=1, max_new_tokens=8, temperature=0)))
+        finally:
+            engine._output_options = kept
+    lean, own = ([c for row in run for c in row] for run in runs)
+    assert engine._output_options.get("detokenize") is False
+    assert {c.finish_reason for c in own} == {"stop", "length"}
+    assert [c.token_ids for c in lean] == [c.token_ids for c in own]
+    assert [c.finish_reason for c in lean] == [c.finish_reason for c in own]
+    assert [c.text for c in lean] == [c.text for c in own]
+    assert [c.logprobs for c in lean] == [c.logprobs for c in own]
+    assert sum(bool(c.text) for c in own) > len(own) // 2
+
+
 def test_greedy_is_deterministic_and_logprobs_are_raw(engine, stop_model, base_model):
     _, facts = stop_model
     spec = SamplingSpec(n=1, max_new_tokens=8, temperature=0, top_p=0.5)
@@ -301,31 +331,3 @@ def test_adapter_folders_are_cleaned_up(engine, base_model):
     after = {f for f in os.listdir(root) if f.startswith("placerl-lora-")}
     assert after <= before
 
-
-def test_vllm_texts_and_logprobs_equal_vllms_own(engine, stop_model):
-    """The engine turns off vLLM's per-token detokenizing and logprob dicts and decodes the texts
-    once per call (rl/rollout/vllm_outputs.py): same seeds, same engine, the texts, tokens and
-    logprobs equal those of vLLM's own output path, for completions that stop on eos and ones
-    cut at max_new_tokens (sampled random tokens include broken UTF-8 pieces)."""
-    from rl.rollout.vllm_engine import VLLMEngine
-
-    if not isinstance(engine, VLLMEngine):
-        pytest.skip("vLLM's own output path")
-    _, facts = stop_model
-    prompts = [PROMPT_A, facts["prompt_b"], [1, 42], list(range(1, 40))]
-    runs = []
-    for options in (engine._output_options, {}):  # the engine's, then vLLM's defaults
-        kept, engine._output_options = engine._output_options, options
-        try:
-            runs.append(engine.generate(prompts, SamplingSpec(n=4, max_new_tokens=12, temperature=1.0, seed=11))
-                        + engine.generate(prompts[:2], SamplingSpec(n=1, max_new_tokens=8, temperature=0)))
-        finally:
-            engine._output_options = kept
-    lean, own = ([c for row in run for c in row] for run in runs)
-    assert engine._output_options.get("detokenize") is False
-    assert {c.finish_reason for c in own} == {"stop", "length"}
-    assert [c.token_ids for c in lean] == [c.token_ids for c in own]
-    assert [c.finish_reason for c in lean] == [c.finish_reason for c in own]
-    assert [c.text for c in lean] == [c.text for c in own]
-    assert [c.logprobs for c in lean] == [c.logprobs for c in own]
-    assert sum(bool(c.text) for c in own) > len(own) // 2
