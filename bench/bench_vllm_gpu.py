@@ -82,6 +82,7 @@ class Sizes:
     gpu_memory_utilization: float = 0.3
     overhead_rounds: int = 2
     overhead_batch: tuple | None = None  # (prompts, samples, new tokens); None: the first of batches, tokens
+    seed_mode: str = "auto"  # rollout.seed_mode of the vLLM engines
     step_prompts: int = 32
     step_group: int = 8
     step_tokens: int = 512
@@ -91,6 +92,7 @@ class Sizes:
 
 def sizes_for(args) -> Sizes:
     s = _base_sizes(args)
+    s.seed_mode = args.seed_mode
     if args.overhead_size:
         try:
             s.overhead_batch = tuple(int(x) for x in args.overhead_size.lower().split("x"))
@@ -135,7 +137,7 @@ def rollout_config(s: Sizes, engine: str, eager="auto", **settings):
     graph_batch = max(p * g for p, g in s.batches)
     return RolloutConfig(engine=engine, max_lora_rank=s.rank, max_model_len=s.max_model_len, enforce_eager=eager,
                          sleep_mode=False, gpu_memory_utilization=s.gpu_memory_utilization, cpu_kv_cache_gb=1.0,
-                         cudagraph_max_batch=graph_batch, **settings)
+                         cudagraph_max_batch=graph_batch, **{"seed_mode": s.seed_mode, **settings})
 
 
 def tokens_of(rows) -> int:
@@ -285,7 +287,8 @@ def run_part(args) -> None:
     rec("sizes", asdict(s))
     name = args.part
     if name.startswith("rollout-"):
-        child = [sys.executable, "-m", "bench.bench_vllm_gpu", "--model", args.model] + (["--smoke"] * args.smoke)
+        child = [sys.executable, "-m", "bench.bench_vllm_gpu", "--model", args.model, "--seed-mode", args.seed_mode]
+        child += ["--smoke"] * args.smoke
         part_rollout(s, name.split("-", 1)[1], rec, deadline, child)
     elif name == "overhead":
         from bench.vllm_overhead import part_overhead
@@ -329,7 +332,7 @@ def orchestrate(args) -> int:
         part_file.unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "bench.bench_vllm_gpu", "--part", part, "--part-out", str(part_file),
                "--deadline", str(deadline - 15), "--model", args.model] + (["--smoke"] if args.smoke else [])
-        cmd += ["--overhead-size", args.overhead_size] if args.overhead_size else []
+        cmd += (["--overhead-size", args.overhead_size] if args.overhead_size else []) + ["--seed-mode", args.seed_mode]
         print(f"=== {part} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
@@ -382,6 +385,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="the tiny model and tiny sizes (a CPU check of every part)")
     ap.add_argument("--overhead-size", default="", help="the overhead part's PROMPTSxSAMPLESxTOKENS (default: "
                     "the first rollout batch and length; on a CPU e.g. 32x8x64 to weigh per-token host work)")
+    ap.add_argument("--seed-mode", default="auto", choices=["auto", "request", "batch"],
+                    help="rollout.seed_mode of the vLLM engines (auto: batch on a GPU, request on a CPU, where "
+                         "vLLM 0.32 fails on seeded requests once a prefill is split over steps)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
