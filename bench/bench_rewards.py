@@ -12,6 +12,12 @@ GSM8K, ``#### `` format, think format, overlong penalty on token ids) and the fi
 completions per second, per executor, after the pool has started (start-up is printed
 apart). ``--step-seconds`` (a training step's wall time from the system benchmark) turns
 the time of one batch into a fraction of a step; the goal is under 5%.
+
+``--fresh-steps K`` measures instead what a run's first K reward phases cost in a fresh
+process (the default reward of the GPU recipe, ``gsm8k_flexible``, thread executor), with
+``--latex-share`` of the answers written in LaTeX that math-verify must parse (from the
+second step on): once as runs prepare the grader (math-verify warmed up then) and once
+with the warm-up left out, when its import and first parse fell inside a step.
 """
 from __future__ import annotations
 
@@ -132,6 +138,39 @@ def run(executor: str, workers: int, batch: int, data: tuple, timeout_s: float) 
             "timeouts": timeouts, "flexible_mean": statistics.fmean(means), "totals": totals}
 
 
+def fresh_steps(args) -> None:
+    """Each way in its own fresh process (math-verify's import is once per process)."""
+    import subprocess
+
+    for warm in ("warm", "lazy"):
+        cmd = [sys.executable, __file__, "--fresh-child", warm, "--fresh-steps", str(args.fresh_steps),
+               "--batch", str(args.batch), "--group", str(args.group), "--latex-share", str(args.latex_share),
+               "--workers", str(args.workers), "--seed", str(args.seed)] + (["--data", args.data] if args.data else [])
+        r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+        print(f"{warm:<5} runner start {r['start_s']:.3f} s; reward phase per step (s): "
+              + ", ".join(f"{x:.3f}" for x in r["steps"]))
+
+
+def fresh_child(args) -> None:
+    rows = load_rows(args.data)
+    t = time.perf_counter()
+    if args.fresh_child == "lazy":
+        gsm8k.gsm8k_flexible.warm_up = None
+    runner = RewardRunner([{"name": "gsm8k_flexible"}], timeout_s=args.timeout, workers=args.workers,
+                          group_size=args.group)
+    start, steps, rng = time.perf_counter() - t, [], random.Random(args.seed)
+    for step in range(args.fresh_steps):
+        prompts, completions, cols, ids = build(rows, args.batch, args.group, args.seed + step)
+        if step:  # e.g. "$\\boxed{\\frac{36}{2}}$": no plain number, math-verify parses it
+            completions = [c + f"\n$\\boxed{{\\frac{{{2 * int(float(g))}}}{{2}}}}$"
+                           if rng.random() < args.latex_share else c for c, g in zip(completions, cols["gold"])]
+        t = time.perf_counter()
+        runner.score(prompts, completions, cols, ids)
+        steps.append(time.perf_counter() - t)
+    runner.close()
+    print(json.dumps({"start_s": start, "steps": steps}))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", help="GSM8K folder (train.jsonl/test.jsonl) or one jsonl; default $PLACERL_GSM8K_DIR")
@@ -143,7 +182,16 @@ def main() -> int:
     ap.add_argument("--executors", default="thread,process")
     ap.add_argument("--step-seconds", type=float, default=None, help="one training step's wall time (system bench)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fresh-steps", type=int, default=0, help="time a fresh run's first K reward phases instead")
+    ap.add_argument("--latex-share", type=float, default=0.1, help="with --fresh-steps: answers written in LaTeX")
+    ap.add_argument("--fresh-child", choices=["warm", "lazy"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.fresh_child:
+        fresh_child(args)
+        return 0
+    if args.fresh_steps:
+        fresh_steps(args)
+        return 0
 
     data = build(load_rows(args.data), args.n, args.group, args.seed)
     strict = [gsm8k.strict_answer(c) is not None for c in data[1]]
