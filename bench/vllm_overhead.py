@@ -14,7 +14,8 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     """The framework's rollout over raw ``vllm.LLM.generate``, like for like.
 
     Both engines are configured alike (the framework's VLLMEngine in a RolloutWorker actor
-    behind a RolloutPool; a second VLLMEngine in this process, used raw), serve the same
+    behind a RolloutPool; a second one in this process, built by the same worker class so that
+    it gets the same threads and core binding, used raw), serve the same
     adapter and get the same prompts and the same seed scheme: the engine's
     ``rollout.seed_mode`` (per-request seeds, or one ``torch.manual_seed(batch_seed(...))``
     per call and no request seeds), so both draw the same samples. Raw runs:
@@ -35,7 +36,7 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     from rl.resources import reserve
     from rl.rollout.engine import SamplingSpec, batch_seed
     from rl.rollout.pool import RolloutPool
-    from rl.rollout.vllm_engine import VLLMEngine
+    from rl.rollout.worker import LocalRolloutWorker
 
     path, tok, payload = model_and_adapter(s)
     gpu = 0.4 if torch.cuda.is_available() else 0.0
@@ -44,7 +45,7 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     init_ray(num_cpus=max(2, os.cpu_count() or 2), object_store_mb=1024)
     pool = RolloutPool(cfg.rollout, path, s.dtype, 0, reserve(cfg), cfg.cluster)
     pool.sync(ray.put(payload))
-    raw = VLLMEngine(cfg.rollout, path, s.dtype, 0)  # the same engine, configured alike, in this process
+    raw = LocalRolloutWorker(cfg.rollout, path, s.dtype, 0, cfg.cluster.cpu_threads).engine
     raw.load_adapter(payload)
     p, g, tokens = s.overhead_batch or (*s.batches[0], s.tokens)
     ids = prompt_ids(tok, p)
