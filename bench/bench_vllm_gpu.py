@@ -27,6 +27,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
   step-placerl-2gpu (not in the default set: needs a host with two GPUs)
       the same run disaggregated: the learner rank on one GPU, the vLLM worker on the other
       (no sleep mode: nothing shares a GPU), for the same breakdown against colocated;
+  step-placerl-overlap (not in the default set: one step off-policy)
+      colocated without sleep mode and with ``trainer.max_staleness=1``: the next step's
+      rollout decodes on the same GPU while the learner steps (docs/async.md);
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -64,7 +67,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + ["step-placerl-2gpu"]
+PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap"]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 
@@ -87,7 +90,7 @@ class Sizes:
     step_group: int = 8
     step_tokens: int = 512
     micro_batch: int = 32
-    steps: int = 3  # the first is warm-up
+    steps: int = 5  # the first is warm-up
 
 
 def sizes_for(args) -> Sizes:
@@ -253,14 +256,16 @@ def step_overrides(s: Sizes) -> list[str]:
 
 
 STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
-             "time/wake_s", "throughput/rollout_tokens_per_s", "rollout/response_tokens_mean")
+             "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
+             "rollout/response_tokens_mean")
 
 
-def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False) -> None:
+def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False) -> None:
     from bench.recipe_steps import recipe_step_metrics
 
     placement = ["cluster.colocate=false", "cluster.gpus_per_learner_rank=1", "cluster.gpus_per_rollout_worker=1",
                  "rollout.gpu_memory_utilization=0.8"] if two_gpus else []
+    placement += ["trainer.max_staleness=1"] if overlap else []
     memory = PeakMemory()
     steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
     rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in STEP_KEYS} for m in steps])
@@ -295,7 +300,8 @@ def run_part(args) -> None:
 
         part_overhead(s, rec, deadline)
     elif name.startswith("step-placerl"):
-        part_step_placerl(s, rec, sleep=name == "step-placerl", two_gpus=name.endswith("2gpu"))
+        part_step_placerl(s, rec, sleep=name == "step-placerl", two_gpus=name.endswith("2gpu"),
+                          overlap=name.endswith("overlap"))
     elif name == "step-trl":
         part_step_trl(s, rec)
     else:
