@@ -257,3 +257,33 @@ def test_seed_paired_difference():
     assert ci.estimate == pytest.approx(0.05) and ci.excludes(0.0) and ci.high - ci.low < 0.03 and ci.n == 3
     noise = seed_capture_difference_ci(base, [list(reversed(r)) for r in base])
     assert not noise.excludes(0.0)
+
+
+def test_spectrum_survives_an_eigensolver_that_does_not_converge(monkeypatch):
+    # cuSOLVER's syevd failed to converge on an ill-conditioned Gram matrix in a GRPO run on a
+    # GPU and stopped training; the LAPACK and SVD fallbacks must give the same spectrum.
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(12, 40, generator=gen, dtype=torch.float64)
+    m[6:] = m[:6] * 1e-9  # nearly rank 6
+    want = torch.linalg.svdvals(m)
+    calls = []
+    real = torch.linalg.eigvalsh
+
+    def fails_first(g, *a, **k):
+        calls.append(g.device)
+        if len(calls) == 1:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return real(g, *a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", fails_first)
+    got = tensor_stats.spectrum(m).top
+    assert len(calls) == 2 and torch.allclose(got[:6], want[:6], rtol=1e-6)
+
+    def never_converges(g, *a, **k):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigvalsh", never_converges)
+    got = tensor_stats.spectrum(m).top
+    assert torch.allclose(got[:6], want[:6], rtol=1e-6)
+    assert tensor_stats.effective_rank(tensor_stats.spectrum(m)) == pytest.approx(
+        tensor_stats.effective_rank(want), rel=1e-6)

@@ -86,8 +86,26 @@ def gram(m: torch.Tensor) -> torch.Tensor:
 
 def spectrum_from_gram(g: torch.Tensor) -> Spectrum:
     """The exact spectrum from a precomputed ``gram(m)`` (which may come from another device)."""
-    eig = torch.linalg.eigvalsh(g.to(torch.float64))  # ascending; tiny negatives are rounding
+    eig = gram_eigenvalues(g.to(torch.float64))  # ascending; tiny negatives are rounding
     return Spectrum(eig.clamp_min(0).sqrt().flip(0), 0.0, 0, float(torch.diagonal(g).sum()), True)
+
+
+def gram_eigenvalues(g: torch.Tensor) -> torch.Tensor:
+    """The eigenvalues of a symmetric positive semi-definite ``g``, ascending.
+
+    cuSOLVER's eigensolver can fail to converge on an ill-conditioned Gram matrix (a nearly
+    rank-deficient gradient), which would stop the training step that captured it; LAPACK on
+    the CPU is tried next, then an SVD (a PSD matrix's singular values are its eigenvalues).
+    """
+    try:
+        return torch.linalg.eigvalsh(g)
+    except torch.linalg.LinAlgError:
+        pass
+    cpu = g.cpu()
+    try:
+        return torch.linalg.eigvalsh(cpu)
+    except torch.linalg.LinAlgError:
+        return torch.linalg.svdvals(cpu).flip(0)
 
 
 def _randomized_singular_values(m: torch.Tensor, k: int, n_iter: int, oversample: int,
