@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -18,6 +19,17 @@ class Recorder:
         print(f"[{key}] {json.dumps(value)}", flush=True)
 
 
+def _nvml_handle(pynvml):
+    """NVML's handle for this process's CUDA device 0. NVML numbers every GPU of the host and
+    ignores CUDA_VISIBLE_DEVICES, so the first visible entry (an index or a UUID) picks it."""
+    first = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    if first.isdigit():
+        return pynvml.nvmlDeviceGetHandleByIndex(int(first))
+    if first.startswith(("GPU-", "MIG-")):
+        return pynvml.nvmlDeviceGetHandleByUUID(first)
+    return pynvml.nvmlDeviceGetHandleByIndex(0)
+
+
 class PeakMemory:
     """The GPU's peak used memory over all processes, sampled every 50 ms from this process."""
 
@@ -31,7 +43,7 @@ class PeakMemory:
                 import pynvml
 
                 pynvml.nvmlInit()
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                handle = _nvml_handle(pynvml)
                 self._read = lambda: pynvml.nvmlDeviceGetMemoryInfo(handle).used
             except Exception:  # no NVML binding: torch's view of the device (it opens a context)
                 self._read = lambda: (lambda free, total: total - free)(*torch.cuda.mem_get_info(0))
