@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -57,7 +56,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.gpu_measure import PeakMemory, Recorder  # noqa: E402
+from bench.gpu_measure import Recorder  # noqa: E402
 from bench.vllm_gpu_summary import summarise  # noqa: E402
 from rl.rollout.vllm_engine import use_in_process_engine  # noqa: E402
 
@@ -247,45 +246,6 @@ def seed_mode_pair(engine, tok, s: Sizes, tokens: int, rec: Recorder, deadline: 
                                      "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1)})
 
 
-def step_overrides(s: Sizes) -> list[str]:
-    return [f"model.name={s.model}", f"trainer.steps={s.steps}", f"trainer.save_every={s.steps + 1}",
-            f"rollout.prompts_per_step={s.step_prompts}", f"rollout.group_size={s.step_group}",
-            f"rollout.max_new_tokens={s.step_tokens}", f"learner.micro_batch_size={s.micro_batch}",
-            f"placement.rank={s.rank}", f"placement.alpha={2 * s.rank}", f"rollout.max_lora_rank={s.rank}",
-            "rollout.engine=vllm", "reward.functions=[{name: gsm8k_flexible}]"]
-
-
-STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
-             "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
-             "rollout/response_tokens_mean")
-
-
-def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False) -> None:
-    from bench.recipe_steps import recipe_step_metrics
-
-    placement = ["cluster.colocate=false", "cluster.gpus_per_learner_rank=1", "cluster.gpus_per_rollout_worker=1",
-                 "rollout.gpu_memory_utilization=0.8"] if two_gpus else []
-    placement += ["trainer.max_staleness=1"] if overlap else []
-    memory = PeakMemory()
-    steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
-    rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in STEP_KEYS} for m in steps])
-    timed = steps[1:] or steps
-    mean = {k.split("/")[-1]: round(statistics.mean(m.get(k, 0.0) for m in timed), 4) for k in STEP_KEYS}
-    mean["sync_over_step"] = round(mean["sync_s"] / mean["step_s"], 5)
-    rec("mean_after_first", mean)
-    rec("memory", memory.result())
-
-
-def part_step_trl(s: Sizes, rec: Recorder) -> None:
-    from bench.trl_vllm_step import trl_vllm_steps
-
-    memory = PeakMemory()
-    rec("steps", trl_vllm_steps(s.recipe, step_overrides(s), s.steps))
-    timed = rec.data["steps"][1:] or rec.data["steps"]
-    rec("mean_after_first", {k: round(statistics.mean(m[k] for m in timed), 4) for k in timed[0]})
-    rec("memory", memory.result())
-
-
 def run_part(args) -> None:
     s = sizes_for(args)
     rec, deadline = Recorder(args.part_out), args.deadline
@@ -300,9 +260,13 @@ def run_part(args) -> None:
 
         part_overhead(s, rec, deadline)
     elif name.startswith("step-placerl"):
+        from bench.vllm_step import part_step_placerl
+
         part_step_placerl(s, rec, sleep=name == "step-placerl", two_gpus=name.endswith("2gpu"),
                           overlap=name.endswith("overlap"))
     elif name == "step-trl":
+        from bench.vllm_step import part_step_trl
+
         part_step_trl(s, rec)
     else:
         raise SystemExit(f"--part={name!r} is not known; choose one of {', '.join(PARTS)}")

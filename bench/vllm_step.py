@@ -1,0 +1,47 @@
+"""The GRPO step parts of bench/bench_vllm_gpu.py: placerl's recipe for a few steps (colocated with
+or without sleep mode, disaggregated, one step off-policy) and TRL's GRPOTrainer on the same batch."""
+from __future__ import annotations
+
+import statistics
+
+from bench.bench_vllm_gpu import Sizes
+from bench.gpu_measure import PeakMemory, Recorder
+
+
+def step_overrides(s: Sizes) -> list[str]:
+    return [f"model.name={s.model}", f"trainer.steps={s.steps}", f"trainer.save_every={s.steps + 1}",
+            f"rollout.prompts_per_step={s.step_prompts}", f"rollout.group_size={s.step_group}",
+            f"rollout.max_new_tokens={s.step_tokens}", f"learner.micro_batch_size={s.micro_batch}",
+            f"placement.rank={s.rank}", f"placement.alpha={2 * s.rank}", f"rollout.max_lora_rank={s.rank}",
+            "rollout.engine=vllm", "reward.functions=[{name: gsm8k_flexible}]"]
+
+
+STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
+             "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
+             "rollout/response_tokens_mean")
+
+
+def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False) -> None:
+    from bench.recipe_steps import recipe_step_metrics
+
+    placement = ["cluster.colocate=false", "cluster.gpus_per_learner_rank=1", "cluster.gpus_per_rollout_worker=1",
+                 "rollout.gpu_memory_utilization=0.8"] if two_gpus else []
+    placement += ["trainer.max_staleness=1"] if overlap else []
+    memory = PeakMemory()
+    steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
+    rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in STEP_KEYS} for m in steps])
+    timed = steps[1:] or steps
+    mean = {k.split("/")[-1]: round(statistics.mean(m.get(k, 0.0) for m in timed), 4) for k in STEP_KEYS}
+    mean["sync_over_step"] = round(mean["sync_s"] / mean["step_s"], 5)
+    rec("mean_after_first", mean)
+    rec("memory", memory.result())
+
+
+def part_step_trl(s: Sizes, rec: Recorder) -> None:
+    from bench.trl_vllm_step import trl_vllm_steps
+
+    memory = PeakMemory()
+    rec("steps", trl_vllm_steps(s.recipe, step_overrides(s), s.steps))
+    timed = rec.data["steps"][1:] or rec.data["steps"]
+    rec("mean_after_first", {k: round(statistics.mean(m[k] for m in timed), 4) for k in timed[0]})
+    rec("memory", memory.result())
