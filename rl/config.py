@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from core.lora import DEFAULT_TARGET_MODULES
-from rl.typed_yaml import ConfigError, build, merge, parse_overrides
+from rl.typed_yaml import ConfigError, build, merge, parse_overrides, read_recipe  # ConfigError: re-exported for callers
 from rl.typed_yaml import check as _check, one_of as _one_of
 
 
@@ -394,18 +394,7 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Load a recipe, apply dotted overrides, coerce types and validate."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; pass --config launch/configs/<recipe>.yaml")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f" line {line + 1}" if line is not None else ""
-            raise ConfigError(f"config file {str(p)!r}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    tree = merge(tree, parse_overrides(overrides))
+    tree = merge(read_recipe(path) if path is not None else {}, parse_overrides(overrides))
     return build(Config, tree).validate()
 
 
