@@ -210,6 +210,34 @@ def test_prompt_offset_draws_other_streams(engine):
         assert ids(together)[1] == ids(later)[0]
 
 
+def test_request_seeds_survive_a_prefill_spread_over_engine_steps(engine):
+    """rollout.seed_mode=request with more prompt tokens than vLLM's scheduler takes in one step:
+    on CPU vLLM rewinds a seeded generator after a partial prefill, which its CPU generator
+    cannot do ("CPU Generator does not use offset"), so the engine keeps every prefill whole.
+    The step, split over two workers, still samples what one worker samples."""
+    import dataclasses
+
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    if not isinstance(engine, VLLMEngine):
+        pytest.skip("seed_mode is a vLLM setting")
+    prompts, n, length = 8, 8, 96
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    assert prompts * n * length > budget, "the batch must not fit one engine step"
+    batch = [[1] + [(7 * i + j) % 1000 + 10 for j in range(length - 1)] for i in range(prompts)]
+    spec = SamplingSpec(n=n, max_new_tokens=4, temperature=1.0, seed=17)
+    ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
+    mode, engine.seed_mode = engine.seed_mode, "request"
+    try:
+        whole = engine.generate(batch, spec)
+        halves = (engine.generate(batch[:4], spec)
+                  + engine.generate(batch[4:], dataclasses.replace(spec, prompt_offset=4)))
+    finally:
+        engine.seed_mode = mode
+    assert ids(whole) == ids(halves)
+    assert all(len(row) == n for row in whole)
+
+
 def test_batch_seed_mode_is_reproducible_per_call_without_request_seeds(engine):
     """rollout.seed_mode=batch (the GPU default): no request carries a seed (vLLM would loop
     over them every decode step); the worker reseeds the engine per call instead, so the same

@@ -85,6 +85,24 @@ def resolve_seed_mode(setting: str, on_gpu: bool, in_process: bool) -> str:
     return mode
 
 
+# vLLM's default max_num_batched_tokens for an LLM on CPU.
+CPU_BATCHED_TOKENS = 4096
+
+
+def whole_prefill_args(max_model_len: int) -> dict:
+    """vLLM scheduler options that never split a prompt's prefill over engine steps (CPU).
+
+    After a step that prefilled part of a prompt, vLLM rewinds that request's seeded
+    generator by its offset; a CPU generator has no offset ("CPU Generator does not use
+    offset"), so with per-request seeds (``rollout.seed_mode: request``) any batch with more
+    prompt tokens than one step takes would crash. Without chunked prefill a prompt waits
+    for the next step instead of being cut, so any batch size works; the budget must hold
+    the longest prompt (vLLM refuses less than max_model_len).
+    """
+    return {"enable_chunked_prefill": False,
+            "max_num_batched_tokens": max(max_model_len, CPU_BATCHED_TOKENS)}
+
+
 def resolve_sleep_mode(setting, colocated: bool, on_gpu: bool) -> bool:
     """``rollout.sleep_mode``: auto sleeps when the rollout shares a GPU with the learner."""
     if setting == "auto":
@@ -170,8 +188,11 @@ class VLLMEngine:
                              "set rollout.sleep_mode=false")
         eager = resolve_enforce_eager(rollout_cfg.enforce_eager, on_gpu)
         extra = {} if eager else _graph_options(enable_lora=True, max_batch=rollout_cfg.cudagraph_max_batch)
-        if current_platform.is_cpu() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-            extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
+        if current_platform.is_cpu():
+            # Whatever the seed mode: the bench and tests switch an engine's seed_mode in place.
+            extra.update(whole_prefill_args(rollout_cfg.max_model_len))
+            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
         if self.sleeps:
             extra["enable_sleep_mode"] = True
         extra.update(async_scheduling_args(getattr(rollout_cfg, "async_scheduling", "auto")))
