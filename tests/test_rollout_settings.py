@@ -5,8 +5,10 @@ import pytest
 
 from rl.config import ConfigError, load_config
 from rl.rollout.pool import chunk_specs
-from rl.rollout.vllm_engine import (async_scheduling_args, check_vllm_dtype, explain_sleep_failure,
-                                    resolve_enforce_eager, resolve_seed_mode, resolve_sleep_mode)
+from rl.rollout.vllm_engine import (CPU_BATCHED_TOKENS, async_scheduling_args, check_vllm_dtype,
+                                    explain_kv_cache_failure, explain_sleep_failure, explained_errors,
+                                    resolve_enforce_eager, resolve_seed_mode, resolve_sleep_mode,
+                                    whole_prefill_args)
 from rl.rollout.engine import SamplingSpec, batch_seed, prompt_seed, step_seed
 from rl.startup import rollout_settings
 
@@ -127,3 +129,35 @@ def test_sleep_assertion_of_a_shared_gpu_becomes_one_line_naming_the_fix():
     # Any other error is left to propagate unchanged.
     assert explain_sleep_failure(AssertionError("some other vLLM check")) is None
     assert explain_sleep_failure(RuntimeError("Memory usage increased after sleeping.")) is None
+
+
+def test_no_kv_cache_memory_at_start_becomes_one_line_naming_the_fix():
+    # The message vLLM's kv_cache_utils raises when start-up left no memory for the KV cache.
+    vllm_error = ValueError("No available memory for the cache blocks. Try increasing `gpu_memory_utilization` "
+                            "when initializing the engine (this flag also controls CPU memory reservation on the "
+                            "CPU backend, despite its name). See https://docs.vllm.ai/en/latest/configuration/"
+                            "conserving_memory/ for more details.")
+    explained = explain_kv_cache_failure(vllm_error)
+    assert isinstance(explained, RuntimeError)
+    message = str(explained)
+    assert "\n" not in message and message.startswith("vLLM found no memory for its KV cache")
+    assert "another process on the same GPU" in message
+    for fix in ("one after another", "its own GPU", "rollout.gpu_memory_utilization"):
+        assert fix in message
+    assert explain_kv_cache_failure(ValueError("some other vLLM check")) is None
+    # At engine construction: the recognised error is replaced (and chained), any other passes unchanged.
+    with pytest.raises(RuntimeError, match="^vLLM found no memory for its KV cache") as raised:
+        with explained_errors(explain_kv_cache_failure):
+            raise vllm_error
+    assert raised.value.__cause__ is vllm_error
+    other = ValueError("max_model_len is too large")
+    with pytest.raises(ValueError) as passed:
+        with explained_errors(explain_kv_cache_failure):
+            raise other
+    assert passed.value is other
+
+
+def test_cpu_engine_never_splits_a_prefill():
+    # Without chunked prefill vLLM needs a step budget of at least max_model_len.
+    assert whole_prefill_args(1024) == {"enable_chunked_prefill": False, "max_num_batched_tokens": CPU_BATCHED_TOKENS}
+    assert whole_prefill_args(8192)["max_num_batched_tokens"] == 8192

@@ -24,13 +24,19 @@ LoRA kernels refuse float32). With sleep mode (``rollout.sleep_mode``) the engin
 its weights and drops its KV cache while the learner steps, and wakes on the next sync or
 generate, serving the same adapter. Sleep mode assumes one engine per GPU: vLLM checks
 that the whole device's free memory grew across the sleep, so another process allocating
-on the same GPU meanwhile fails the step (see :func:`explain_sleep_failure`).
+on the same GPU meanwhile fails the step (see :func:`explain_sleep_failure`). vLLM also sizes
+its KV cache from the device's memory measured at start-up, so engines starting together on
+one GPU can leave one of them none (see :func:`explain_kv_cache_failure`).
+
+On CPU a prompt's prefill is never split over engine steps (:func:`whole_prefill_args`):
+vLLM cannot rewind a per-request CPU generator after a partial prefill.
 
 Left out: prefix caching tuning, speculative decoding, multi-GPU tensor parallelism
 (one worker is one engine on one device; scale out with more workers).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -131,6 +137,37 @@ def explain_sleep_failure(error: BaseException) -> RuntimeError | None:
     return None
 
 
+# vLLM's kv_cache_utils raises this (a ValueError) when start-up left no memory for the KV cache.
+_NO_KV_CACHE_MEMORY = "No available memory for the cache blocks"
+
+
+def explain_kv_cache_failure(error: BaseException) -> RuntimeError | None:
+    """The one-line error for vLLM finding no memory for its KV cache, or None for any other error.
+
+    vLLM sizes its KV cache from the device's memory as measured during start-up, so with
+    several engines on one GPU another process holding or allocating memory meanwhile leaves
+    this one nothing, even at a gpu_memory_utilization that fits when the engines start alone.
+    """
+    if _NO_KV_CACHE_MEMORY in str(error):
+        return RuntimeError("vLLM found no memory for its KV cache: it measures the GPU's memory during "
+                            "start-up, and another process on the same GPU may have been holding or allocating "
+                            "memory meanwhile; start the runs one after another, give each its own GPU, or raise "
+                            "rollout.gpu_memory_utilization")
+    return None
+
+
+@contextlib.contextmanager
+def explained_errors(explain):
+    """Raise ``explain(error)`` in place of an error it recognises (chained to it); others pass."""
+    try:
+        yield
+    except Exception as error:
+        explained = explain(error)
+        if explained is None:
+            raise
+        raise explained from error
+
+
 def async_scheduling_args(setting, engine_fields: set[str] | None = None) -> dict:
     """``rollout.async_scheduling`` as vLLM keyword arguments: auto leaves vLLM's default;
     true/false are passed where this vLLM's EngineArgs has the field (a false elsewhere is
@@ -200,19 +237,20 @@ class VLLMEngine:
                                            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
         self.max_lora_rank = rollout_cfg.max_lora_rank
         self.max_model_len = rollout_cfg.max_model_len
-        self.llm = LLM(
-            model=model_path,
-            dtype=dtype,
-            seed=seed,
-            max_model_len=rollout_cfg.max_model_len,
-            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
-            enforce_eager=eager,
-            logprobs_mode="processed_logprobs",
-            distributed_executor_backend="uni",
-            disable_log_stats=True,
-            **self._lora_args(rollout_cfg),
-            **extra,
-        )
+        with explained_errors(explain_kv_cache_failure):
+            self.llm = LLM(
+                model=model_path,
+                dtype=dtype,
+                seed=seed,
+                max_model_len=rollout_cfg.max_model_len,
+                gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+                enforce_eager=eager,
+                logprobs_mode="processed_logprobs",
+                distributed_executor_backend="uni",
+                disable_log_stats=True,
+                **self._lora_args(rollout_cfg),
+                **extra,
+            )
         self._output_options = lean_output_options()
         self._tokenizer = self.llm.get_tokenizer()
         self._lora = None  # the LoRARequest being served
@@ -226,13 +264,8 @@ class VLLMEngine:
         """Offload the weights (adapter slots included) to host memory and drop the KV cache."""
         if not self.sleeps or self._asleep:
             return self._asleep
-        try:
+        with explained_errors(explain_sleep_failure):
             self.llm.sleep(level=1)
-        except AssertionError as error:
-            explained = explain_sleep_failure(error)
-            if explained is None:
-                raise
-            raise explained from error
         self._asleep = True
         return True
 
