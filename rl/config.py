@@ -99,7 +99,8 @@ class RolloutConfig:
     # sequence's noise in a Python loop, one kernel per sequence per decode step), "batch"
     # (the worker reseeds the engine's generator from the step seed and its prompt offset
     # before each call: one draw per decode step, reproducible for the same batch),
-    # "auto" (request on CPU hosts, batch on GPUs, where the loop costs most).
+    # "auto" (request on CPU hosts, batch on GPUs, where the loop costs most). On CPU the
+    # engine never splits a prefill over steps: vLLM cannot rewind a CPU request generator.
     seed_mode: str = "auto"
     # vLLM's async scheduling (the next step is scheduled while the current one runs on the
     # device): auto leaves vLLM's default; true/false set it (true needs a vLLM that has it).
