@@ -354,10 +354,9 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=540, help="wall-clock bound of this call, all parts together")
     ap.add_argument("--smoke", action="store_true", help="the tiny model and tiny sizes (a CPU check of every part)")
     ap.add_argument("--overhead-size", default="", help="the overhead part's PROMPTSxSAMPLESxTOKENS (default: "
-                    "the first rollout batch and length; on a CPU e.g. 16x8x64 with --seed-mode batch)")
+                    "the first rollout batch and length; on a CPU e.g. 16x8x64)")
     ap.add_argument("--seed-mode", default="auto", choices=["auto", "request", "batch"],
-                    help="rollout.seed_mode of the vLLM engines (auto: batch on a GPU, request on a CPU, where "
-                         "vLLM 0.32 fails on seeded requests once a prefill is split over steps)")
+                    help="rollout.seed_mode of the vLLM engines (auto: batch on a GPU, request on a CPU)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)

@@ -94,13 +94,10 @@ class RolloutConfig:
     # "merged" (folded into a copy of the base weights and reloaded in place: 3-4x faster
     # decoding on CPU), "auto" (merged on CPU hosts, adapter on GPUs). rl/rollout/merged.py
     weight_sync: str = "auto"
-    # How a vLLM worker makes a seeded step reproducible: "request" (every sequence carries
-    # its own seed: the same samples whatever the batching, but vLLM then draws each
-    # sequence's noise in a Python loop, one kernel per sequence per decode step), "batch"
-    # (the worker reseeds the engine's generator from the step seed and its prompt offset
-    # before each call: one draw per decode step, reproducible for the same batch),
-    # "auto" (request on CPU hosts, batch on GPUs, where the loop costs most). On CPU the
-    # engine never splits a prefill over steps: vLLM cannot rewind a CPU request generator.
+    # How a vLLM worker seeds a step: "request" (a seed per sequence: the same samples
+    # whatever the batching), "batch" (one reseed of the engine per call: reproducible for
+    # the same batch), "auto" (request on CPU hosts, batch on GPUs). Why and what each costs:
+    # rl/rollout/vllm_engine.py resolve_seed_mode.
     seed_mode: str = "auto"
     # vLLM's async scheduling (the next step is scheduled while the current one runs on the
     # device): auto leaves vLLM's default; true/false set it (true needs a vLLM that has it).
