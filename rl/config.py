@@ -78,6 +78,10 @@ class RolloutConfig:
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.4
     cpu_kv_cache_gb: float = 1.0  # vLLM's KV cache on CPU hosts
+    # A fixed KV cache on a GPU (GiB); 0: vLLM sizes it from gpu_memory_utilization by measuring
+    # the GPU while it starts, which fails when other processes allocate meanwhile. Fixed, several
+    # runs can start on one GPU at once (gpu_memory_utilization then only gates the start).
+    gpu_kv_cache_gb: float = 0.0
     # auto: eager on CPU, CUDA graphs on a GPU (launch-bound decoding is 3-5x faster with
     # graphs); true/false force it.
     enforce_eager: bool | str = "auto"
@@ -115,6 +119,8 @@ class RolloutConfig:
         _check(self.max_lora_rank >= 1, f"{p}.max_lora_rank", self.max_lora_rank, "must be >= 1")
         _check(0 < self.gpu_memory_utilization <= 1, f"{p}.gpu_memory_utilization",
                self.gpu_memory_utilization, "must be in (0, 1]")
+        _check(self.gpu_kv_cache_gb >= 0, f"{p}.gpu_kv_cache_gb", self.gpu_kv_cache_gb,
+               "must be >= 0 (0: sized from gpu_memory_utilization)")
         _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _check(self.cudagraph_max_batch >= 0, f"{p}.cudagraph_max_batch", self.cudagraph_max_batch,
                "must be >= 0 (0: vLLM's default)")

@@ -6,7 +6,7 @@ import pytest
 from rl.config import ConfigError, load_config
 from rl.rollout.pool import chunk_specs
 from rl.rollout.vllm_engine import (CPU_BATCHED_TOKENS, async_scheduling_args, check_vllm_dtype,
-                                    explain_kv_cache_failure, explain_sleep_failure, explained_errors,
+                                    explain_kv_cache_failure, explain_sleep_failure, explained_errors, kv_cache_args,
                                     resolve_enforce_eager, resolve_seed_mode, resolve_sleep_mode,
                                     whole_prefill_args)
 from rl.rollout.engine import SamplingSpec, batch_seed, prompt_seed, step_seed
@@ -142,7 +142,7 @@ def test_no_kv_cache_memory_at_start_becomes_one_line_naming_the_fix():
     message = str(explained)
     assert "\n" not in message and message.startswith("vLLM found no memory for its KV cache")
     assert "another process on the same GPU" in message
-    for fix in ("one after another", "its own GPU", "rollout.gpu_memory_utilization"):
+    for fix in ("rollout.gpu_kv_cache_gb", "one after another", "its own GPU"):
         assert fix in message
     assert explain_kv_cache_failure(ValueError("some other vLLM check")) is None
     # At engine construction: the recognised error is replaced (and chained), any other passes unchanged.
@@ -155,6 +155,22 @@ def test_no_kv_cache_memory_at_start_becomes_one_line_naming_the_fix():
         with explained_errors(explain_kv_cache_failure):
             raise other
     assert passed.value is other
+
+
+def test_kv_cache_is_fixed_on_cpu_and_on_a_gpu_only_when_configured(monkeypatch):
+    from rl.config import RolloutConfig
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    cfg = RolloutConfig(cpu_kv_cache_gb=1.5)
+    assert kv_cache_args(cfg, on_cpu=True) == {"kv_cache_memory_bytes": 3 * 2**29}
+    # On a GPU vLLM measures the device unless told a size: several runs sharing one GPU are told.
+    assert kv_cache_args(cfg, on_cpu=False) == {}
+    cfg.gpu_kv_cache_gb = 3
+    assert kv_cache_args(cfg, on_cpu=False) == {"kv_cache_memory_bytes": 3 * 2**30}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")  # vLLM's own setting wins on CPU
+    assert kv_cache_args(cfg, on_cpu=True) == {}
+    with pytest.raises(ConfigError, match="rollout.gpu_kv_cache_gb"):
+        load_config("launch/configs/tiny.yaml", ["rollout.gpu_kv_cache_gb=-1"])
 
 
 def test_cpu_engine_never_splits_a_prefill():

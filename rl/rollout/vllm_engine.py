@@ -152,8 +152,8 @@ def explain_kv_cache_failure(error: BaseException) -> RuntimeError | None:
     if _NO_KV_CACHE_MEMORY in str(error):
         return RuntimeError("vLLM found no memory for its KV cache: it measures the GPU's memory during "
                             "start-up, and another process on the same GPU may have been holding or allocating "
-                            "memory meanwhile; start the runs one after another, give each its own GPU, or raise "
-                            "rollout.gpu_memory_utilization")
+                            "memory meanwhile; set rollout.gpu_kv_cache_gb (a fixed cache, no measuring), start the runs one "
+                            "after another, or give each its own GPU")
     return None
 
 
@@ -205,6 +205,17 @@ def _graph_options(enable_lora: bool, max_batch: int) -> dict:
     return {"compilation_config": options} if options else {}
 
 
+def kv_cache_args(rollout_cfg, on_cpu: bool) -> dict:
+    """A fixed KV cache size where one is configured: always on CPU (unless vLLM's own
+    VLLM_CPU_KVCACHE_SPACE is set), on a GPU only with rollout.gpu_kv_cache_gb > 0; otherwise
+    vLLM sizes it from gpu_memory_utilization."""
+    if on_cpu:
+        gb = 0 if os.environ.get("VLLM_CPU_KVCACHE_SPACE") else rollout_cfg.cpu_kv_cache_gb
+    else:
+        gb = getattr(rollout_cfg, "gpu_kv_cache_gb", 0)
+    return {"kv_cache_memory_bytes": int(gb * 2**30)} if gb else {}
+
+
 def use_in_process_engine() -> None:
     """Run vLLM's engine core in this process (unless the environment says otherwise): a fast
     start, and no child processes left behind when a rollout actor dies. Set before vLLM starts."""
@@ -229,8 +240,7 @@ class VLLMEngine:
         if current_platform.is_cpu():
             # Whatever the seed mode: the bench and tests switch an engine's seed_mode in place.
             extra.update(whole_prefill_args(rollout_cfg.max_model_len))
-            if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
-                extra["kv_cache_memory_bytes"] = int(rollout_cfg.cpu_kv_cache_gb * 2**30)
+        extra.update(kv_cache_args(rollout_cfg, on_cpu=current_platform.is_cpu()))
         if self.sleeps:
             extra["enable_sleep_mode"] = True
         extra.update(async_scheduling_args(getattr(rollout_cfg, "async_scheduling", "auto")))
