@@ -36,6 +36,8 @@ def parse_args(argv: list[str]):
         p.add_argument("--out", required=True, help="results folder, shared by every phase and call")
         if name == "summary":
             p.add_argument("--report", default="reports/learning", help="where summary.json and README.md go")
+            p.add_argument("--reference", default="",
+                           help="an arm to compare every other arm with at equal steps (paired, e.g. uniform-r8)")
             continue
         p.add_argument("--config", default=RECIPE)
         if name == "arm":
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.phase == "summary":
             from rl.experiments.learning_report import write_report
 
-            summary = write_report(args.out, args.report, command)
+            summary = write_report(args.out, args.report, command, args.reference)
             print(f"report: {args.report}/summary.json, README.md; chosen arm (on val): "
                   f"{summary['selection'].get('chosen')}")
             print(open(f"{args.report}/README.md").read())

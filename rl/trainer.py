@@ -22,6 +22,8 @@ and multi-turn / tool-use rollouts.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import logging
 import signal
@@ -132,7 +134,10 @@ class Trainer:
         attach = None
         if cfg.diagnostics.enabled:
             from rl.diagnostics.capture import attach_to_learner as attach
-        self.learner = LearnerGroup(cfg, self.model_path, self.lora_dict, plan=self.plan, attach=attach,
+        # The learner sees the rollout settings as resolved for this host (sleep mode decides
+        # whether it hands its cached memory back after each step).
+        self.learner = LearnerGroup(dataclasses.replace(cfg, rollout=self.served), self.model_path, self.lora_dict,
+                                    plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
         # The plan never changes during a run: serve at its largest rank (rl/rollout/engine.py says why).

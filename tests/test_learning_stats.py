@@ -110,3 +110,28 @@ def test_summary_needs_the_base_evaluation(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="learn base"):
         build_summary(tmp_path, "x")
+
+
+def test_summary_compares_arms_with_a_reference_at_equal_steps_only(tmp_path):
+    from rl.experiments.learning_report import build_summary, readme
+
+    _write_eval(tmp_path / "base", val=[(0, 0)] * 4, test=[(0, 0)] * 10, model="m")
+    ref_runs = {0: [(0, 1)] * 5 + [(0, 0)] * 5, 1: [(0, 1)] * 3 + [(0, 0)] * 7}
+    for seed, test in ref_runs.items():
+        _write_eval(tmp_path / "arms" / "uniform" / f"seed-{seed}", val=[(0, 0)] * 4, test=test, seed=seed, steps=50)
+    # "x" gains problems 5 and 6 on seed 0 and loses nothing; on seed 1 equals the reference.
+    _write_eval(tmp_path / "arms" / "x" / "seed-0", val=[(0, 0)] * 4, test=[(0, 1)] * 7 + [(0, 0)] * 3, seed=0, steps=50)
+    _write_eval(tmp_path / "arms" / "x" / "seed-1", val=[(0, 0)] * 4, test=ref_runs[1], seed=1, steps=50)
+    _write_eval(tmp_path / "arms" / "longer" / "seed-0", val=[(0, 0)] * 4, test=[(0, 1)] * 10, seed=0, steps=150)
+
+    s = build_summary(tmp_path, "x", reference="uniform")
+    c = s["arms"]["x"]["paired_vs_uniform"]
+    assert c["per_seed"]["0"]["flexible"]["gained"] == 2 and c["per_seed"]["0"]["flexible"]["diff"] == pytest.approx(0.2)
+    assert c["per_seed"]["1"]["flexible"]["diff"] == 0.0
+    pooled = c["pooled"]["flexible"]
+    assert pooled["diff"] == pytest.approx(0.1) and pooled["lo"] <= 0.1 <= pooled["hi"] and pooled["seeds"] == 2
+    assert "paired_vs_uniform" not in s["arms"]["longer"]  # 150 steps against 50: not a placement contrast
+    assert "paired_vs_uniform" not in s["arms"]["uniform"]
+    assert "| x | s0 +20.0" in readme(s, None)
+    with pytest.raises(ValueError, match="--reference 'nope'"):
+        build_summary(tmp_path, "x", reference="nope")

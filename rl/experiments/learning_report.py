@@ -65,7 +65,26 @@ def pooled_vs_base(base_test: list[dict], seed_folders: list[Path]) -> dict:
     return out
 
 
-def build_summary(out: Path, command: str) -> dict:
+def paired_vs_reference(seed_folders: dict[int, Path], ref_folders: dict[int, Path]) -> dict:
+    """An arm against the reference arm on the same test problems: per shared seed a paired
+    normal interval, and over all seeds the bootstrap that resamples problems jointly and each
+    arm's seeds independently (rl.diagnostics.confidence.paired_difference_ci)."""
+    from rl.diagnostics.confidence import paired_difference_ci
+
+    out = {"per_seed": {}, "pooled": {}}
+    for kind in KINDS:
+        for seed in sorted(set(seed_folders) & set(ref_folders)):
+            ref, arm = paired_records(_problems(ref_folders[seed], "test"), _problems(seed_folders[seed], "test"), kind)
+            out["per_seed"].setdefault(str(seed), {})[kind] = paired_difference(ref, arm)
+        ref_runs = [[r[kind] for r in _problems(f, "test")] for f in ref_folders.values()]
+        arm_runs = [[r[kind] for r in _problems(f, "test")] for f in seed_folders.values()]
+        ci = paired_difference_ci(ref_runs, arm_runs)
+        out["pooled"][kind] = {"diff": ci.estimate, "lo": ci.low, "hi": ci.high, "n": ci.n,
+                               "seeds": len(arm_runs), "reference_seeds": len(ref_runs)}
+    return out
+
+
+def build_summary(out: Path, command: str, reference: str = "") -> dict:
     """The report's numbers from a results folder (see the module docstring for the shape)."""
     out = Path(out)
     base_ev = read_json(out / "base" / "eval.json")
@@ -103,6 +122,18 @@ def build_summary(out: Path, command: str) -> dict:
             arm["paired_vs_base_pooled"] = pooled_vs_base(base_test, [s for s in seeds if (s / "eval.json").exists()])
         summary["arms"][arm_folder.name] = arm
         summary["commands"]["arms"][arm_folder.name] = [e["command"] for e in entries]
+    if reference and reference in summary["arms"]:
+        evaluated = {a: {int(f.parent.name.split("-")[1]): f.parent for f in (out / "arms" / a).glob("seed-*/eval.json")}
+                     for a in summary["arms"]}
+        summary["reference"] = reference
+        ref_steps = set(summary["arms"][reference]["steps"])
+        for name, arm in summary["arms"].items():
+            # Only at equal steps: an arm trained longer (or on another schedule) is not a placement contrast.
+            if name != reference and set(arm["steps"]) == ref_steps:
+                arm[f"paired_vs_{reference}"] = paired_vs_reference(evaluated[name], evaluated[reference])
+    elif reference:
+        raise ValueError(f"--reference {reference!r} has no evaluated seed under {out / 'arms'}; "
+                         f"evaluated arms: {', '.join(summary['arms']) or 'none'}")
     if summary["arms"]:
         val_scores = {a: [(f, s) for f, s in zip(v["val_flexible"], v["val_strict"]) if f is not None]
                       for a, v in summary["arms"].items()}
@@ -120,6 +151,10 @@ def _pct(x: float) -> str:
 
 def _ci(ci) -> str:
     return f"[{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def _diff(d: dict) -> str:
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
 
 
 def readme(summary: dict, plot: str | None) -> str:
@@ -141,7 +176,7 @@ def readme(summary: dict, plot: str | None) -> str:
             diffs = []
             for kind in KINDS:
                 d = a[f"paired_vs_base_{kind}"][i]
-                diffs.append(f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d else "-")
+                diffs.append(_diff(d) if d else "-")
             val = a["val_flexible"][i]
             mark = " (chosen)" if name == chosen else ""
             lines.append(f"| {name}{mark} | {seed} | {a['steps'][i]} | {_pct(val) if val is not None else '-'} | "
@@ -152,6 +187,20 @@ def readme(summary: dict, plot: str | None) -> str:
         if p and p["seeds"] > 1:
             lines.append(f"\n{name}, mean over {p['seeds']} seeds: flexible vs base {100 * p['diff']:+.1f} "
                          f"[{100 * p['lo']:+.1f}, {100 * p['hi']:+.1f}] (bootstrap over problems and seeds)")
+    ref = summary.get("reference")
+    if ref:
+        lines += ["", f"Against `{ref}` at equal steps ({', '.join(map(str, sorted(set(summary['arms'][ref]['steps']))))}), "
+                  "test accuracy (points): per seed the paired normal 95% interval on the same problems, and the "
+                  "mean over seeds with the bootstrap over problems and each arm's seeds.", "",
+                  "| arm | flexible, per seed | flexible, mean over seeds | strict, mean over seeds |", "|---|---|---|---|"]
+        for name, a in summary["arms"].items():
+            c = a.get(f"paired_vs_{ref}")
+            if not c:
+                continue
+            per_seed = "; ".join(f"s{s} {_diff(d['flexible'])}" for s, d in c["per_seed"].items())
+            pooled = [f"{_diff(c['pooled'][k])} ({c['pooled'][k]['seeds']} vs {c['pooled'][k]['reference_seeds']} seeds)"
+                      for k in KINDS]
+            lines.append(f"| {name} | {per_seed or '-'} | {pooled[0]} | {pooled[1]} |")
     lines += ["", f"Selection: {summary['selection'].get('rule', 'no arm evaluated yet')}. "
               f"Chosen: {chosen or '-'}."]
     if summary["incomplete"]:
@@ -200,9 +249,9 @@ def plot_rewards(out: Path, path: Path, title: str) -> bool:
     return True
 
 
-def write_report(out: Path, report: Path, command: str) -> dict:
+def write_report(out: Path, report: Path, command: str, reference: str = "") -> dict:
     """summary.json, README.md, reward_curves.png and the per-problem correctness under ``report``."""
-    summary = build_summary(out, command)
+    summary = build_summary(out, command, reference)
     report = Path(report)
     report.mkdir(parents=True, exist_ok=True)
     (report / "summary.json").write_text(json.dumps(summary, indent=1))

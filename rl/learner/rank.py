@@ -106,6 +106,9 @@ class LearnerRank:
                                          schedule=lc.schedule, min_lr_ratio=lc.min_lr_ratio)
         self._dropout = getattr(peft_model.get_base_model().config, "attention_dropout", 0.0) > 0 or any(
             isinstance(m, torch.nn.Dropout) and m.p > 0 for m in peft_model.modules())
+        # Beside a sleeping vLLM (cfg.rollout as the trainer resolved it): give the step's cached
+        # activation blocks back, or vLLM wakes up beside them and the peak is learner + vLLM.
+        self._release_cache = cuda and cfg.rollout.sleep_mode is True
 
     def _join_group(self, cfg, addr: str, port: int) -> bool:
         """Pick this rank's device and threads and join the process group; True on CUDA."""
@@ -313,6 +316,8 @@ class LearnerRank:
             norms.append(norm)
             skipped += skip
         self.steps += 1
+        if self._release_cache:
+            torch.cuda.empty_cache()
         finite = [g for g in norms if math.isfinite(g)]
         out = {k: float(v) for k, v in sums.items()}
         out.update(lr=lr, skipped=skipped, grad_norm=sum(finite) / len(finite) if finite else norms[-1],
