@@ -108,8 +108,11 @@ def probe_rows_for(cfg, model_path: str, rows: list[dict]) -> tuple[list[dict], 
 
 def plan_for_run(cfg, model_path: str, rows: list[dict]):
     """The placement a run's config asks for, scored on the probe its ``probe_source`` names."""
+    from placement.scorers import check_budget
     from placement.scoring import plan_from_config
 
+    if not cfg.placement.plan:  # before the probe's rollout, not after it
+        check_budget(cfg.placement.scorer, cfg.placement.budget)
     probe_rows, rollout = probe_rows_for(cfg, model_path, rows)
     max_tokens = max(512, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens)
     plan = plan_from_config(cfg.placement, model_path, probe_rows, max_tokens=max_tokens)

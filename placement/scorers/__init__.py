@@ -27,8 +27,11 @@ _REGISTRY: dict[str, Scorer] = {}
 PROBE_SOURCES = ("sft", "grpo")
 
 
-def register_scorer(name: str, *, needs_probe: bool = True, probe_source: str = "sft") -> Callable[[Scorer], Scorer]:
-    """``probe_source``: the regime the scorer's probe comes from when ``placement.probe_source=auto``."""
+def register_scorer(name: str, *, needs_probe: bool = True, probe_source: str = "sft",
+                    budget_kinds: tuple[str, ...] | None = None) -> Callable[[Scorer], Scorer]:
+    """``probe_source``: the regime the scorer's probe comes from when ``placement.probe_source=auto``.
+    ``budget_kinds``: the ``placement.budget`` kinds it accepts (None: any, the empty uniform one
+    too), declared so that a config can be checked before a model loads (:func:`check_budget`)."""
     if probe_source not in PROBE_SOURCES:
         raise ValueError(f"scorer {name!r}: probe_source={probe_source!r} is not one of {', '.join(PROBE_SOURCES)}")
 
@@ -39,6 +42,7 @@ def register_scorer(name: str, *, needs_probe: bool = True, probe_source: str = 
         fn.scorer_name = name
         fn.needs_probe = needs_probe
         fn.probe_source = probe_source
+        fn.budget_kinds = budget_kinds
         _REGISTRY[name] = fn
         return fn
 
@@ -66,7 +70,8 @@ def get_scorer(name: str) -> Scorer:
             if not callable(fn):
                 raise ValueError(f"entry point {name!r} in group {ENTRY_POINT_GROUP} is not callable")
             register_scorer(name, needs_probe=getattr(fn, "needs_probe", True),
-                            probe_source=getattr(fn, "probe_source", "sft"))(fn)
+                            probe_source=getattr(fn, "probe_source", "sft"),
+                            budget_kinds=getattr(fn, "budget_kinds", None))(fn)
         return _REGISTRY[name]
     known = sorted(set(_REGISTRY) | set(eps))
     raise ValueError(f"placement.scorer={name!r} is not a known scorer; choose one of {', '.join(known)} "
@@ -81,3 +86,18 @@ def probe_source_for(name: str, configured: str) -> str:
 def available_scorers() -> list[str]:
     _load_builtins()
     return sorted(set(_REGISTRY) | set(_entry_points()))
+
+
+def check_budget(name: str, budget: str) -> None:
+    """One line (ValueError) when scorer ``name`` is unknown or cannot spend ``placement.budget``.
+
+    Static: it needs no model, so a run, or a sweep of runs, fails here instead of after its
+    actors started and its probe rolled out.
+    """
+    from placement.budget import Budget
+
+    kinds = get_scorer(name).budget_kinds
+    kind = Budget.parse(budget).kind
+    if kinds is not None and kind not in kinds:
+        raise ValueError(f"placement.budget={budget or 'empty'} cannot be spent by placement.scorer={name}: it "
+                         f"needs {' or '.join(k + '=...' for k in kinds)} (e.g. placement.budget=fraction=0.125)")

@@ -21,6 +21,8 @@ from placement.probe import batch_gradients
 from placement.scorers import register_scorer
 
 RESIDUAL_WRITERS = ("o_proj", "down_proj")
+# A budget in entries of B: a rank budget (or the empty uniform one) says nothing about entries.
+ENTRY_BUDGET_KINDS = ("params", "fraction")
 
 
 def entry_budget(budget, cands, settings) -> int:
@@ -72,7 +74,7 @@ def plan_from_masks(scorer, masks, cands, budget, settings, details):
                     details=details)
 
 
-@register_scorer("bmask", probe_source="grpo")
+@register_scorer("bmask", probe_source="grpo", budget_kinds=ENTRY_BUDGET_KINDS)
 def score(model, probe, budget, settings):
     cands = candidate_modules(model, settings.target_modules)
     k = entry_budget(budget, cands, settings)
@@ -91,7 +93,7 @@ def score(model, probe, budget, settings):
                            {"steps": steps, "fully_consistent_entries": full})
 
 
-@register_scorer("bmask_random", needs_probe=False)
+@register_scorer("bmask_random", needs_probe=False, budget_kinds=ENTRY_BUDGET_KINDS)
 def score_random(model, probe, budget, settings):
     cands = candidate_modules(model, settings.target_modules)
     k = entry_budget(budget, cands, settings)
