@@ -25,7 +25,7 @@ def _run_to_end(queue: SweepQueue, slots: list[Slot], exits: dict[Job, list[int]
         for job, _ in wave:
             queue.start(job)
         for job, _ in wave:
-            queue.finish(job, exits.get(job, [0]).pop(0) if exits.get(job) else 0)
+            queue.finish(job, (exits.get(job) or [0]).pop(0))
         waves.append(wave)
     return waves
 
@@ -140,11 +140,17 @@ def test_static_budget_check_refuses_bmask_without_an_entry_budget():
         check_budget("no_such_scorer", "")
 
 
+def test_a_run_checks_the_budget_before_its_probe_rollout():
+    from rl.config import load_config
+    from rl.placement_probe import plan_for_run
+
+    # No model at that path and no rows: only a check made before the GRPO probe can answer.
+    with pytest.raises(ValueError, match="placement.budget=empty cannot be spent by placement.scorer=bmask"):
+        plan_for_run(load_config(TINY, ["placement.scorer=bmask"]), "/no/such/model", [])
+
+
 def _plan_error(tmp_path, monkeypatch, arms: dict, *argv: str, gpus: str | None = "0,1") -> str:
-    if gpus is None:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    else:
-        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", gpus or "")  # visible devices without asking torch
     path = tmp_path / "arms.yaml"
     path.write_text(yaml.safe_dump(arms))
     args = parse_args(["--out", str(tmp_path / "out"), "--config", TINY, "--arms", str(path), *argv])
