@@ -5,7 +5,7 @@
                           learner.lr=1e-4 [key=value ...]
     placerl learn summary --out runs/learning --report reports/learning
     placerl learn sweep   --out runs/learning --config RECIPE --arms ARMS.yaml --seeds 0,1,2 --gpus 0,1 \\
-                          --per-gpu 8 --budget-s 3000 [--summary reports/learning --reference ARM] [key=value ...]
+                          --per-gpu 6 --budget-s 3000 [--summary reports/learning --reference ARM] [key=value ...]
 
 ``base`` evaluates the base model once (greedy, val and all test problems, strict and
 flexible; cached). ``arm`` trains one arm (a name for a set of overrides) and seed until

@@ -135,3 +135,11 @@ def test_summary_compares_arms_with_a_reference_at_equal_steps_only(tmp_path):
     assert "| x | s0 +20.0" in readme(s, None)
     with pytest.raises(ValueError, match="--reference 'nope'"):
         build_summary(tmp_path, "x", reference="nope")
+
+
+def test_moving_mean_averages_the_window_before_each_step():
+    from rl.experiments.learning_report import moving_mean
+
+    assert moving_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_mean([2.0, 4.0], 5) == [2.0, 3.0]
+    assert moving_mean([], 3) == []

@@ -217,8 +217,18 @@ def readme(summary: dict, plot: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_rewards(out: Path, path: Path, title: str) -> bool:
-    """Mean reward per step, one line per (arm, seed), from each run's metrics.jsonl."""
+def moving_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_rewards(out: Path, path: Path, title: str, window: int = 5) -> bool:
+    """Mean reward per step, smoothed over ``window`` steps (a step's batch is 16 prompts, so one
+    step is noisy), one colour per arm and one line style per seed, from each run's metrics.jsonl."""
     from rl.metrics_log import read_metrics
 
     curves = {}
@@ -226,8 +236,8 @@ def plot_rewards(out: Path, path: Path, title: str) -> bool:
         if (run / "metrics.jsonl").exists():
             steps = [m for m in _last_per_step(read_metrics(run)) if isinstance(m.get("reward/mean"), (int, float))]
             if steps:
-                curves[f"{run.parent.parent.name} {run.parent.name}"] = ([m["step"] for m in steps],
-                                                                         [m["reward/mean"] for m in steps])
+                curves[(run.parent.parent.name, run.parent.name)] = (
+                    [m["step"] for m in steps], moving_mean([m["reward/mean"] for m in steps], window))
     if not curves:
         return False
     import matplotlib
@@ -235,13 +245,18 @@ def plot_rewards(out: Path, path: Path, title: str) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.8))
-    for label, (x, y) in curves.items():
-        ax.plot(x, y, marker="." if len(x) < 40 else None, label=label)
+    arms = sorted({a for a, _ in curves})
+    seeds = sorted({s for _, s in curves})
+    colours = plt.get_cmap("tab10" if len(arms) <= 10 else "tab20")
+    styles = ["-", "--", ":", "-."]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for (arm, seed), (x, y) in curves.items():
+        ax.plot(x, y, color=colours(arms.index(arm)), linestyle=styles[seeds.index(seed) % len(styles)],
+                label=f"{arm} {seed}", linewidth=1.2)
     ax.set_xlabel("step")
-    ax.set_ylabel("mean reward")
+    ax.set_ylabel(f"mean reward ({window}-step moving mean)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
