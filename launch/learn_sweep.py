@@ -1,6 +1,6 @@
 """``placerl learn sweep``: a grid of arms x seeds as concurrent ``placerl learn arm`` processes.
 
-    placerl learn sweep --out runs/learning --config RECIPE --arms launch/configs/placement_arms.yaml \\
+    placerl learn sweep --out runs/learning --config RECIPE --arms launch/configs/sweeps/placement_arms.yaml \\
         --seeds 0,1,2 --gpus 0,1 --per-gpu 8 --budget-s 3000 \\
         --summary reports/learning --reference uniform-r8 [key=value ...]
 

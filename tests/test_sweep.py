@@ -200,3 +200,28 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys, monkeypatch):
     assert sweep_main(["--out", str(tmp_path), "--config", TINY, "--arms", str(tmp_path / "a.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --arms") and "unknown key 'extra'" in err and len(err.splitlines()) == 1
+
+
+SWEEPS = sorted((Path(__file__).resolve().parent.parent / "launch" / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("arms_file", SWEEPS, ids=lambda p: p.stem)
+def test_every_shipped_arms_file_loads_on_the_gpu_recipe(arms_file):
+    from placement.scorers import check_budget
+    from rl.config import load_config
+    from rl.experiments.sweep import read_arms
+
+    arms = read_arms(arms_file)
+    for name, own in arms.arms.items():
+        cfg = load_config("launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml", arms.common + own)
+        check_budget(cfg.placement.scorer, cfg.placement.budget)
+        assert cfg.rollout.gpu_kv_cache_gb > 0 and cfg.rollout.sleep_mode is False, name  # several per GPU
+
+
+def test_the_overlap_sweep_shares_the_placement_sweeps_uniform_arm():
+    # The overlap arms are compared with uniform-r8 of the placement sweep: the same override list.
+    from rl.experiments.sweep import read_arms
+
+    folder = SWEEPS[0].parent
+    placement, overlap = read_arms(folder / "placement_arms.yaml"), read_arms(folder / "overlap_arms.yaml")
+    assert overlap.common == placement.common and overlap.arms["uniform-r8"] == placement.arms["uniform-r8"] == []

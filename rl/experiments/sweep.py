@@ -85,7 +85,7 @@ def parse_arms(tree, source: str = "the arms file") -> ArmsFile:
 def read_arms(path: str | Path) -> ArmsFile:
     path = Path(path)
     if not path.is_file():
-        raise SweepError(f"--arms {path}: no such file; write one like launch/configs/placement_arms.yaml")
+        raise SweepError(f"--arms {path}: no such file; write one like launch/configs/sweeps/placement_arms.yaml")
     try:
         tree = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
