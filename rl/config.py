@@ -98,6 +98,11 @@ class RolloutConfig:
     # "merged" (folded into a copy of the base weights and reloaded in place: 3-4x faster
     # decoding on CPU), "auto" (merged on CPU hosts, adapter on GPUs). rl/rollout/merged.py
     weight_sync: str = "auto"
+    # weight_sync=adapter: a version with the same modules and ranks as the served one (every
+    # version after a run's first) is written into vLLM's LoRA slot in place, skipping the PEFT
+    # folder, add_lora and remove_lora (rl/rollout/vllm_inplace.py); other versions, and any
+    # update vLLM's internals decline, go through add_lora. false: add_lora for every version.
+    inplace_sync: bool = True
     # How a vLLM worker seeds a step: "request" (a seed per sequence: the same samples
     # whatever the batching), "batch" (one reseed of the engine per call: reproducible for
     # the same batch), "auto" (request on CPU hosts, batch on GPUs). Why and what each costs:
@@ -124,6 +129,7 @@ class RolloutConfig:
         _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _check(self.cudagraph_max_batch >= 0, f"{p}.cudagraph_max_batch", self.cudagraph_max_batch,
                "must be >= 0 (0: vLLM's default)")
+        _check(isinstance(self.inplace_sync, bool), f"{p}.inplace_sync", self.inplace_sync, "true or false")
         for key in ("enforce_eager", "sleep_mode", "async_scheduling"):
             value = getattr(self, key)
             _check(isinstance(value, bool) or value == "auto", f"{p}.{key}", value, "auto, true or false")

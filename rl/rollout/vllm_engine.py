@@ -5,9 +5,13 @@ inside a Ray actor gives a start of seconds and nothing left behind when the act
 dies. Adapters are served through vLLM's LoRA support, never by merging them into
 the base weights:
 
-- each version is written to a fresh temporary folder (under ``/dev/shm`` where it
-  exists), registered under a NEW ``lora_int_id`` (vLLM caches adapters by id, so a
-  re-used id would serve the old weights), and the previous id is removed;
+- a version with the same modules and ranks as the one served (every version after the
+  first of a run) is written into the served id's slot in place, and the prefix cache is
+  reset (:mod:`rl.rollout.vllm_inplace`; ``rollout.inplace_sync``);
+- any other version (the first, a new structure, or an in-place update that vLLM's
+  internals decline) is written to a fresh temporary folder (under ``/dev/shm`` where it
+  exists), registered with ``add_lora`` under a NEW ``lora_int_id`` (vLLM caches adapters
+  by id, so re-adding an id would serve the old weights), and the previous id is removed;
 - the folder is deleted as soon as vLLM has loaded it, so a killed actor leaks nothing;
 - ranks are checked against ``rollout.max_lora_rank`` before anything is submitted,
   because an over-rank adapter hangs an in-process vLLM instead of raising;
@@ -37,6 +41,7 @@ Left out: prefix caching tuning, speculative decoding, multi-GPU tensor parallel
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -45,6 +50,9 @@ import time
 from rl.rollout.engine import Completion, SamplingSpec, batch_seed, check_prompts, prompt_seed
 from rl.rollout.vllm_outputs import completion_rows, lean_output_options
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
+from rl.rollout.vllm_inplace import adapter_signature, update_served_adapter
+
+log = logging.getLogger(__name__)
 
 # The ranks vLLM accepts for max_lora_rank.
 VLLM_RANK_CAPS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -265,6 +273,10 @@ class VLLMEngine:
         self._output_options = lean_output_options()
         self._tokenizer = self.llm.get_tokenizer()
         self._lora = None  # the LoRARequest being served
+        self._signature = None  # adapter_signature of the version that add_lora registered
+        # rollout.inplace_sync: later versions of the same structure are written into the slot.
+        self.inplace_sync = bool(getattr(rollout_cfg, "inplace_sync", True))
+        self.inplace_declined: str | None = None  # why the last in-place attempt fell back
         self._version: int | None = None
         self._next_id = 1
         self._asleep = False
@@ -326,11 +338,10 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ adapters
 
-    def load_adapter(self, payload: AdapterPayload) -> dict[str, float]:
-        """Serve ``payload`` from now on; returns seconds per stage (check, wake, fold, write,
-        add_lora, remove) for the sync's timing report."""
-        from vllm.lora.request import LoRARequest
-
+    def load_adapter(self, payload: AdapterPayload) -> dict:
+        """Serve ``payload`` from now on; returns seconds per stage (check, wake, fold, then
+        ``inplace`` or write, add_lora, remove) and ``sync_path`` ("inplace" or "add_lora")
+        for the sync's timing report."""
         timings, t = {}, time.perf_counter()
 
         def stage(name: str) -> None:
@@ -347,25 +358,43 @@ class VLLMEngine:
         tensors, config = ((payload.tensors, payload.peft_config) if payload.folded
                            else fold_scales_for_vllm(payload.tensors, payload.peft_config))
         stage("fold")
+        signature = adapter_signature(tensors, config)
+        if self.inplace_sync and self._lora is not None and signature == self._signature:
+            declined = update_served_adapter(self.llm, self._lora.lora_int_id, tensors, config)
+            if declined is None:
+                self._version = payload.version
+                stage("inplace")
+                return dict(timings, sync_path="inplace")
+            # Not as expected once, not as expected every step: the rest go through add_lora.
+            log.warning("in-place adapter update declined (%s); serving every version with add_lora from now on",
+                        declined)
+            self.inplace_declined, self.inplace_sync = declined, False
+            stage("inplace_declined")
+        self._add_lora(payload.version, tensors, config, stage)
+        self._signature = signature
+        return dict(timings, sync_path="add_lora")
+
+    def _add_lora(self, version: int, tensors: dict, config: dict, stage) -> None:
+        """Register the adapter under a new id from a PEFT folder, then drop the previous id."""
+        from vllm.lora.request import LoRARequest
+
         lora_id = self._next_id
         self._next_id += 1
-        folder = tempfile.mkdtemp(prefix=f"placerl-lora-v{payload.version}-", dir=_adapter_root())
+        folder = tempfile.mkdtemp(prefix=f"placerl-lora-v{version}-", dir=_adapter_root())
         try:
-            write_peft_adapter(AdapterPayload(payload.version, tensors, config), folder)
+            write_peft_adapter(AdapterPayload(version, tensors, config), folder)
             stage("write")
-            request = LoRARequest(lora_name=f"v{payload.version}-id{lora_id}", lora_int_id=lora_id,
-                                  lora_path=folder)
+            request = LoRARequest(lora_name=f"v{version}-id{lora_id}", lora_int_id=lora_id, lora_path=folder)
             # Loads now, so that a broken adapter fails here and not in the middle of a rollout.
             if not self.llm.llm_engine.add_lora(request):
-                raise RuntimeError(f"vLLM did not register adapter version {payload.version}")
+                raise RuntimeError(f"vLLM did not register adapter version {version}")
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         stage("add_lora")
-        previous, self._lora, self._version = self._lora, request, payload.version
+        previous, self._lora, self._version = self._lora, request, version
         if previous is not None:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
         stage("remove")
-        return timings
 
     def adapter_version(self) -> int | None:
         return self._version

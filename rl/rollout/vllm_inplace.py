@@ -1,0 +1,148 @@
+"""Updating the adapter vLLM serves in place, without a disk round trip or a new LoRA id.
+
+vLLM's public way to change an adapter is ``add_lora`` under a new id: it writes nothing
+itself, but it reads a PEFT folder from disk, builds a ``LoRAModel`` on CPU, pins it,
+copies it into the GPU slot, and the previous id must then be removed. Between two
+versions of one training run nothing but the values changes (same modules, same ranks;
+per-module alphas are folded into B, :func:`rl.rollout.sync.fold_scales_for_vllm`), so
+the new values can be written straight into the slot the served id already occupies.
+
+The update runs inside vLLM's worker (``LLM.collective_rpc`` hands it the worker, in this
+process or in vLLM's worker processes) and reuses vLLM's own steps, so vLLM's packing of
+q/k/v and gate/up into one layer stays vLLM's:
+
+- ``LoRAModel.from_lora_tensors`` builds the new version from the tensors in memory;
+- ``LoRAModelManager._create_merged_loras_inplace`` packs it and folds its scale, as
+  ``add_lora`` does;
+- its modules, ranks and shapes are compared with the registered version; any
+  difference, or a manager that does not look as expected, declines the update (the
+  caller then takes the ``add_lora`` path) before anything served has changed;
+- the registered ``LoRAModel`` takes the new weights (a later re-activation, e.g. after
+  an eviction, copies the new ones), and the manager's own ``activate_adapter`` writes
+  them into the slot (every module, ``set_lora``: copies into the existing buffers, so
+  CUDA graphs captured on them stay valid);
+- one module's slot is read back and compared with the payload: a mismatch raises,
+  because serving stale weights under the new version number would be silent.
+
+The caller resets vLLM's prefix cache afterwards: cached KV blocks are keyed by the
+adapter's name and path, which an in-place update keeps, and were computed with the
+old weights.
+
+Written against vLLM 0.26 and 0.32 (``vllm/lora/model_manager.py``,
+``vllm/lora/lora_model.py``, ``vllm/lora/worker_manager.py``).
+"""
+from __future__ import annotations
+
+import torch
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+
+
+class SlotMismatch(RuntimeError):
+    """The slot does not hold the values just written: the served adapter is not the payload."""
+
+
+def adapter_signature(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple:
+    """What must be equal between two versions for one to replace the other in place (pure):
+    every tensor's name, shape and dtype, and the (folded) config's global scale inputs."""
+    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(tensors.items()))
+    return shapes, peft_config.get("r"), peft_config.get("lora_alpha"), bool(peft_config.get("use_rslora"))
+
+
+def _layout(lora_model) -> dict:
+    """``{module: (rank, [A shape or None, ...], [B shape or None, ...])}`` of a packed LoRAModel."""
+    def shapes(t):
+        items = t if isinstance(t, (list, tuple)) else [t]
+        return tuple(None if x is None else (tuple(x.shape), x.dtype) for x in items)
+
+    return {name: (w.rank, shapes(w.lora_a), shapes(w.lora_b)) for name, w in lora_model.loras.items()}
+
+
+def _weights_mapper(model):
+    # As WorkerLoRAManager._load_adapter: renames only (0.32 calls it get_rename_mapper,
+    # 0.26 get_unstacked_mapper). A mapper with neither is reported, never guessed.
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    if mapper is None:
+        return None
+    for name in ("get_rename_mapper", "get_unstacked_mapper"):
+        if hasattr(mapper, name):
+            return getattr(mapper, name)()
+    raise LookupError("the model's hf_to_vllm_mapper has neither get_rename_mapper nor get_unstacked_mapper")
+
+
+def _probe(manager, tensors: dict[str, torch.Tensor], weights_mapper) -> tuple[str, list]:
+    """One LoRA layer to read back after the update, and ``[(slice index, payload A, payload B)]``:
+    the last adapted layer in vLLM's activation order, so a read-back that matches also shows
+    that activation ran to the end."""
+    from vllm.lora.utils import parse_fine_tuned_lora_name
+
+    by_module = {}
+    for key, a in tensors.items():
+        if key.endswith(_A) and key[:-len(_A)] + _B in tensors:
+            module, _ = parse_fine_tuned_lora_name(key, weights_mapper)
+            by_module[module] = (a, tensors[key[:-len(_A)] + _B])
+    for name in reversed(list(manager.modules)):
+        layer = manager.modules[name]
+        members = manager.packed_modules.get(name, [name])
+        slices = [(i, *by_module[m]) for i, m in enumerate(members) if m in by_module]
+        if (slices and getattr(layer, "tp_size", 1) == 1 and getattr(layer, "n_slices", None) == len(members)
+                and len(getattr(layer, "lora_a_stacked", ())) == len(members)):
+            return name, slices
+    raise LookupError("no adapted single-device linear LoRA layer to read back")
+
+
+def _check_slot(layer, index: int, slices: list, name: str) -> None:
+    for i, a, b in slices:
+        for stacked, want in ((layer.lora_a_stacked[i], a), (layer.lora_b_stacked[i], b)):
+            got = stacked[index, 0, :want.shape[0], :want.shape[1]].to("cpu")
+            if not torch.equal(got, want.to(got.dtype)):
+                raise SlotMismatch(f"vLLM's LoRA slot of {name} (slice {i}) does not hold the adapter just "
+                                   "written in place; set rollout.inplace_sync=false to load each version with add_lora")
+
+
+def update_in_place(worker, lora_id: int, tensors: dict[str, torch.Tensor], peft_config: dict) -> str | None:
+    """Runs in vLLM's worker (``LLM.collective_rpc``): serve ``tensors`` under the registered
+    ``lora_id``. Returns None when done, or why it declined (nothing changed then)."""
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    try:
+        worker_manager = worker.model_runner.lora_manager
+        manager = worker_manager._adapter_manager
+        current = manager.get_adapter(lora_id)
+        if current is None:
+            return f"LoRA id {lora_id} is not registered in vLLM's worker"
+        mapper = _weights_mapper(manager.model)
+        helper = PEFTHelper.from_dict(dict(peft_config, vllm_max_position_embeddings=worker_manager.max_position_embeddings))
+        helper.validate_legal(worker_manager.lora_config)
+        new = LoRAModel.from_lora_tensors(lora_id, tensors, helper, device="cpu",
+                                          dtype=worker_manager.lora_config.lora_dtype,
+                                          model_vocab_size=worker_manager.vocab_size, weights_mapper=mapper)
+        manager._create_merged_loras_inplace(new)  # vLLM's packing, scale folding and pinning
+        if _layout(new) != _layout(current) or new.rank != current.rank:
+            return "the adapter's modules or ranks differ from the served version's"
+        probe_name, probe_slices = _probe(manager, tensors, mapper)
+        active = lora_id in manager.lora_index_to_id
+    except (AttributeError, LookupError, TypeError) as error:  # vLLM's internals are not as expected
+        return f"vLLM's LoRA internals are not as expected ({type(error).__name__}: {error})"
+    # From here on the served state changes: errors propagate, they are not a decline.
+    current.loras = new.loras
+    if active:
+        # vLLM's own activation, into the slot the id occupies (freed, then taken again).
+        manager.deactivate_adapter(lora_id)
+        manager.activate_adapter(lora_id)
+        _check_slot(manager.modules[probe_name], manager.lora_index_to_id.index(lora_id), probe_slices, probe_name)
+    return None
+
+
+def update_served_adapter(llm, lora_id: int, tensors: dict[str, torch.Tensor], peft_config: dict) -> str | None:
+    """Serve ``tensors`` under the registered ``lora_id`` of ``llm`` (a ``vllm.LLM``), on every
+    worker; None when done, else why it declined (nothing changed then)."""
+    declined = [r for r in llm.collective_rpc(update_in_place, args=(lora_id, tensors, peft_config)) if r is not None]
+    if declined:
+        return declined[0]
+    # Cached KV blocks are keyed by the adapter's name and path, which stayed the same.
+    if not llm.reset_prefix_cache():
+        raise RuntimeError("vLLM refused to reset its prefix cache after an in-place adapter update, so it could "
+                           "serve KV blocks of the previous version; set rollout.inplace_sync=false")
+    return None
