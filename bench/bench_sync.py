@@ -1,4 +1,4 @@
-"""Learner -> vLLM adapter sync, stage by stage: the current path against the previous one, in one run.
+"""Learner -> vLLM adapter sync, stage by stage: the current path against the earlier ones, in one run.
 
     python -m bench.bench_sync                                   # SmolLM2-135M-Instruct, all-linear r=16, CPU
     python -m bench.bench_sync --model tiny-llama --syncs 3      # a quick look
@@ -7,28 +7,36 @@
 
 It starts the real system of a training run (the recipe's Trainer: the FSDP2 learner rank(s)
 and the vLLM rollout worker(s) as Ray actors, served through vLLM's LoRA kernels), makes the
-adapter's B non-zero, and then syncs K times with each path, alternating new and old so
-that both see the same (noisy) machine:
+adapter's B non-zero, and then syncs K times with each path, taking turns so that all
+see the same (noisy) machine:
 
-  new  the trainer's own ``_sync``: on the learner one batched device-to-host copy of the
-       adapter, folded for vLLM and cast to the served dtype there; one flat buffer per
-       dtype through Ray's object store; all workers loading at once;
-  old  the path before it, reproduced here: each LoRA tensor copied to the host one by one
-       in the learner's dtype, pickled tensor by tensor, the scales folded on the worker,
-       the workers loaded one after the other.
-Both end in the same vLLM load (a PEFT folder in RAM-backed temp storage, ``add_lora`` under
-a new id, ``remove_lora`` of the previous). Stages, in seconds (medians over the K syncs):
-  gather      the learner: gather, fold and cast (new), copy to host (both);
+  new       the trainer's own ``_sync``: on the learner one batched device-to-host copy of
+            the adapter, folded for vLLM and cast to the served dtype there; one flat buffer
+            per dtype through Ray's object store; all workers loading at once; each worker
+            writes the new values into the served LoRA slot in place (same structure as the
+            served version; rl/rollout/vllm_inplace.py);
+  add_lora  the same, with the workers' in-place update off (``rollout.inplace_sync=false``):
+            a PEFT folder in RAM-backed temp storage, ``add_lora`` under a new id,
+            ``remove_lora`` of the previous;
+  old       the path before those, reproduced here: each LoRA tensor copied to the host one
+            by one in the learner's dtype, pickled tensor by tensor, the scales folded on the
+            worker, the workers loaded one after the other, each through ``add_lora``.
+Stages, in seconds (medians over the K syncs):
+  gather      the learner: gather, fold and cast (new, add_lora), copy to host (all);
   transfer    learner hand-over to the worker's load call: object store, deserialization;
-  unpack      part of transfer: rebuilding the tensors from the flat buffers (new only);
-  check, wake, fold, write, add_lora, remove    the worker's engine (wake: 0 unless asleep);
+  unpack      part of transfer: rebuilding the tensors from the flat buffers (not old);
+  check, wake, fold, inplace, write, add_lora, remove    the worker's engine (wake: 0 unless
+              asleep; inplace: the in-place update, new only, prefix-cache reset included);
+  load        inplace + write + add_lora + remove: the engine's load proper, what the in-place
+              update replaces;
   activate    the first 1-token generate after the sync minus the next one (vLLM moves an
               adapter into its slots on first use, so this cost lands in the next rollout);
   total       the driver's wall time of export + sync, as the trainer's ``time/sync_s``.
 With sleep mode on (the GPU recipe) the engine is put to sleep before every sync and woken
 first, as in a training step; the wake is outside ``total`` as in the trainer.
-After the last sync of each path the same greedy completion is asked for: both paths must
-serve the same adapter (``same_greedy_tokens``).
+After the last sync of each path the same greedy completion is asked for: all paths must
+serve the same adapter (``same_greedy_tokens``). ``sync_paths`` counts which engine path each
+path's syncs took (new must be all ``inplace``).
 """
 from __future__ import annotations
 
@@ -46,7 +54,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "write", "add_lora", "remove", "activate")
+STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "inplace", "write", "add_lora", "remove",
+          "activate")
+PATHS = ("new", "add_lora", "old")
 
 
 # ----------------------------------------------------------------------------- the old path
@@ -110,13 +120,23 @@ def timed_generate(trainer, prompt_ids: list[int], tokens: int) -> tuple[float, 
     return time.perf_counter() - t, out[0][0].token_ids
 
 
+def set_inplace(worker, on: bool) -> None:
+    """Runs in a rollout worker actor: the engine's in-place update on or off (rollout.inplace_sync)."""
+    worker.engine.inplace_sync = on
+
+
 def one_sync(trainer, path: str, prompt_ids: list[int]) -> dict:
+    import ray
+
     if trainer.served.sleep_mode:
         trainer.rollout.sleep()
     t = time.perf_counter()
     trainer.rollout.wake_up()
     wake = time.perf_counter() - t
-    m = trainer._sync() if path == "new" else old_sync(trainer)
+    # The earlier paths load through add_lora; the old one would otherwise go in place too.
+    ray.get([w.__ray_call__.remote(set_inplace, path == "new") for w in trainer.rollout.workers])
+    m = old_sync(trainer) if path == "old" else trainer._sync()
+    ray.get([w.__ray_call__.remote(set_inplace, True) for w in trainer.rollout.workers])
     row = {k[len("time/sync_"):-2]: v for k, v in m.items() if k.startswith("time/sync_") and k != "time/sync_s"}
     row["total"], row["wake_before"] = m["time/sync_s"], wake
     first, _ = timed_generate(trainer, prompt_ids, 1)
@@ -127,7 +147,20 @@ def one_sync(trainer, path: str, prompt_ids: list[int]) -> dict:
 
 def summarize(rows: list[dict]) -> dict:
     keys = [k for k in (*STAGES, "total", "wake_before") if any(k in r for r in rows)]
-    return {k: round(statistics.median(r.get(k, 0.0) for r in rows), 5) for k in keys}
+    out = {k: round(statistics.median(r.get(k, 0.0) for r in rows), 5) for k in keys}
+    out["load"] = round(statistics.median(sum(r.get(k, 0.0) for k in LOAD) for r in rows), 5)
+    return out
+
+
+# The engine's load proper: what the in-place update replaces.
+LOAD = ("inplace", "write", "add_lora", "remove")
+
+
+def ratios(median: dict, paths: list[str]) -> dict:
+    """Each earlier path's total and load over the new path's, from medians of one run (pure)."""
+    new = median["new"]
+    return {f"{p}_over_new_{k}": round(median[p][k] / new[k], 3)
+            for p in paths if p != "new" for k in ("total", "load") if new.get(k)}
 
 
 def main() -> int:
@@ -136,13 +169,13 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rank", type=int, default=16, help="all-linear LoRA rank (alpha = 2 x rank)")
     ap.add_argument("--syncs", type=int, default=5, help="syncs per path, after one warm-up sync of each")
-    ap.add_argument("--paths", default="new,old", help="comma-separated: new, old")
+    ap.add_argument("--paths", default="new,add_lora,old", help="comma-separated: new, add_lora, old")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args()
     paths = args.paths.split(",")
-    if set(paths) - {"new", "old"} or not paths:
-        ap.error(f"--paths={args.paths!r}: name new and/or old")
+    if set(paths) - set(PATHS) or "new" not in paths:
+        ap.error(f"--paths={args.paths!r}: name new and any of add_lora, old")
 
     from rl.config import load_config
     from rl.rollout.vllm_engine import use_in_process_engine
@@ -181,24 +214,27 @@ def main() -> int:
               "rollout_dtype": trainer._rollout_dtype(), "sleep_mode": bool(trainer.served.sleep_mode),
               "workers": cfg.rollout.num_workers, "learner_ranks": cfg.learner.num_ranks, "syncs": args.syncs,
               "start_s": round(start_s, 1), "median_s": {p: summarize(rows[p]) for p in paths},
+              "sync_paths": {p: {path: sum(("inplace" in r) == (path == "inplace") for r in rows[p])
+                                 for path in ("inplace", "add_lora")} for p in paths},
               "per_sync_s": {p: [{k: round(v, 5) for k, v in r.items()} for r in rows[p]] for p in paths}}
-    if len(paths) == 2:
-        result["old_over_new_total"] = round(result["median_s"]["old"]["total"] / result["median_s"]["new"]["total"], 3)
-        result["same_greedy_tokens"] = greedy["old"] == greedy["new"]
+    result.update(ratios(result["median_s"], paths))
+    result["same_greedy_tokens"] = all(greedy[p] == greedy["new"] for p in paths)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
     med = result["median_s"]
-    keys = [k for k in (*STAGES, "total") if any(k in med[p] for p in paths)]
+    keys = [k for k in (*STAGES, "load", "total") if any(k in med[p] for p in paths)]
     print(f"\nadapter sync, median of {args.syncs} syncs, seconds ({args.model}, r={args.rank}, "
           f"{result['lora_params_m']}M LoRA params, served in {result['rollout_dtype']}, sleep mode "
           f"{'on' if result['sleep_mode'] else 'off'})")
     print(f"{'stage':<10}" + "".join(f"{p:>10}" for p in paths))
     for k in keys:
         print(f"{k:<10}" + "".join(f"{med[p].get(k, 0.0):>10.4f}" for p in paths))
-    if "old_over_new_total" in result:
-        print(f"old / new total = {result['old_over_new_total']:.2f}; same greedy tokens: {result['same_greedy_tokens']}")
+    for p in paths[1:]:
+        print(f"{p} / new: total {result.get(f'{p}_over_new_total', float('nan')):.2f}, "
+              f"load {result.get(f'{p}_over_new_load', float('nan')):.2f}")
+    print(f"engine path of the new syncs: {result['sync_paths']['new']}; same greedy tokens: {result['same_greedy_tokens']}")
     return 0
 
 

@@ -382,7 +382,8 @@ def test_vllm_sleep_wake_keeps_serving_the_current_adapter(gpu_vllm, tiny_model_
     # A sync while asleep wakes the engine and serves the new version.
     gpu_vllm.sleep()
     newer = learner_model(load_model(tiny_model_path, "float32").eval(), CASES["uniform"], seed=6)
-    gpu_vllm.load_adapter(make_payload(newer, version=gpu_vllm.adapter_version() + 1))
+    # Same structure as the served version: written into the slot in place (rl/rollout/vllm_inplace.py).
+    assert gpu_vllm.load_adapter(make_payload(newer, version=gpu_vllm.adapter_version() + 1))["sync_path"] == "inplace"
     d_new, _ = vllm_vs_learner(gpu_vllm, newer, PROMPTS, SamplingSpec(n=2, max_new_tokens=16, temperature=1.0, seed=9))
     assert float(d_new.mean()) < 0.05
 

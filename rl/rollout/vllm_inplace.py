@@ -44,8 +44,9 @@ class SlotMismatch(RuntimeError):
 
 def adapter_signature(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple:
     """What must be equal between two versions for one to replace the other in place (pure):
-    every tensor's name, shape and dtype, and the (folded) config's global scale inputs."""
-    shapes = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(tensors.items()))
+    every tensor's name and shape, and the (folded) config's global scale inputs. Not the
+    dtype: vLLM casts every version to its LoRA dtype (the worker compares after the cast)."""
+    shapes = tuple((k, tuple(v.shape)) for k, v in sorted(tensors.items()))
     return shapes, peft_config.get("r"), peft_config.get("lora_alpha"), bool(peft_config.get("use_rslora"))
 
 
