@@ -225,3 +225,14 @@ def test_the_overlap_sweep_shares_the_placement_sweeps_uniform_arm():
     folder = SWEEPS[0].parent
     placement, overlap = read_arms(folder / "placement_arms.yaml"), read_arms(folder / "overlap_arms.yaml")
     assert overlap.common == placement.common and overlap.arms["uniform-r8"] == placement.arms["uniform-r8"] == []
+
+
+def test_children_share_the_hosts_cores_unless_the_user_set_threads(monkeypatch):
+    from rl.experiments.sweep_runner import child_env, threads_per_child
+
+    assert threads_per_child(32, 14) == 2 and threads_per_child(32, 64) == 1 and threads_per_child(2, 1) == 2
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    env = child_env("1", threads=2)
+    assert env["OMP_NUM_THREADS"] == "2" and env["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert child_env(CPU, threads=2)["OMP_NUM_THREADS"] == "8"

@@ -53,10 +53,19 @@ def arm_command(spec: SweepSpec, job: Job) -> list[str]:
             "--arm", job.arm, "--seed", str(job.seed), "--budget-s", f"{spec.budget_s:g}", *spec.overrides[job.arm]]
 
 
-def child_env(device: str) -> dict:
+def threads_per_child(cpus: int, children: int) -> int:
+    """CPU threads each child's torch and BLAS may use: the host's cores shared out. Unset, each
+    child takes one thread per core: sixteen arms on 32 cores ran at a load of 75-82 while their
+    GPUs sat at 6-38% (reports/learning/RUN.md)."""
+    return max(1, cpus // max(1, children))
+
+
+def child_env(device: str, threads: int = 0) -> dict:
     env = dict(os.environ)
     if device != CPU:
         env["CUDA_VISIBLE_DEVICES"] = device  # the child sees its one GPU as cuda:0
+    if threads and "OMP_NUM_THREADS" not in env:  # a user's setting wins
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -64,7 +73,7 @@ def device_name(device: str) -> str:
     return "CPU" if device == CPU else f"GPU {device}"
 
 
-def start_child(command: list[str], device: str, log_file: Path) -> tuple[subprocess.Popen, object]:
+def start_child(command: list[str], device: str, log_file: Path, threads: int = 0) -> tuple[subprocess.Popen, object]:
     """``command`` in a new session (its own process group), output appended to ``log_file``
     (a resumed call continues the same log)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -72,7 +81,7 @@ def start_child(command: list[str], device: str, log_file: Path) -> tuple[subpro
     log.write(f"\n$ {' '.join(command)}\n")
     log.flush()
     proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=child_env(device), start_new_session=True)
+                            env=child_env(device, threads), start_new_session=True)
     return proc, log
 
 
@@ -140,7 +149,8 @@ def run_jobs(spec: SweepSpec, queue: SweepQueue, slots: list[Slot], say=print) -
             todo = assign(queue.pending, {s: c.job for s, c in running.items()}, slots)
             for job, slot in startable(todo, ready, one_per_device=spec.stagger_s > 0):
                 call = queue.start(job)
-                proc, log = start_child(arm_command(spec, job), slot.device, log_path(spec.out, job))
+                proc, log = start_child(arm_command(spec, job), slot.device, log_path(spec.out, job),
+                                        threads_per_child(os.cpu_count() or 1, len(slots)))
                 running[slot] = Child(job, proc, log, time.monotonic())
                 last_start[slot.device] = time.monotonic()
                 say(f"start {job.arm} seed {job.seed} on {device_name(slot.device)} (call {call}, pid {proc.pid})")
