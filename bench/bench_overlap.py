@@ -59,7 +59,7 @@ def run_arm(args) -> None:
     """In the child process: train one arm, write its step metrics and per-problem evaluation."""
     from rl.config import load_config
     from rl.metrics_log import read_metrics
-    from rl.rollout.vllm_engine import use_in_process_engine
+    from rl.rollout.vllm_settings import use_in_process_engine
     from rl.trainer import EVAL_PROBLEMS_FILE, train
 
     use_in_process_engine()

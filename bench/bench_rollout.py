@@ -33,7 +33,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from core.lora import DEFAULT_TARGET_MODULES  # noqa: E402
-from rl.rollout.vllm_engine import use_in_process_engine  # noqa: E402
+from rl.rollout.vllm_settings import use_in_process_engine  # noqa: E402
 
 use_in_process_engine()
 
@@ -87,7 +87,7 @@ def raw_vllm(args, path: str, cfg, prompts: list[str], payload, seed: int):
 
     from rl.rollout.engine import prompt_seed
     from rl.rollout.sync import AdapterPayload, fold_scales_for_vllm, write_peft_adapter
-    from rl.rollout.vllm_engine import served_rank_cap
+    from rl.rollout.vllm_settings import served_rank_cap
 
     raw = LLM(model=path, dtype=args.dtype, seed=0, max_model_len=cfg.max_model_len, enforce_eager=True,
               enable_lora=True, max_lora_rank=served_rank_cap(cfg.max_lora_rank), max_loras=1,

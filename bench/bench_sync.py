@@ -178,7 +178,7 @@ def main() -> int:
         ap.error(f"--paths={args.paths!r}: name new and any of add_lora, old")
 
     from rl.config import load_config
-    from rl.rollout.vllm_engine import use_in_process_engine
+    from rl.rollout.vllm_settings import use_in_process_engine
     from rl.trainer import Trainer
 
     use_in_process_engine()

@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.gpu_measure import Recorder  # noqa: E402
 from bench.vllm_gpu_summary import summarise  # noqa: E402
-from rl.rollout.vllm_engine import use_in_process_engine  # noqa: E402
+from rl.rollout.vllm_settings import use_in_process_engine  # noqa: E402
 
 use_in_process_engine()
 os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")

@@ -17,7 +17,7 @@ def recipe_step_metrics(recipe: str, overrides: list[str]) -> list[dict]:
     """The metrics rows of every step (those with ``time/step_s``) of ``recipe`` plus ``overrides``."""
     from rl.config import load_config
     from rl.metrics_log import read_metrics
-    from rl.rollout.vllm_engine import use_in_process_engine
+    from rl.rollout.vllm_settings import use_in_process_engine
     from rl.trainer import train
 
     use_in_process_engine()

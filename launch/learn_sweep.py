@@ -62,7 +62,7 @@ def visible_devices() -> list[str]:
 
 def check_sharing(cfg, arm: str, per_gpu: int) -> None:
     """Several vLLM engines on one GPU need a fixed KV cache and no sleep mode (docs/gpu.md)."""
-    from rl.rollout.vllm_engine import resolve_sleep_mode
+    from rl.rollout.vllm_settings import resolve_sleep_mode
 
     if per_gpu == 1 or cfg.rollout.engine != "vllm":
         return

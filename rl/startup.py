@@ -31,7 +31,7 @@ def rollout_settings(cfg: Config, dtype: str):
     import dataclasses
 
     from rl.rollout.overlap import check_overlap
-    from rl.rollout.vllm_engine import check_vllm_dtype, resolve_sleep_mode
+    from rl.rollout.vllm_settings import check_vllm_dtype, resolve_sleep_mode
 
     r = cfg.rollout
     if r.engine != "vllm":

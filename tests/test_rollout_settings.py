@@ -5,7 +5,7 @@ import pytest
 
 from rl.config import ConfigError, load_config
 from rl.rollout.pool import chunk_specs
-from rl.rollout.vllm_engine import (CPU_BATCHED_TOKENS, async_scheduling_args, check_vllm_dtype,
+from rl.rollout.vllm_settings import (CPU_BATCHED_TOKENS, async_scheduling_args, check_vllm_dtype,
                                     explain_kv_cache_failure, explain_sleep_failure, explained_errors, kv_cache_args,
                                     resolve_enforce_eager, resolve_seed_mode, resolve_sleep_mode,
                                     whole_prefill_args)

@@ -39,20 +39,11 @@ from rl.grpo import configured_correction, policy_loss, sft_loss
 from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
+from rl.learner.sharding import reshard, shard_model
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
 TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
-
-
-def _decoder_layers(model) -> list[torch.nn.Module]:
-    # transformers names its repeated block classes in _no_split_modules (LlamaDecoderLayer...).
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise ValueError(f"{type(model).__name__} declares no decoder-layer class in _no_split_modules; "
-                         "FSDP2 needs one to shard per layer")
-    return layers
 
 
 class LearnerRank:
@@ -87,7 +78,7 @@ class LearnerRank:
         peft_model, b_masks = self._adapted_model(cfg, model_path, lora_config, b_masks, plan)
         if attach is not None:
             self.after_backward = list(attach(peft_model, cfg) or [])
-        self._shard(peft_model, cfg.learner.mixed_precision, cuda)
+        shard_model(peft_model, self.device, self.world_size, cfg.learner.mixed_precision, cuda)
         self.model = peft_model
         self._chunkable = chunkable(peft_model.get_base_model())
         # See rl/learner/shared_prefix.py for why one rank and no checkpointing.
@@ -163,27 +154,6 @@ class LearnerRank:
                                      "keyed by lora_B parameter names (PlacementPlan.b_masks())")
                 params[name.replace("lora_B", "lora_A")].requires_grad_(False)
         return peft_model, b_masks
-
-    def _shard(self, peft_model, mixed_precision: str, cuda: bool) -> None:
-        """FSDP2 over the decoder layers and the whole model, gradients summed (not averaged) across ranks."""
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if mixed_precision == "bf16" or (mixed_precision == "auto" and cuda) else MixedPrecisionPolicy()
-        peft_model.to(self.device)
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
-        # One rank has nothing to shard: resharding after forward would only free the bf16 copy
-        # of the weights and cost a second gather (cast) in backward.
-        reshard = self.world_size > 1
-        for layer in _decoder_layers(peft_model.base_model.model):
-            fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(peft_model, mesh=mesh, mp_policy=policy)
-        for m in peft_model.modules():
-            if isinstance(m, FSDPModule):
-                m.set_gradient_divide_factor(1.0)
-                if hasattr(m, "set_force_sum_reduction_for_comms"):
-                    m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
 
     # ------------------------------------------------------------------ forward
 
@@ -325,20 +295,13 @@ class LearnerRank:
                    diagnostics=diag if self.rank == 0 else {})
         return out
 
-    def _reshard(self) -> None:
-        from torch.distributed.fsdp import FSDPModule
-
-        for m in self.model.modules():
-            if isinstance(m, FSDPModule):
-                m.reshard()
-
     def _update(self, local_loss: torch.Tensor) -> tuple[float, float, dict]:
         """Mask, clip and step; a non-finite loss on any rank or grad norm skips the step."""
         diag = {}
         if self._share_prefix:
             # Register the sharded parameters again (they hold the gradients that hooks, masks
             # and the optimizer read) and let the next forward gather the updated weights.
-            self._reshard()
+            reshard(self.model)
         for fn in self.after_backward:
             diag.update(fn(self.steps) or {})
         if self.b_masks:
