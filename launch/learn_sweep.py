@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 
 from rl.config import ConfigError, load_config
-from rl.experiments.learning import arm_dir, read_json, shared_settings
+from rl.experiments.learning import (LearningError, arm_dir, check_same_overrides, first_difference, read_json,
+                                     shared_settings)
 from rl.experiments.sweep import CPU, SweepError, SweepQueue, arm_overrides, format_table, job_order, \
     make_slots, parse_devices, parse_seeds, read_arms
 
@@ -86,11 +87,11 @@ def check_arm(args, arm: str, overrides: list[str], seeds: list[int], per_gpu: i
     except (ConfigError, ValueError) as e:
         raise SweepError(f"arm {arm}: {e}") from None
     check_sharing(cfg, arm, per_gpu)
-    for seed in seeds:  # `learn arm` refuses to resume a pair started with other overrides
-        saved = read_json(arm_dir(args.out, arm, seed) / "arm.json")
-        if saved is not None and saved["overrides"] != overrides:
-            raise SweepError(f"arm {arm} seed {seed} in {args.out} was started with other overrides "
-                             f"({' '.join(saved['overrides'])[:200]}); keep them, rename the arm, or use another --out")
+    for seed in seeds:  # `learn arm` refuses to resume a pair started with other overrides: here, not on a GPU
+        try:
+            check_same_overrides(args.out, arm, seed, overrides)
+        except LearningError as e:
+            raise SweepError(str(e)) from None
     return shared_settings(cfg)
 
 
@@ -101,11 +102,11 @@ def check_shared(arm_settings: dict[str, dict], out: Path) -> None:
     first = next(iter(arm_settings))
     reference, source = (saved, f"{out}/settings.json") if saved else (arm_settings[first], f"arm {first}")
     for arm, mine in arm_settings.items():
-        for key, value in mine.items():
-            if json.dumps(value, sort_keys=True) != json.dumps(reference.get(key), sort_keys=True):
-                raise SweepError(f"arm {arm}: {key}={json.dumps(value)[:120]} differs from {source} "
-                                 f"({json.dumps(reference.get(key))[:120]}); every arm must share it: move the "
-                                 "override to common, or use another --out")
+        key = first_difference(reference, mine)
+        if key is not None:
+            raise SweepError(f"arm {arm}: {key}={json.dumps(mine[key])[:120]} differs from {source} "
+                             f"({json.dumps(reference.get(key))[:120]}); every arm must share it: move the "
+                             "override to common, or use another --out")
 
 
 def plan(args):

@@ -74,6 +74,20 @@ def shared_settings(cfg) -> dict:
     return out
 
 
+def first_difference(reference: dict, mine: dict) -> str | None:
+    """The first key of ``mine`` whose value differs from ``reference``'s (None: they agree)."""
+    return next((k for k in mine if json.dumps(mine[k], sort_keys=True) != json.dumps(reference.get(k), sort_keys=True)),
+                None)
+
+
+def check_same_overrides(out: Path, arm: str, seed: int, overrides: list[str]) -> None:
+    """A started (arm, seed) resumes only with the overrides it was started with (else one line)."""
+    saved = read_json(arm_dir(out, arm, seed) / "arm.json")
+    if saved is not None and saved["overrides"] != list(overrides):
+        raise LearningError(f"arm {arm} seed {seed} in {out} was started with overrides {saved['overrides']}, this "
+                            f"call has {list(overrides)}; keep them, rename the arm, or use another --out")
+
+
 def check_shared(out: Path, cfg) -> None:
     """The first command fixes the shared settings; a later one with others fails in one line."""
     mine, path = shared_settings(cfg), Path(out) / "settings.json"
@@ -81,9 +95,8 @@ def check_shared(out: Path, cfg) -> None:
     if saved is None:
         write_json(path, mine)
         return
-    diff = [k for k in mine if json.dumps(mine[k], sort_keys=True) != json.dumps(saved.get(k), sort_keys=True)]
-    if diff:
-        k = diff[0]
+    k = first_difference(saved, mine)
+    if k is not None:
         raise LearningError(f"{out} was started with {k}={json.dumps(saved.get(k))[:200]}, this command has "
                             f"{json.dumps(mine[k])[:200]}; pass the same settings, or use another --out")
 
@@ -231,10 +244,8 @@ def run_arm(config: str, overrides: list[str], out: Path, arm: str, seed: int, b
         return "evaluated"
     cfg = load_config(config, arm_overrides(overrides, seed, folder))
     check_shared(out, cfg)
+    check_same_overrides(out, arm, seed, overrides)
     saved = read_json(folder / "arm.json")
-    if saved is not None and saved["overrides"] != list(overrides):
-        raise LearningError(f"arm {arm!r} seed {seed} was started with overrides {saved['overrides']}, this call "
-                            f"has {list(overrides)}; pass the same, or name another --arm")
     if saved is None or (command and saved.get("command") != command):  # the latest command line that ran it
         write_json(folder / "arm.json", {"arm": arm, "seed": seed, "overrides": list(overrides),
                                          "config": str(config), "command": command or (saved or {}).get("command", "")})

@@ -52,36 +52,36 @@ def arm_seed_entry(folder: Path, base_test: list[dict]) -> dict | None:
     return entry
 
 
-def pooled_vs_base(base_test: list[dict], seed_folders: list[Path]) -> dict:
-    """The arm's mean test accuracy over its seeds minus the base's, with a bootstrap 95% CI
-    that resamples problems jointly and the arm's seeds (rl.diagnostics.confidence)."""
+def pooled_difference(ref_runs: list[list[dict]], arm_runs: list[list[dict]]) -> dict:
+    """Mean test accuracy over ``arm_runs`` minus that over ``ref_runs`` (each a seed's per-problem
+    records, matched to the first reference run by problem), with the bootstrap 95% CI that
+    resamples problems jointly and each side's seeds (rl.diagnostics.confidence)."""
     from rl.diagnostics.confidence import paired_difference_ci
 
     out = {}
     for kind in KINDS:
-        runs = [paired_records(base_test, _problems(f, "test"), kind) for f in seed_folders]
-        ci = paired_difference_ci([runs[0][0]], [arm for _, arm in runs])
-        out[kind] = {"diff": ci.estimate, "lo": ci.low, "hi": ci.high, "n": ci.n, "seeds": len(runs)}
+        refs = [paired_records(ref_runs[0], r, kind)[1] for r in ref_runs]
+        arms = [paired_records(ref_runs[0], r, kind)[1] for r in arm_runs]
+        ci = paired_difference_ci(refs, arms)
+        out[kind] = {"diff": ci.estimate, "lo": ci.low, "hi": ci.high, "n": ci.n, "seeds": len(arms),
+                     "reference_seeds": len(refs)}
     return out
+
+
+def pooled_vs_base(base_test: list[dict], seed_folders: list[Path]) -> dict:
+    """The arm's mean test accuracy over its seeds minus the base model's."""
+    return pooled_difference([base_test], [_problems(f, "test") for f in seed_folders])
 
 
 def paired_vs_reference(seed_folders: dict[int, Path], ref_folders: dict[int, Path]) -> dict:
     """An arm against the reference arm on the same test problems: per shared seed a paired
-    normal interval, and over all seeds the bootstrap that resamples problems jointly and each
-    arm's seeds independently (rl.diagnostics.confidence.paired_difference_ci)."""
-    from rl.diagnostics.confidence import paired_difference_ci
-
-    out = {"per_seed": {}, "pooled": {}}
-    for kind in KINDS:
-        for seed in sorted(set(seed_folders) & set(ref_folders)):
-            ref, arm = paired_records(_problems(ref_folders[seed], "test"), _problems(seed_folders[seed], "test"), kind)
-            out["per_seed"].setdefault(str(seed), {})[kind] = paired_difference(ref, arm)
-        ref_runs = [[r[kind] for r in _problems(f, "test")] for f in ref_folders.values()]
-        arm_runs = [[r[kind] for r in _problems(f, "test")] for f in seed_folders.values()]
-        ci = paired_difference_ci(ref_runs, arm_runs)
-        out["pooled"][kind] = {"diff": ci.estimate, "lo": ci.low, "hi": ci.high, "n": ci.n,
-                               "seeds": len(arm_runs), "reference_seeds": len(ref_runs)}
-    return out
+    normal interval, and over all seeds :func:`pooled_difference`."""
+    per_seed = {}
+    for seed in sorted(set(seed_folders) & set(ref_folders)):
+        ref, arm = _problems(ref_folders[seed], "test"), _problems(seed_folders[seed], "test")
+        per_seed[str(seed)] = {kind: paired_difference(*paired_records(ref, arm, kind)) for kind in KINDS}
+    return {"per_seed": per_seed, "pooled": pooled_difference([_problems(f, "test") for f in ref_folders.values()],
+                                                              [_problems(f, "test") for f in seed_folders.values()])}
 
 
 def build_summary(out: Path, command: str, reference: str = "") -> dict:
