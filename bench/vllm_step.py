@@ -29,9 +29,12 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     placement += ["trainer.max_staleness=1"] if overlap else []
     memory = PeakMemory()
     steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
-    rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in STEP_KEYS} for m in steps])
+    # The sync's own stages (time/sync_<stage>_s: export, transfer, the engine's load steps) say
+    # where a sync that misses its share goes.
+    keys = STEP_KEYS + tuple(sorted({k for m in steps for k in m if k.startswith("time/sync_") and k != "time/sync_s"}))
+    rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in keys} for m in steps])
     timed = steps[1:] or steps
-    mean = {k.split("/")[-1]: round(statistics.mean(m.get(k, 0.0) for m in timed), 4) for k in STEP_KEYS}
+    mean = {k.split("/")[-1]: round(statistics.mean(m.get(k, 0.0) for m in timed), 4) for k in keys}
     mean["sync_over_step"] = round(mean["sync_s"] / mean["step_s"], 5)
     rec("mean_after_first", mean)
     rec("memory", memory.result())
