@@ -227,6 +227,21 @@ def test_the_overlap_sweep_shares_the_placement_sweeps_uniform_arm():
     assert overlap.common == placement.common and overlap.arms["uniform-r8"] == placement.arms["uniform-r8"] == []
 
 
+def test_the_long_run_is_the_uniform_arm_trained_three_times_longer():
+    from rl.config import load_config
+    from rl.experiments.sweep import read_arms
+
+    folder = SWEEPS[0].parent
+    placement, long_run = read_arms(folder / "placement_arms.yaml"), read_arms(folder / "long_run_arms.yaml")
+    assert long_run.common == placement.common
+    recipe = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
+    short = load_config(recipe, placement.common + placement.arms["uniform-r8"]).to_dict()
+    (arm, own), = long_run.arms.items()
+    long = load_config(recipe, long_run.common + own).to_dict()
+    assert long["trainer"].pop("steps") == 3 * short["trainer"].pop("steps") == 150
+    assert long == short, arm
+
+
 def test_children_share_the_hosts_cores_unless_the_user_set_threads(monkeypatch):
     from rl.experiments.sweep_runner import child_env, threads_per_child
 
