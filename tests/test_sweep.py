@@ -239,6 +239,8 @@ def test_the_long_run_is_the_uniform_arm_trained_three_times_longer():
     (arm, own), = long_run.arms.items()
     long = load_config(recipe, long_run.common + own).to_dict()
     assert long["trainer"].pop("steps") == 3 * short["trainer"].pop("steps") == 150
+    # all six checkpoints kept for PAGE stability at steps 50 and 100: storage, not the run's math
+    assert long["trainer"].pop("keep_checkpoints") == 6 and short["trainer"].pop("keep_checkpoints") == 2
     assert long == short, arm
 
 
