@@ -104,6 +104,17 @@ def test_config_rejects_other_words():
         load_config("launch/configs/tiny.yaml", ["rollout.async_scheduling=maybe"])
 
 
+def test_inplace_switches_are_bools_on_by_default():
+    cfg = load_config("launch/configs/tiny.yaml", [])
+    assert cfg.rollout.inplace_sync is True and cfg.rollout.inplace_direct is True
+    assert load_config("launch/configs/tiny.yaml", ["rollout.inplace_direct=false"]).rollout.inplace_direct is False
+    with pytest.raises(ConfigError, match=r"rollout.inplace_direct='maybe' has the wrong type: expected true or false"):
+        load_config("launch/configs/tiny.yaml", ["rollout.inplace_direct=maybe"])
+    cfg.rollout.inplace_direct = "yes"  # set in code, past the loader's types
+    with pytest.raises(ConfigError, match=r"rollout.inplace_direct='yes' is not allowed: true or false"):
+        cfg.rollout.validate("rollout")
+
+
 def test_async_scheduling_reaches_vllm_only_where_it_exists():
     assert async_scheduling_args("auto") == {}  # vLLM's own default, on any vLLM
     assert async_scheduling_args(True) == {"async_scheduling": True}  # the installed vLLM has it

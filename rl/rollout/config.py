@@ -46,6 +46,11 @@ class RolloutConfig:
     # folder, add_lora and remove_lora (rl/rollout/vllm_inplace.py); other versions, and any
     # update vLLM's internals decline, go through add_lora. false: add_lora for every version.
     inplace_sync: bool = True
+    # inplace_sync: once vLLM's own re-activation has written one such version, later ones are
+    # copied straight into the slot regions through a map of them that was read back and verified
+    # bitwise (rl/rollout/vllm_slots.py), skipping vLLM's rebuild, pinning and re-activation of
+    # the whole adapter; anything unexpected keeps vLLM's path. false: vLLM's path every version.
+    inplace_direct: bool = True
     # How a vLLM worker seeds a step: "request" (a seed per sequence: the same samples
     # whatever the batching), "batch" (one reseed of the engine per call: reproducible for
     # the same batch), "auto" (request on CPU hosts, batch on GPUs). Why and what each costs:
@@ -72,7 +77,8 @@ class RolloutConfig:
         _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _check(self.cudagraph_max_batch >= 0, f"{p}.cudagraph_max_batch", self.cudagraph_max_batch,
                "must be >= 0 (0: vLLM's default)")
-        _check(isinstance(self.inplace_sync, bool), f"{p}.inplace_sync", self.inplace_sync, "true or false")
+        for key in ("inplace_sync", "inplace_direct"):
+            _check(isinstance(getattr(self, key), bool), f"{p}.{key}", getattr(self, key), "true or false")
         for key in ("enforce_eager", "sleep_mode", "async_scheduling"):
             value = getattr(self, key)
             _check(isinstance(value, bool) or value == "auto", f"{p}.{key}", value, "auto, true or false")

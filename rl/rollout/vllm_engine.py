@@ -7,7 +7,9 @@ the base weights:
 
 - a version with the same modules and ranks as the one served (every version after the
   first of a run) is written into the served id's slot in place, and the prefix cache is
-  reset (:mod:`rl.rollout.vllm_inplace`; ``rollout.inplace_sync``);
+  reset (:mod:`rl.rollout.vllm_inplace`; ``rollout.inplace_sync``): after vLLM's own
+  re-activation has served one such version, straight through a verified map of the slots
+  (:mod:`rl.rollout.vllm_slots`; ``rollout.inplace_direct``);
 - any other version (the first, a new structure, or an in-place update that vLLM's
   internals decline) is written to a fresh temporary folder (under ``/dev/shm`` where it
   exists), registered with ``add_lora`` under a NEW ``lora_int_id`` (vLLM caches adapters
@@ -105,6 +107,8 @@ class VLLMEngine:
         # rollout.inplace_sync: later versions of the same structure are written into the slot.
         self.inplace_sync = bool(getattr(rollout_cfg, "inplace_sync", True))
         self.inplace_declined: str | None = None  # why the last in-place attempt fell back
+        # rollout.inplace_direct: in place, write through a verified map of the slots.
+        self.inplace_direct = bool(getattr(rollout_cfg, "inplace_direct", True))
         self._version: int | None = None
         self._next_id = 1
         self._asleep = False
@@ -168,8 +172,9 @@ class VLLMEngine:
 
     def load_adapter(self, payload: AdapterPayload) -> dict:
         """Serve ``payload`` from now on; returns seconds per stage (check, wake, fold, then
-        ``inplace`` or write, add_lora, remove) and ``sync_path`` ("inplace" or "add_lora")
-        for the sync's timing report."""
+        ``inplace_direct`` or ``inplace`` or write, add_lora, remove) and ``sync_path``
+        ("inplace", whichever of the two in-place stages ran, or "add_lora") for the sync's
+        timing report."""
         timings, t = {}, time.perf_counter()
 
         def stage(name: str) -> None:
@@ -188,10 +193,11 @@ class VLLMEngine:
         stage("fold")
         signature = adapter_signature(tensors, config)
         if self.inplace_sync and self._lora is not None and signature == self._signature:
-            declined = update_served_adapter(self.llm, self._lora.lora_int_id, tensors, config)
+            declined, path = update_served_adapter(self.llm, self._lora.lora_int_id, tensors, config,
+                                                   direct=self.inplace_direct)
             if declined is None:
                 self._version = payload.version
-                stage("inplace")
+                stage(path)  # inplace_direct (the verified slot map) or inplace (vLLM's re-activation)
                 return dict(timings, sync_path="inplace")
             # Not as expected once, not as expected every step: the rest go through add_lora.
             log.warning("in-place adapter update declined (%s); serving every version with add_lora from now on",

@@ -24,6 +24,16 @@ q/k/v and gate/up into one layer stays vLLM's:
 - one module's slot is read back and compared with the payload: a mismatch raises,
   because serving stale weights under the new version number would be silent.
 
+That rebuild and re-activation is most of a sync's time (on a GPU host, casting and
+pinning every tensor and re-writing every slot). So once it has served one version, the
+worker maps where each payload tensor went and verifies the map by reading every mapped
+slot region back (:mod:`rl.rollout.vllm_slots`); later versions with the same signature,
+in the same active slot, are then copied straight into the slot regions and into the
+registered ``LoRAModel``'s CPU tensors (``rollout.inplace_direct``), followed by the same
+one-layer read-back. No verified map, or a direct write that fails, leaves the update to
+vLLM's path above (which rewrites every slot from the payload); a failed verification or
+write also stops further direct writes on that worker.
+
 The caller resets vLLM's prefix cache afterwards: cached KV blocks are keyed by the
 adapter's name and path, which an in-place update keeps, and were computed with the
 old weights.
@@ -33,8 +43,13 @@ Written against vLLM 0.26 and 0.32 (``vllm/lora/model_manager.py``,
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from rl.rollout import vllm_slots
+
+log = logging.getLogger(__name__)
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -101,9 +116,12 @@ def _check_slot(layer, index: int, slices: list, name: str) -> None:
                                    "written in place; set rollout.inplace_sync=false to load each version with add_lora")
 
 
-def update_in_place(worker, lora_id: int, tensors: dict[str, torch.Tensor], peft_config: dict) -> str | None:
+def update_in_place(worker, lora_id: int, tensors: dict[str, torch.Tensor], peft_config: dict,
+                    direct: bool = True) -> tuple[str | None, str]:
     """Runs in vLLM's worker (``LLM.collective_rpc``): serve ``tensors`` under the registered
-    ``lora_id``. Returns None when done, or why it declined (nothing changed then)."""
+    ``lora_id``. Returns (None, the path taken: "inplace_direct" or "inplace") when done, or
+    (why it declined, "") when nothing changed. ``direct``: write through the worker's verified
+    slot map where one applies (rl/rollout/vllm_slots.py), and build one after vLLM's path."""
     from vllm.lora.lora_model import LoRAModel
     from vllm.lora.peft_helper import PEFTHelper
 
@@ -112,7 +130,10 @@ def update_in_place(worker, lora_id: int, tensors: dict[str, torch.Tensor], peft
         manager = worker_manager._adapter_manager
         current = manager.get_adapter(lora_id)
         if current is None:
-            return f"LoRA id {lora_id} is not registered in vLLM's worker"
+            return f"LoRA id {lora_id} is not registered in vLLM's worker", ""
+        signature = adapter_signature(tensors, peft_config)
+        if direct and _served_directly(worker, manager, lora_id, tensors, peft_config, signature):
+            return None, "inplace_direct"
         mapper = _weights_mapper(manager.model)
         helper = PEFTHelper.from_dict(dict(peft_config, vllm_max_position_embeddings=worker_manager.max_position_embeddings))
         helper.validate_legal(worker_manager.lora_config)
@@ -121,29 +142,69 @@ def update_in_place(worker, lora_id: int, tensors: dict[str, torch.Tensor], peft
                                           model_vocab_size=worker_manager.vocab_size, weights_mapper=mapper)
         manager._create_merged_loras_inplace(new)  # vLLM's packing, scale folding and pinning
         if _layout(new) != _layout(current) or new.rank != current.rank:
-            return "the adapter's modules or ranks differ from the served version's"
+            return "the adapter's modules or ranks differ from the served version's", ""
         probe_name, probe_slices = _probe(manager, tensors, mapper)
         active = lora_id in manager.lora_index_to_id
     except (AttributeError, LookupError, TypeError) as error:  # vLLM's internals are not as expected
-        return f"vLLM's LoRA internals are not as expected ({type(error).__name__}: {error})"
+        return f"vLLM's LoRA internals are not as expected ({type(error).__name__}: {error})", ""
     # From here on the served state changes: errors propagate, they are not a decline.
     current.loras = new.loras
     if active:
-        # vLLM's own activation, into the slot the id occupies (freed, then taken again).
-        manager.deactivate_adapter(lora_id)
-        manager.activate_adapter(lora_id)
-        _check_slot(manager.modules[probe_name], manager.lora_index_to_id.index(lora_id), probe_slices, probe_name)
-    return None
+        _activate(manager, lora_id, probe_name, probe_slices)
+        if direct and not isinstance(getattr(worker, vllm_slots.ATTR, None), str):
+            _map_slots(worker, manager, lora_id, tensors, peft_config, mapper, signature, probe_name, probe_slices)
+    return None, "inplace"
 
 
-def update_served_adapter(llm, lora_id: int, tensors: dict[str, torch.Tensor], peft_config: dict) -> str | None:
+def _activate(manager, lora_id: int, probe_name: str, probe_slices: list) -> None:
+    # vLLM's own activation, into the slot the id occupies (freed, then taken again).
+    manager.deactivate_adapter(lora_id)
+    manager.activate_adapter(lora_id)
+    _check_slot(manager.modules[probe_name], manager.lora_index_to_id.index(lora_id), probe_slices, probe_name)
+
+
+def _served_directly(worker, manager, lora_id, tensors, peft_config, signature) -> bool:
+    """Write through the worker's verified slot map where one applies; False leaves the update
+    to vLLM's path, which rewrites every slot and the registered tensors from the payload (so
+    a direct write that failed half-way is also repaired there)."""
+    slot_map = vllm_slots.usable_map(worker, manager, lora_id, signature, peft_config)
+    if not isinstance(slot_map, vllm_slots.SlotMap):
+        return False
+    try:
+        vllm_slots.write_direct(slot_map, tensors)
+        name, slices = vllm_slots.probe_slices(slot_map, tensors)
+        _check_slot(manager.modules[name], slot_map.index, slices, name)
+        return True
+    except Exception as error:  # any failure: vLLM's path serves this version and every later one
+        log.warning("direct LoRA slot write failed (%s: %s); vLLM's own in-place path serves from now on",
+                    type(error).__name__, error)
+        vllm_slots.remember(worker, f"the direct write failed once ({type(error).__name__}: {error})")
+        return False
+
+
+def _map_slots(worker, manager, lora_id, tensors, peft_config, mapper, signature, probe_name, probe_slices) -> None:
+    """After vLLM's own activation: store a verified slot map, or never try again on this worker."""
+    try:
+        vllm_slots.remember(worker, vllm_slots.build_slot_map(manager, lora_id, tensors, peft_config, mapper, signature))
+    except (AttributeError, LookupError, TypeError, ValueError, IndexError) as error:
+        log.warning("no direct LoRA slot writes (%s: %s); vLLM's own in-place path serves every version",
+                    type(error).__name__, error)
+        vllm_slots.remember(worker, f"no verified slot map ({type(error).__name__}: {error})")
+        # A read-back that differs may mean the slot does not hold what vLLM was given: write it again.
+        _activate(manager, lora_id, probe_name, probe_slices)
+
+
+def update_served_adapter(llm, lora_id: int, tensors: dict[str, torch.Tensor], peft_config: dict,
+                          direct: bool = True) -> tuple[str | None, str]:
     """Serve ``tensors`` under the registered ``lora_id`` of ``llm`` (a ``vllm.LLM``), on every
-    worker; None when done, else why it declined (nothing changed then)."""
-    declined = [r for r in llm.collective_rpc(update_in_place, args=(lora_id, tensors, peft_config)) if r is not None]
+    worker. Returns (None, path) when done: "inplace_direct" when every worker wrote through its
+    verified slot map, else "inplace"; or (why it declined, "") when nothing changed."""
+    results = llm.collective_rpc(update_in_place, args=(lora_id, tensors, peft_config, direct))
+    declined = [why for why, _ in results if why is not None]
     if declined:
-        return declined[0]
+        return declined[0], ""
     # Cached KV blocks are keyed by the adapter's name and path, which stayed the same.
     if not llm.reset_prefix_cache():
         raise RuntimeError("vLLM refused to reset its prefix cache after an in-place adapter update, so it could "
                            "serve KV blocks of the previous version; set rollout.inplace_sync=false")
-    return None
+    return None, "inplace_direct" if all(path == "inplace_direct" for _, path in results) else "inplace"
