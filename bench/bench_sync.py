@@ -13,8 +13,11 @@ see the same (noisy) machine:
   new       the trainer's own ``_sync``: on the learner one batched device-to-host copy of
             the adapter, folded for vLLM and cast to the served dtype there; one flat buffer
             per dtype through Ray's object store; all workers loading at once; each worker
-            writes the new values into the served LoRA slot in place (same structure as the
-            served version; rl/rollout/vllm_inplace.py);
+            copies the new values straight into the served LoRA slot through its verified
+            slot map (same structure as the served version; rl/rollout/vllm_slots.py);
+  inplace_vllm  the same with the direct write off (``rollout.inplace_direct=false``): vLLM's
+            own in-place path, a LoRAModel rebuilt (cast, pinned), packed and re-activated
+            into the same slot (rl/rollout/vllm_inplace.py);
   add_lora  the same, with the workers' in-place update off (``rollout.inplace_sync=false``):
             a PEFT folder in RAM-backed temp storage, ``add_lora`` under a new id,
             ``remove_lora`` of the previous;
@@ -25,10 +28,11 @@ Stages, in seconds (medians over the K syncs):
   gather      the learner: gather, fold and cast (new, add_lora), copy to host (all);
   transfer    learner hand-over to the worker's load call: object store, deserialization;
   unpack      part of transfer: rebuilding the tensors from the flat buffers (not old);
-  check, wake, fold, inplace, write, add_lora, remove    the worker's engine (wake: 0 unless
-              asleep; inplace: the in-place update, new only, prefix-cache reset included);
-  load        inplace + write + add_lora + remove: the engine's load proper, what the in-place
-              update replaces;
+  check, wake, fold, inplace_direct, inplace, write, add_lora, remove    the worker's engine
+              (wake: 0 unless asleep; inplace_direct: the direct write (new), inplace: vLLM's
+              in-place path (inplace_vllm), both with the read-back and prefix-cache reset);
+  load        inplace_direct + inplace + write + add_lora + remove: the engine's load proper,
+              what the in-place update replaces;
   activate    the first 1-token generate after the sync minus the next one (vLLM moves an
               adapter into its slots on first use, so this cost lands in the next rollout);
   total       the driver's wall time of export + sync, as the trainer's ``time/sync_s``.
@@ -36,7 +40,10 @@ With sleep mode on (the GPU recipe) the engine is put to sleep before every sync
 first, as in a training step; the wake is outside ``total`` as in the trainer.
 After the last sync of each path the same greedy completion is asked for: all paths must
 serve the same adapter (``same_greedy_tokens``). ``sync_paths`` counts which engine path each
-path's syncs took (new must be all ``inplace``).
+path's syncs took (new must be all ``inplace_direct``, inplace_vllm all ``inplace``).
+Each round runs the paths that register a new LoRA id (add_lora, old) first, then one untimed
+sync of new (vLLM's in-place path under the new id, which builds the slot map), then the
+in-place paths: a direct write needs a map of the id being served.
 """
 from __future__ import annotations
 
@@ -54,9 +61,12 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "inplace", "write", "add_lora", "remove",
-          "activate")
-PATHS = ("new", "add_lora", "old")
+STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "inplace_direct", "inplace", "write", "add_lora",
+          "remove", "activate")
+PATHS = ("new", "inplace_vllm", "add_lora", "old")
+# Each path's engine switches (rollout.inplace_sync, rollout.inplace_direct); the earlier paths
+# load through add_lora, the old one would otherwise go in place too.
+SWITCHES = {"new": (True, True), "inplace_vllm": (True, False), "add_lora": (False, False), "old": (False, False)}
 
 
 # ----------------------------------------------------------------------------- the old path
@@ -120,9 +130,10 @@ def timed_generate(trainer, prompt_ids: list[int], tokens: int) -> tuple[float, 
     return time.perf_counter() - t, out[0][0].token_ids
 
 
-def set_inplace(worker, on: bool) -> None:
-    """Runs in a rollout worker actor: the engine's in-place update on or off (rollout.inplace_sync)."""
-    worker.engine.inplace_sync = on
+def set_inplace(worker, inplace: bool, direct: bool) -> None:
+    """Runs in a rollout worker actor: the engine's in-place update and direct slot write on or off
+    (rollout.inplace_sync, rollout.inplace_direct)."""
+    worker.engine.inplace_sync, worker.engine.inplace_direct = inplace, direct
 
 
 def one_sync(trainer, path: str, prompt_ids: list[int]) -> dict:
@@ -133,10 +144,9 @@ def one_sync(trainer, path: str, prompt_ids: list[int]) -> dict:
     t = time.perf_counter()
     trainer.rollout.wake_up()
     wake = time.perf_counter() - t
-    # The earlier paths load through add_lora; the old one would otherwise go in place too.
-    ray.get([w.__ray_call__.remote(set_inplace, path == "new") for w in trainer.rollout.workers])
+    ray.get([w.__ray_call__.remote(set_inplace, *SWITCHES[path]) for w in trainer.rollout.workers])
     m = old_sync(trainer) if path == "old" else trainer._sync()
-    ray.get([w.__ray_call__.remote(set_inplace, True) for w in trainer.rollout.workers])
+    ray.get([w.__ray_call__.remote(set_inplace, True, True) for w in trainer.rollout.workers])
     row = {k[len("time/sync_"):-2]: v for k, v in m.items() if k.startswith("time/sync_") and k != "time/sync_s"}
     row["total"], row["wake_before"] = m["time/sync_s"], wake
     first, _ = timed_generate(trainer, prompt_ids, 1)
@@ -153,7 +163,20 @@ def summarize(rows: list[dict]) -> dict:
 
 
 # The engine's load proper: what the in-place update replaces.
-LOAD = ("inplace", "write", "add_lora", "remove")
+LOAD = ("inplace_direct", "inplace", "write", "add_lora", "remove")
+
+
+def engine_path(row: dict) -> str:
+    """Which engine path a sync took, from its stages (pure)."""
+    return next((k for k in ("inplace_direct", "inplace") if k in row), "add_lora")
+
+
+def in_turns(paths: list[str]) -> list[str | None]:
+    """One round's order (pure): the paths that register a new LoRA id first, then None (an
+    untimed sync of new, which maps the new id's slots), then the in-place paths."""
+    registers = [p for p in paths if not SWITCHES[p][0]]
+    inplace = [p for p in paths if SWITCHES[p][0]]
+    return registers + ([None] if registers else []) + inplace
 
 
 def ratios(median: dict, paths: list[str]) -> dict:
@@ -169,13 +192,13 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rank", type=int, default=16, help="all-linear LoRA rank (alpha = 2 x rank)")
     ap.add_argument("--syncs", type=int, default=5, help="syncs per path, after one warm-up sync of each")
-    ap.add_argument("--paths", default="new,add_lora,old", help="comma-separated: new, add_lora, old")
+    ap.add_argument("--paths", default=",".join(PATHS), help="comma-separated: " + ", ".join(PATHS))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config overrides")
     ap.add_argument("--out", default="", help="also write the JSON here")
     args = ap.parse_args()
     paths = args.paths.split(",")
     if set(paths) - set(PATHS) or "new" not in paths:
-        ap.error(f"--paths={args.paths!r}: name new and any of add_lora, old")
+        ap.error(f"--paths={args.paths!r}: name new and any of inplace_vllm, add_lora, old")
 
     from rl.config import load_config
     from rl.rollout.vllm_settings import use_in_process_engine
@@ -198,14 +221,15 @@ def main() -> int:
         prompt = trainer.train_rows[0]["prompt_ids"]
         rows: dict[str, list[dict]] = {p: [] for p in paths}
         for i in range(args.syncs + 1):  # the first of each is warm-up
-            for p in paths:
-                row = one_sync(trainer, p, prompt)
-                if i:
+            for p in in_turns(paths):
+                row = one_sync(trainer, p or "new", prompt)
+                if i and p:
                     rows[p].append(row)
         greedy = {}
-        for p in paths:
-            one_sync(trainer, p, prompt)
-            greedy[p] = timed_generate(trainer, prompt, 16)[1]
+        for p in in_turns(paths):
+            one_sync(trainer, p or "new", prompt)
+            if p:
+                greedy[p] = timed_generate(trainer, prompt, 16)[1]
         payload_mb = ray.get(trainer.learner.ranks[0].__ray_call__.remote(
             lambda rank: sum(p.numel() for n, p in rank.model.named_parameters() if "lora_" in n) / 1e6))
     finally:
@@ -214,8 +238,8 @@ def main() -> int:
               "rollout_dtype": trainer._rollout_dtype(), "sleep_mode": bool(trainer.served.sleep_mode),
               "workers": cfg.rollout.num_workers, "learner_ranks": cfg.learner.num_ranks, "syncs": args.syncs,
               "start_s": round(start_s, 1), "median_s": {p: summarize(rows[p]) for p in paths},
-              "sync_paths": {p: {path: sum(("inplace" in r) == (path == "inplace") for r in rows[p])
-                                 for path in ("inplace", "add_lora")} for p in paths},
+              "sync_paths": {p: {path: sum(engine_path(r) == path for r in rows[p])
+                                 for path in ("inplace_direct", "inplace", "add_lora")} for p in paths},
               "per_sync_s": {p: [{k: round(v, 5) for k, v in r.items()} for r in rows[p]] for p in paths}}
     result.update(ratios(result["median_s"], paths))
     result["same_greedy_tokens"] = all(greedy[p] == greedy["new"] for p in paths)
@@ -228,13 +252,13 @@ def main() -> int:
     print(f"\nadapter sync, median of {args.syncs} syncs, seconds ({args.model}, r={args.rank}, "
           f"{result['lora_params_m']}M LoRA params, served in {result['rollout_dtype']}, sleep mode "
           f"{'on' if result['sleep_mode'] else 'off'})")
-    print(f"{'stage':<10}" + "".join(f"{p:>10}" for p in paths))
+    print(f"{'stage':<15}" + "".join(f"{p:>13}" for p in paths))
     for k in keys:
-        print(f"{k:<10}" + "".join(f"{med[p].get(k, 0.0):>10.4f}" for p in paths))
+        print(f"{k:<15}" + "".join(f"{med[p].get(k, 0.0):>13.4f}" for p in paths))
     for p in paths[1:]:
         print(f"{p} / new: total {result.get(f'{p}_over_new_total', float('nan')):.2f}, "
               f"load {result.get(f'{p}_over_new_load', float('nan')):.2f}")
-    print(f"engine path of the new syncs: {result['sync_paths']['new']}; same greedy tokens: {result['same_greedy_tokens']}")
+    print(f"engine path of each path's syncs: {result['sync_paths']}; same greedy tokens: {result['same_greedy_tokens']}")
     return 0
 
 
