@@ -4,7 +4,8 @@
 
 Per seed, two runs that differ only in ``algorithm.loss`` (``sft`` trains on the gold
 solutions, ``grpo`` on sampled completions and rewards), with the same number of
-sequences per step (``--unmatched``: SFT trains one gold solution per prompt), every
+sequences per step (``--unmatched``: SFT trains one gold solution per prompt), at most ``--loss-tokens``
+loss tokens per step in both (0, the default: no cap; see below), every
 linear module type watched at every step (``--every``), written under
 ``--out``/seed<N>/ (``sft/`` and ``grpo/``); the GRPO run reuses the SFT run's placement
 plan file. Before training, the fixed-policy control measures the cosine between
@@ -13,6 +14,14 @@ report folder (``--report``, default ``<out>/report``) gets ``report.md``,
 ``contrasts.json`` and PNG plots: per statistic the seed-level mean with its 95%
 bootstrap CI, its chance level, and the GRPO-minus-SFT difference's CI, against the
 papers' claims.
+
+Gold solutions and sampled completions differ in length, so equal sequences are not equal
+tokens. ``--loss-tokens N`` caps both regimes' steps at N loss tokens
+(``learner.loss_token_cap``: the longest rows lose their tail tokens first), so the two train
+on the same tokens per step wherever both have at least N; choose N at or below the smaller
+regime's usual tokens per step (the report's setup lists each regime's mean, min and max)::
+
+    placerl regime --config launch/configs/gsm8k_grpo.yaml --steps 30 --seeds 0,1,2 --loss-tokens 4000
 
 With ``--resume`` a run that died (a lost Ray node, an out-of-memory kill) continues
 from its newest checkpoint (``trainer.save_every``); finished runs and the control are
@@ -50,6 +59,9 @@ def parse_args(argv):
     ap.add_argument("--seeds", default="0", help="comma list of seeds; each runs both regimes (default 0)")
     ap.add_argument("--unmatched", action="store_true",
                     help="SFT trains prompts_per_step gold solutions per step instead of prompts_per_step x group_size")
+    ap.add_argument("--loss-tokens", type=int, default=0,
+                    help="at most this many loss tokens per step in both regimes (learner.loss_token_cap; the "
+                         "longest rows' tails go first), so they train on equal tokens; 0: no cap (default)")
     ap.add_argument("--control-batches", type=int, default=4,
                     help="independent step-0 batches per regime for the fixed-policy control (0: skip it)")
     return ap.parse_args(argv)
@@ -67,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.control_batches == 1 or args.control_batches < 0:
         print("error: --control-batches must be 0 (no control) or >= 2", file=sys.stderr)
+        return 2
+    if args.loss_tokens < 0:
+        print("error: --loss-tokens must be >= 0 (0: no cap; N: at most N loss tokens per step)", file=sys.stderr)
         return 2
     opts = RegimeOptions(**vars(args))
     try:

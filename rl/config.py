@@ -82,6 +82,9 @@ class LearnerConfig:
     # micro_batch_size rows): less padding (rl/learner/batching.py); 0: micro_batch_size rows in order.
     micro_batch_tokens: int = 0
     updates_per_batch: int = 1  # policy updates on each rollout batch (mu in GRPO)
+    # > 0: at most this many loss tokens per step, the longest rows' tails masked out first
+    # (rl/learner/token_cap.py), so that compared regimes train on equal tokens; 0: no cap.
+    loss_token_cap: int = 0
     mixed_precision: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     gradient_checkpointing: bool = False
     # Positions per chunk of the output layer when computing token logprobs from the hidden
@@ -104,6 +107,8 @@ class LearnerConfig:
         _check(self.micro_batch_size >= 1, f"{p}.micro_batch_size", self.micro_batch_size, "must be >= 1")
         _check(self.micro_batch_tokens >= 0, f"{p}.micro_batch_tokens", self.micro_batch_tokens,
                "must be >= 0 (0: micro_batch_size rows in batch order)")
+        _check(self.loss_token_cap >= 0, f"{p}.loss_token_cap", self.loss_token_cap,
+               "must be >= 0 (0: no cap; N: at most N loss tokens per step)")
         _check(self.updates_per_batch >= 1, f"{p}.updates_per_batch", self.updates_per_batch, "must be >= 1")
         _one_of(f"{p}.mixed_precision", self.mixed_precision, ["auto", "fp32", "bf16"])
         _check(self.logprob_chunk >= 0, f"{p}.logprob_chunk", self.logprob_chunk,

@@ -26,6 +26,8 @@ def test_overrides_are_coerced_to_field_types():
     assert cfg.algorithm.std_normalize is False
     assert cfg.placement.target_modules == ["q_proj", "v_proj"]
     assert cfg.learner.betas == [0.8, 0.9]
+    assert cfg.learner.loss_token_cap == 0  # off unless asked for
+    assert load_config(REPO / "launch/configs/tiny.yaml", ["learner.loss_token_cap=6000"]).learner.loss_token_cap == 6000
     # the recipe's values survive where not overridden
     assert cfg.model.name == "tiny-llama"
 
@@ -49,6 +51,8 @@ def test_overrides_are_coerced_to_field_types():
     ("algorithm.icepop_high=0.9", "algorithm.icepop_low/icepop_high=[0.5, 0.9] is not allowed: a band around 1"),
     ("algorithm.mis_low=0", "algorithm.mis_low/mis_high=[0.0, 1.25]"),
     ("learner.micro_batch_tokens=-1", "learner.micro_batch_tokens=-1 is not allowed: must be >= 0"),
+    ("learner.loss_token_cap=-100", "learner.loss_token_cap=-100 is not allowed: must be >= 0 (0: no cap"),
+    ("learner.loss_token_cap=1.5", "learner.loss_token_cap=1.5 has the wrong type: expected an integer"),
 ])
 def test_bad_values_fail_in_one_line(override, needle):
     with pytest.raises(ConfigError) as e:

@@ -9,9 +9,11 @@ import pytest
 
 from rl.diagnostics import records as dr
 from rl.experiments import regime_report as rr
+from rl.experiments.regime import setup_lines
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "launch" / "configs" / "tiny.yaml"
+CAP = 40  # loss tokens per step in the end-to-end run: below both regimes' 8 sequences of up to 16 tokens
 
 
 def capture(step: int, kind_stats: dict[str, dict[str, float]], prefix: str = "learner/diag/") -> dict:
@@ -141,6 +143,37 @@ def test_markdown_and_plots(tmp_path):
         assert data[:4] == b"\x89PNG" and len(data) < 200_000
 
 
+def test_loss_token_cap_reaches_both_regimes_and_the_report(tmp_path):
+    from rl.experiments.regime import REGIMES, RegimeOptions, per_step_sizes, regime_config, regime_overrides
+
+    capped = RegimeOptions(config=str(TINY), loss_tokens=30)
+    cfgs = {loss: regime_config(capped, loss, tmp_path, 0, sft_done=False) for loss in REGIMES}
+    assert {loss: c.learner.loss_token_cap for loss, c in cfgs.items()} == {"sft": 30, "grpo": 30}
+    assert cfgs["sft"].rollout.prompts_per_step == 16  # still matched in sequences (4 prompts x 4)
+    # --loss-tokens wins over a cap among the user's overrides, in both regimes.
+    over = RegimeOptions(config=str(TINY), loss_tokens=30, overrides=["learner.loss_token_cap=99"])
+    for loss in REGIMES:
+        assert regime_overrides(over, loss, tmp_path)[-1] == "learner.loss_token_cap=30"
+        plain = regime_overrides(RegimeOptions(config=str(TINY)), loss, tmp_path)
+        assert not any(o.startswith("learner.loss_token_cap") for o in plain)
+    # The report: SFT's steps both hit the cap, GRPO's second step had fewer tokens than the cap.
+    records = {"sft": [[{"learner/tokens": 30.0, "learner/capped_tokens": 50.0},
+                        {"learner/tokens": 30.0, "learner/capped_tokens": 40.0}]],
+               "grpo": [[{"learner/tokens": 30.0, "learner/capped_tokens": 4.0},
+                         {"learner/tokens": 24.0, "learner/capped_tokens": 0.0}, {"eval/n": 8.0}]]}
+    per_step = per_step_sizes(records, cfgs)
+    assert per_step["sft"] | {"time_s": 0} == {"sequences": 16, "tokens": 30.0, "tokens_min": 30.0, "tokens_max": 30.0,
+                                              "capped_tokens": 45.0, "steps": 2, "steps_at_cap": 2, "time_s": 0}
+    assert per_step["grpo"]["steps_at_cap"] == 1 and per_step["grpo"]["tokens"] == 27.0
+    lines = setup_lines(cfgs, [0], per_step, ["--loss-tokens", "30"])
+    assert "SFT 16 sequences, 30 loss tokens (min 30, max 30); GRPO 16 sequences, 27 loss tokens (min 24, max 30)" \
+        in "\n".join(lines)
+    assert any("capped at 30 per step in both regimes" in x and "SFT 2/2, 45; GRPO 1/2, 2" in x for x in lines)
+    uncapped = {loss: regime_config(RegimeOptions(config=str(TINY)), loss, tmp_path, 0, sft_done=False)
+                for loss in REGIMES}
+    assert not any("capped at" in x for x in setup_lines(uncapped, [0], per_step_sizes(records, uncapped), []))
+
+
 @pytest.mark.slow
 def test_regime_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
     from launch import regime
@@ -149,7 +182,7 @@ def test_regime_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
     rc = regime.main(["--config", str(TINY), "--steps", "2", "--seeds", "0,1", "--control-batches", "2",
                       "--out", str(tmp_path / "runs"), "--report", str(tmp_path / "report"), "trainer.eval_size=0",
                       "logging.progress=false", "logging.tensorboard=false", "cluster.num_cpus=2",
-                      "trainer.save_every=100", "rollout.prompts_per_step=2", reward])
+                      "trainer.save_every=100", "rollout.prompts_per_step=2", "--loss-tokens", str(CAP), reward])
     assert rc == 0
     out = json.loads((tmp_path / "report" / "contrasts.json").read_text())
     assert out["seeds"] == [0, 1]
@@ -163,11 +196,27 @@ def test_regime_command_end_to_end_on_tiny(tiny_model_path, tmp_path):
         assert got[("sign_agree_mean", kind)]["chance"] == 0.5
     # Matched: SFT trains prompts_per_step x group_size = 2 x 4 gold solutions per step.
     assert out["per_step"]["sft"]["sequences"] == out["per_step"]["grpo"]["sequences"] == 8
+    # Both regimes trained on at most CAP loss tokens a step, exactly CAP where they had more.
+    from rl.metrics_log import read_metrics
+
+    trained = {(seed, loss): [r for r in dr.last_per_step(read_metrics(tmp_path / "runs" / f"seed{seed}" / loss))
+                              if "learner/tokens" in r] for seed in (0, 1) for loss in ("sft", "grpo")}
+    for key, recs in trained.items():
+        assert len(recs) == 2, key
+        for r in recs:
+            assert r["learner/tokens"] <= CAP and r["learner/tokens"] == min(CAP, r["learner/tokens"] + r["learner/capped_tokens"])
+        assert any(r["learner/capped_tokens"] > 0 for r in recs), key  # the cap bit: the test checks something
+    for seed in (0, 1):
+        for sft, grpo in zip(trained[(seed, "sft")], trained[(seed, "grpo")]):
+            if min(x["learner/tokens"] + x["learner/capped_tokens"] for x in (sft, grpo)) >= CAP:
+                assert sft["learner/tokens"] == grpo["learner/tokens"] == CAP
+    assert out["per_step"]["sft"]["tokens_max"] <= CAP and out["per_step"]["grpo"]["tokens_max"] <= CAP
     control = out["fixed_policy_control"]
     assert control["sft"]["batches"] == 2 and len(control["sft"]["cos_mean"]) == 1
     assert control["sft"]["modules"] == 14 and -1 <= control["sft"]["cos_mean"][0] <= 1
     md = (tmp_path / "report" / "report.md").read_text()
     assert "regime_statistics.png" in md and "Fixed-policy control" in md and "95% CI" in md
+    assert f"capped at {CAP} per step in both regimes" in md
     for seed in (0, 1):
         run = tmp_path / "runs" / f"seed{seed}"
         sft_plan = json.loads((run / "sft" / "plan.json").read_text())

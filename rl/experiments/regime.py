@@ -9,8 +9,12 @@ same initialisation. A seed sets ``trainer.seed``, ``placement.seed`` and ``data
 
 Matched by default: a GRPO step trains ``prompts_per_step x group_size`` sequences, so the
 SFT run trains that many gold solutions per step (``rollout.prompts_per_step`` scaled up),
-not one per prompt; the tokens per step that result are reported for both. Every linear
-module type is watched (``diagnostics.modules``, unless overridden) at every step.
+not one per prompt; the tokens per step that result are reported for both. Gold solutions
+and sampled completions differ in length, so matched sequences are not matched tokens: with
+``loss_tokens`` (``--loss-tokens N``) both runs train on at most N loss tokens per step
+(``learner.loss_token_cap``, the longest rows' tails masked first), equal wherever both regimes
+have that many. Every linear module type is watched (``diagnostics.modules``, unless
+overridden) at every step.
 
 The fixed-policy control (rl/experiments/fixed_policy.py) measures, before training, the
 cosine and sign agreement between independent batches of each regime at step 0.
@@ -51,6 +55,7 @@ class RegimeOptions:
     seeds: str = "0"
     unmatched: bool = False  # SFT at prompts_per_step sequences per step (the old, unmatched pair)
     control_batches: int = 4  # independent step-0 batches per regime for the fixed-policy control; 0: none
+    loss_tokens: int = 0  # learner.loss_token_cap for both regimes (equal loss tokens per step); 0: no cap
 
     def seed_list(self) -> list[int]:
         try:
@@ -87,6 +92,8 @@ def regime_overrides(opts: RegimeOptions, loss: str, out: Path, plan: str = "", 
     if loss == "sft" and not opts.unmatched and base_cfg is not None:
         r = base_cfg.rollout
         extra.append(f"rollout.prompts_per_step={r.prompts_per_step * r.group_size}")
+    if opts.loss_tokens:
+        extra.append(f"learner.loss_token_cap={opts.loss_tokens}")  # both regimes: equal tokens per step
     if plan:
         extra.append(f"placement.plan={plan}")
     return [*opts.overrides, *extra]
@@ -107,6 +114,11 @@ def prepare_run_dir(run_dir: Path, resume: bool) -> bool:
 def setup_lines(cfgs: dict[str, object], seeds: list[int], per_step: dict[str, dict], argv: list[str]) -> list[str]:
     cfg = cfgs["grpo"]
     p, r, d = cfg.placement, cfg.rollout, cfg.diagnostics
+    cap = cfg.learner.loss_token_cap
+    capped = [f"loss tokens capped at {cap} per step in both regimes (`--loss-tokens`, learner.loss_token_cap: "
+              "the longest rows' tail tokens masked first); steps at the cap, tokens removed per step: " + "; ".join(
+                  f"{k.upper()} {v['steps_at_cap']}/{v['steps']}, {v['capped_tokens']:.0f}"
+                  for k, v in per_step.items())] if cap else []
     return [f"command: `placerl regime {' '.join(argv)}`",
             f"model: {cfg.model.name}; task: {cfg.data.task}; seeds {', '.join(map(str, seeds))} "
             "(each sets trainer.seed, placement.seed and data.seed; SFT and GRPO share it)",
@@ -114,7 +126,9 @@ def setup_lines(cfgs: dict[str, object], seeds: list[int], per_step: dict[str, d
             f"SFT: {cfgs['sft'].rollout.prompts_per_step} gold solutions per step; max new tokens: "
             f"{r.max_new_tokens}; learning rate {cfg.learner.lr}",
             "per step (mean over steps and seeds): " + "; ".join(
-                f"{k.upper()} {v['sequences']:.0f} sequences, {v['tokens']:.0f} loss tokens" for k, v in per_step.items()),
+                f"{k.upper()} {v['sequences']:.0f} sequences, {v['tokens']:.0f} loss tokens "
+                f"(min {v['tokens_min']:.0f}, max {v['tokens_max']:.0f})" for k, v in per_step.items()),
+            *capped,
             f"placement: scorer {p.scorer}, rank {p.rank}, alpha {p.alpha} ({p.alpha_policy}), budget "
             f"{p.budget or 'uniform baseline'}, modules {', '.join(p.target_modules)}; one plan file per seed for both runs",
             f"diagnostics: every {d.every} step(s) on modules {', '.join(d.modules)}; cosine lags {d.lags}, "
@@ -124,13 +138,19 @@ def setup_lines(cfgs: dict[str, object], seeds: list[int], per_step: dict[str, d
 
 
 def per_step_sizes(records: dict[str, list[list[dict]]], cfgs: dict) -> dict[str, dict]:
-    """Sequences and loss tokens per step, and the summed step time, per regime over all seeds."""
+    """Sequences and loss tokens per step (mean, min, max; the steps that trained exactly the
+    loss-token cap and the mean it removed), and the summed step time, per regime over all seeds."""
     out = {}
     for loss, runs in records.items():
         tokens = [r["learner/tokens"] for recs in runs for r in recs if "learner/tokens" in r]
-        r = cfgs[loss].rollout
+        capped = [r.get("learner/capped_tokens", 0.0) for recs in runs for r in recs if "learner/tokens" in r]
+        r, cap = cfgs[loss].rollout, cfgs[loss].learner.loss_token_cap
+        nan = float("nan")
         out[loss] = {"sequences": r.prompts_per_step * (r.group_size if loss == "grpo" else 1),
-                     "tokens": sum(tokens) / len(tokens) if tokens else float("nan"),
+                     "tokens": sum(tokens) / len(tokens) if tokens else nan,
+                     "tokens_min": min(tokens, default=nan), "tokens_max": max(tokens, default=nan),
+                     "capped_tokens": sum(capped) / len(capped) if capped else nan,
+                     "steps": len(tokens), "steps_at_cap": sum(t == cap for t in tokens) if cap else 0,
                      "time_s": sum(x.get("time/step_s", 0.0) for recs in runs for x in recs)}
     return out
 

@@ -347,7 +347,8 @@ def markdown(contrasts: list[Contrast], sft_runs: list, grpo_runs: list, *,
     out += ["## Reading these numbers", "",
             "- G is the gradient of the frozen weight rebuilt from hooks; its rank is bounded by the number "
             "of tokens in the batch. The runs train the same number of sequences per step unless the setup says "
-            "otherwise; the tokens per step it lists still differ (gold solutions against sampled completions).",
+            "otherwise; the loss tokens per step it lists differ (gold solutions against sampled completions) "
+            "unless a loss-token cap (`--loss-tokens`) brought both to the same count.",
             "- The LoRA gradient's rank is at most r: its effective rank cannot exceed the adapter rank.",
             "- Cross-step statistics compare consecutive non-zero captures; with diagnostics.every > 1 they span "
             "several optimizer steps. Sign consistency needs a full window of non-zero captures; its chance "

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rl.learner.token_cap import cap_batch_loss_tokens
+
 
 @dataclass
 class TrainBatch:
@@ -162,13 +164,18 @@ class LearnerGroup:
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         t0 = time.perf_counter()
         batch.validate()
-        a = self.cfg.algorithm
+        a, cap = self.cfg.algorithm, self.cfg.learner.loss_token_cap
+        # Here, before the split, so that it holds for SFT and GRPO alike and whatever the ranks:
+        # regime experiments compare at equal loss tokens per step (rl/learner/token_cap.py).
+        batch, capped = cap_batch_loss_tokens(batch, cap)
         num_tokens = float(batch.response_mask.sum())
         totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": max(num_tokens, 1.0),
                   "max_tokens": batch.max_tokens}
         shards = split_batch(batch, self.n)
         outs = self._all([r.train_step.remote(s, totals) for r, s in zip(self.ranks, shards)])
         m = combine_metrics(outs, num_tokens, a.loss, a.kl_coef > 0)
+        if cap:
+            m["capped_tokens"] = float(capped)
         if a.loss != "sft":
             from rl.grpo import configured_correction, logprob_mismatch, masked_fractions
 
