@@ -59,7 +59,7 @@ def parse_args(argv):
     ap.add_argument("--seeds", default="0", help="comma list of seeds; each runs both regimes (default 0)")
     ap.add_argument("--unmatched", action="store_true",
                     help="SFT trains prompts_per_step gold solutions per step instead of prompts_per_step x group_size")
-    ap.add_argument("--loss-tokens", type=int, default=0,
+    ap.add_argument("--loss-tokens", type=int, default=0, metavar="N",
                     help="at most this many loss tokens per step in both regimes (learner.loss_token_cap; the "
                          "longest rows' tails go first), so they train on equal tokens; 0: no cap (default)")
     ap.add_argument("--control-batches", type=int, default=4,

@@ -17,7 +17,8 @@ have that many. Every linear module type is watched (``diagnostics.modules``, un
 overridden) at every step.
 
 The fixed-policy control (rl/experiments/fixed_policy.py) measures, before training, the
-cosine and sign agreement between independent batches of each regime at step 0.
+cosine and sign agreement between independent batches of each regime at step 0. Its
+batches are whole steps of sequences: the loss-token cap does not reach its probe's loss.
 
 The report folder gets ``report.md``, ``contrasts.json`` and PNG plots (the numbers come
 from rl/experiments/regime_report.py, the figures from rl/experiments/plots.py).
