@@ -72,5 +72,7 @@ def cap_response_mask(response_mask: Tensor, cap: int) -> tuple[Tensor, int]:
 def cap_batch_loss_tokens(batch, cap: int):
     """A TrainBatch whose response mask holds at most ``cap`` loss tokens (0: unchanged), and
     how many it lost."""
+    if cap == 0:  # off (the default): no pass over the mask on every step
+        return batch, 0
     mask, removed = cap_response_mask(batch.response_mask, cap)
     return (dataclasses.replace(batch, response_mask=mask) if removed else batch), removed

@@ -48,9 +48,9 @@ import logging
 import torch
 
 from rl.rollout import vllm_slots
+from rl.rollout.vllm_slots import LORA_A, LORA_B
 
 log = logging.getLogger(__name__)
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
 class SlotMismatch(RuntimeError):
@@ -94,15 +94,14 @@ def _probe(manager, tensors: dict[str, torch.Tensor], weights_mapper) -> tuple[s
 
     by_module = {}
     for key, a in tensors.items():
-        if key.endswith(_A) and key[:-len(_A)] + _B in tensors:
+        if key.endswith(LORA_A) and key[:-len(LORA_A)] + LORA_B in tensors:
             module, _ = parse_fine_tuned_lora_name(key, weights_mapper)
-            by_module[module] = (a, tensors[key[:-len(_A)] + _B])
+            by_module[module] = (a, tensors[key[:-len(LORA_A)] + LORA_B])
     for name in reversed(list(manager.modules)):
         layer = manager.modules[name]
         members = manager.packed_modules.get(name, [name])
         slices = [(i, *by_module[m]) for i, m in enumerate(members) if m in by_module]
-        if (slices and getattr(layer, "tp_size", 1) == 1 and getattr(layer, "n_slices", None) == len(members)
-                and len(getattr(layer, "lora_a_stacked", ())) == len(members)):
+        if slices and vllm_slots.is_stacked_linear(layer, len(members)):
             return name, slices
     raise LookupError("no adapted single-device linear LoRA layer to read back")
 

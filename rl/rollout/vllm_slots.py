@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-_A, _B = ".lora_A.weight", ".lora_B.weight"
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 # The verified map (or why there will be none) lives on vLLM's worker: it dies with it.
 ATTR = "_placerl_slot_map"
 
@@ -119,6 +119,15 @@ def _own(lora_model, entry: SlotEntry) -> None:
             setattr(weights, field, tensor.clone())
 
 
+def is_stacked_linear(layer, members: int) -> bool:
+    """A single-device stacked linear LoRA layer: one slot buffer per packed member, nothing
+    sliced over devices; the only kind whose slot regions are read back or written here."""
+    stacked_a, stacked_b = getattr(layer, "lora_a_stacked", None), getattr(layer, "lora_b_stacked", None)
+    return (getattr(layer, "tp_size", None) == 1 and getattr(layer, "n_slices", None) == members
+            and isinstance(stacked_a, (tuple, list)) and isinstance(stacked_b, (tuple, list))
+            and len(stacked_a) == len(stacked_b) == members)
+
+
 def _regions(layer, entry: SlotEntry, index: int, a_shape, b_shape) -> tuple[torch.Tensor, torch.Tensor]:
     """The slot regions ``set_lora`` writes: ``lora_a_stacked[i][index, 0, :r, :in]`` and
     ``lora_b_stacked[i][index, 0, :out, :r]``."""
@@ -133,12 +142,12 @@ def _entries(manager, tensors: dict, weights_mapper) -> list[SlotEntry]:
 
     by_module = {}
     for key in tensors:
-        if key.endswith(_A):
+        if key.endswith(LORA_A):
             module, is_a = parse_fine_tuned_lora_name(key, weights_mapper)
-            if not is_a or key[:-len(_A)] + _B not in tensors or module in by_module:
+            if not is_a or key[:-len(LORA_A)] + LORA_B not in tensors or module in by_module:
                 raise MapDeclined(f"payload tensor {key} does not pair with one lora_B")
-            by_module[module] = (key, key[:-len(_A)] + _B)
-        elif not key.endswith(_B):
+            by_module[module] = (key, key[:-len(LORA_A)] + LORA_B)
+        elif not key.endswith(LORA_B):
             raise MapDeclined(f"payload tensor {key} is neither a lora_A nor a lora_B weight")
     if 2 * len(by_module) != len(tensors):
         raise MapDeclined("the payload has a lora_B without its lora_A")
@@ -148,11 +157,7 @@ def _entries(manager, tensors: dict, weights_mapper) -> list[SlotEntry]:
         mine = [(i, m) for i, m in enumerate(members) if m in by_module]
         if not mine:
             continue
-        # Single-device stacked linear layers only: one slot buffer per member, nothing sliced.
-        stacked_a, stacked_b = getattr(layer, "lora_a_stacked", None), getattr(layer, "lora_b_stacked", None)
-        if (getattr(layer, "tp_size", None) != 1 or getattr(layer, "n_slices", None) != len(members)
-                or not isinstance(stacked_a, (tuple, list)) or not isinstance(stacked_b, (tuple, list))
-                or len(stacked_a) != len(members) or len(stacked_b) != len(members)):
+        if not is_stacked_linear(layer, len(members)):
             raise MapDeclined(f"{name} is not a single-device stacked linear LoRA layer")
         entries += [SlotEntry(name, i, *by_module.pop(m)) for i, m in mine]
     if by_module:
@@ -187,7 +192,7 @@ def build_slot_map(manager, lora_id: int, tensors: dict, peft_config: dict, weig
             want = want.to(got.dtype)
             if got.shape != want.shape or not torch.equal(got.to("cpu"), want):
                 raise MapDeclined(f"{what} of {entry.layer} (slice {entry.slice}) does not hold the mapped "
-                                  f"payload ({entry.a_key[:-len(_A)]})")
+                                  f"payload ({entry.a_key[:-len(LORA_A)]})")
     return SlotMap(manager, lora_model, lora_model.loras, lora_id, signature, index, scale, entries)
 
 
