@@ -336,6 +336,7 @@ def test_rollout_worker_actor(ray_local, tiny_model_path, base_model):
         report = ray_local.get(worker.load_adapter.remote(ref))
         # The version served, and where the sync's time went (learner gather, transfer, engine).
         assert report["version"] == 5 and report["gather_s"] >= 0 and report["transfer_s"] >= 0
+        assert report["gc_s"] >= 0  # the collector's share of the engine's load
         assert ray_local.get(worker.adapter_version.remote()) == 5
         tuned = ray_local.get(worker.generate.remote([[1, 42, 43]], spec))
         assert tuned[0][0].token_ids == greedy_reference(peft_model, [1, 42, 43], 4)

@@ -10,6 +10,7 @@ import os
 import time
 
 from rl.rollout.engine import Completion, SamplingSpec, make_engine
+from rl.rollout.gc_pauses import GcPauses
 from rl.rollout.sync import AdapterPayload
 
 
@@ -47,14 +48,18 @@ class LocalRolloutWorker:
     def load_adapter(self, payload: AdapterPayload) -> dict[str, float]:
         """Serve ``payload``; returns ``version`` and seconds per sync stage: the learner's
         (carried in the payload), ``transfer`` (learner hand-over to this call: object store,
-        deserialization, queueing), and the engine's own stages."""
+        deserialization, queueing), the engine's own stages, and ``gc`` (the part of the
+        engine's stages this process spent in the garbage collector; ``gc_full``: how many
+        of its collections were of the oldest generation)."""
         # Pass the payload as an object-store reference (ray.put once, every worker
         # reads it); Ray resolves a top-level reference before this method runs.
         arrived = time.time()
         report = {k: v for k, v in payload.timings.items() if k != "sent_at"}
         if "sent_at" in payload.timings:
             report["transfer_s"] = max(0.0, arrived - payload.timings["sent_at"])
-        report.update(self.engine.load_adapter(payload) or {})
+        with GcPauses() as pauses:
+            report.update(self.engine.load_adapter(payload) or {})
+        report["gc_s"] = pauses.seconds
         report["version"] = payload.version
         return report
 
