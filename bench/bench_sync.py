@@ -31,6 +31,10 @@ Stages, in seconds (medians over the K syncs):
   check, wake, fold, inplace_direct, inplace, write, add_lora, remove    the worker's engine
               (wake: 0 unless asleep; inplace_direct: the direct write (new), inplace: vLLM's
               in-place path (inplace_vllm), both with the read-back and prefix-cache reset);
+    gpu_wait, prepare, slot_write, readback, slot_map, rpc, prefix_reset    the parts of
+              inplace_direct / inplace (rl/rollout/vllm_inplace.py PARTS; indented in the table),
+              measured inside vLLM's worker function (the first five) and around its call (rpc:
+              the call's wall time minus the worker function's; prefix_reset);
   load        inplace_direct + inplace + write + add_lora + remove: the engine's load proper,
               what the in-place update replaces;
   activate    the first 1-token generate after the sync minus the next one (vLLM moves an
@@ -39,15 +43,24 @@ Stages, in seconds (medians over the K syncs):
 With sleep mode on (the GPU recipe) the engine is put to sleep before every sync and woken
 first, as in a training step; the wake is outside ``total`` as in the trainer.
 After the last sync of each path the same greedy completion is asked for: all paths must
-serve the same adapter (``same_greedy_tokens``). ``sync_paths`` counts which engine path each
-path's syncs took (new must be all ``inplace_direct``, inplace_vllm all ``inplace``).
-Each round runs the paths that register a new LoRA id (add_lora, old) first, then one untimed
-sync of new (vLLM's in-place path under the new id, which builds the slot map), then the
-in-place paths: a direct write needs a map of the id being served.
+serve the same adapter. ``greedy`` gives each path's tokens and, per pair of paths, whether
+they agree, the first position where they differ, and the largest gap between their token
+logprobs before it: in bfloat16 on a GPU vLLM's LoRA kernels may break a near-tie differently
+(tokens differ late, a small gap before), while a wrong adapter shows a large gap from the start.
+In float32 (CPU) the tokens must agree: a difference fails the run (exit status 1).
+``sync_paths`` counts which engine path each path's syncs took (new must be all
+``inplace_direct``, inplace_vllm all ``inplace``).
+Each round runs the paths that register a new LoRA id (add_lora, old) first, then
+inplace_vllm, then one untimed sync of new, then the timed new. The untimed sync maps a newly
+registered id's slots (a direct write needs a map of the id being served) and makes the CPU
+tensors that vLLM's path replaced private again (vllm_slots._own), so the timed new sync
+measures what every sync of a training run after its first sees: a direct write through the
+served id's map, nothing to re-own (a run uses one path, never both in turn).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -61,8 +74,10 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "inplace_direct", "inplace", "write", "add_lora",
-          "remove", "activate")
+from rl.rollout.vllm_inplace import PARTS  # noqa: E402 (after the path and environment set-up)
+
+STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "inplace_direct", "inplace", *PARTS, "write",
+          "add_lora", "remove", "activate")
 PATHS = ("new", "inplace_vllm", "add_lora", "old")
 # Each path's engine switches (rollout.inplace_sync, rollout.inplace_direct); the earlier paths
 # load through add_lora, the old one would otherwise go in place too.
@@ -122,12 +137,13 @@ def perturb_adapter(rank, seed: int) -> None:
                 local.copy_(torch.randn(local.shape, generator=gen).to(local) * 1e-2)
 
 
-def timed_generate(trainer, prompt_ids: list[int], tokens: int) -> tuple[float, list[int]]:
+def timed_generate(trainer, prompt_ids: list[int], tokens: int) -> tuple[float, object]:
+    """Seconds and the one greedy Completion (token_ids, logprobs)."""
     from rl.rollout.engine import SamplingSpec
 
     t = time.perf_counter()
     out = trainer.rollout.generate([prompt_ids], SamplingSpec(n=1, max_new_tokens=tokens, temperature=0.0))
-    return time.perf_counter() - t, out[0][0].token_ids
+    return time.perf_counter() - t, out[0][0]
 
 
 def set_inplace(worker, inplace: bool, direct: bool) -> None:
@@ -172,11 +188,31 @@ def engine_path(row: dict) -> str:
 
 
 def in_turns(paths: list[str]) -> list[str | None]:
-    """One round's order (pure): the paths that register a new LoRA id first, then None (an
-    untimed sync of new, which maps the new id's slots), then the in-place paths."""
-    registers = [p for p in paths if not SWITCHES[p][0]]
-    inplace = [p for p in paths if SWITCHES[p][0]]
-    return registers + ([None] if registers else []) + inplace
+    """One round's order (pure): the paths that register a new LoRA id first, then inplace_vllm,
+    then None (an untimed sync of new: it maps a new id's slots and re-owns the tensors vLLM's
+    path replaced), then new; new alone when it is the only path."""
+    others = [p for p in paths if p != "new"]
+    registers = [p for p in others if not SWITCHES[p][0]]
+    return registers + [p for p in others if p not in registers] + ([None] if others else []) + ["new"]
+
+
+def first_difference(a: list, b: list) -> int | None:
+    """The first position where two token lists differ (a length difference counts), or None (pure)."""
+    return next((i for i, (x, y) in enumerate(itertools.zip_longest(a, b)) if x != y), None)
+
+
+def greedy_agreement(served: dict[str, tuple[list[int], list[float]]]) -> dict:
+    """Per pair of paths ("a~b"), from each path's greedy (tokens, logprobs) (pure): whether the
+    tokens agree, the first position where they differ, and the largest |logprob gap| over the
+    tokens before it (the same tokens, so the same distribution if the adapter is the same)."""
+    out = {}
+    for a, b in itertools.combinations(served, 2):
+        (ta, la), (tb, lb) = served[a], served[b]
+        at = first_difference(ta, tb)
+        shared = min(len(ta), len(tb)) if at is None else at
+        gap = max((abs(x - y) for x, y in zip(la[:shared], lb[:shared])), default=0.0)
+        out[f"{a}~{b}"] = {"same": at is None, "first_difference": at, "logprob_gap_before": round(gap, 6)}
+    return out
 
 
 def ratios(median: dict, paths: list[str]) -> dict:
@@ -229,7 +265,8 @@ def main() -> int:
         for p in in_turns(paths):
             one_sync(trainer, p or "new", prompt)
             if p:
-                greedy[p] = timed_generate(trainer, prompt, 16)[1]
+                completion = timed_generate(trainer, prompt, 16)[1]
+                greedy[p] = (list(completion.token_ids), list(completion.logprobs))
         payload_mb = ray.get(trainer.learner.ranks[0].__ray_call__.remote(
             lambda rank: sum(p.numel() for n, p in rank.model.named_parameters() if "lora_" in n) / 1e6))
     finally:
@@ -242,7 +279,9 @@ def main() -> int:
                                  for path in ("inplace_direct", "inplace", "add_lora")} for p in paths},
               "per_sync_s": {p: [{k: round(v, 5) for k, v in r.items()} for r in rows[p]] for p in paths}}
     result.update(ratios(result["median_s"], paths))
-    result["same_greedy_tokens"] = all(greedy[p] == greedy["new"] for p in paths)
+    agreement = greedy_agreement(greedy)
+    result["same_greedy_tokens"] = all(pair["same"] for pair in agreement.values())
+    result["greedy"] = {"tokens": {p: greedy[p][0] for p in paths}, "pairs": agreement}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
@@ -253,12 +292,18 @@ def main() -> int:
           f"{result['lora_params_m']}M LoRA params, served in {result['rollout_dtype']}, sleep mode "
           f"{'on' if result['sleep_mode'] else 'off'})")
     print(f"{'stage':<15}" + "".join(f"{p:>13}" for p in paths))
-    for k in keys:
-        print(f"{k:<15}" + "".join(f"{med[p].get(k, 0.0):>13.4f}" for p in paths))
+    for k in keys:  # an in-place stage's parts are indented under it
+        print(f"{'  ' + k if k in PARTS else k:<15}" + "".join(f"{med[p].get(k, 0.0):>13.4f}" for p in paths))
     for p in paths[1:]:
         print(f"{p} / new: total {result.get(f'{p}_over_new_total', float('nan')):.2f}, "
               f"load {result.get(f'{p}_over_new_load', float('nan')):.2f}")
     print(f"engine path of each path's syncs: {result['sync_paths']}; same greedy tokens: {result['same_greedy_tokens']}")
+    for pair, seen in agreement.items():
+        print(f"greedy {pair}: " + ("same tokens" if seen["same"] else f"differ from token {seen['first_difference']}")
+              + f", largest logprob gap before: {seen['logprob_gap_before']:.2e}")
+    if result["rollout_dtype"] == "float32" and not result["same_greedy_tokens"]:
+        print("the paths served different greedy tokens in float32: one of them did not serve the learner's adapter")
+        return 1
     return 0
 
 

@@ -24,7 +24,7 @@ from rl.config import RolloutConfig
 from rl.rollout.engine import SamplingSpec, make_engine
 from rl.rollout.sync import make_payload
 from rl.rollout.vllm_inplace import SlotMismatch, adapter_signature, update_served_adapter
-from test_sync import learner_model, teacher_forced_logprobs
+from test_sync import assert_inplace_parts, learner_model, teacher_forced_logprobs
 
 TOL = 1e-3
 MODULES = ["q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -115,8 +115,10 @@ def test_inplace_updates_serve_what_a_fresh_add_lora_serves(engine, base):
         model = learner_model(base, config, seed=100 + i)
         payload = _payload(model, first + i)
         report = engine.load_adapter(payload)
-        # The in-place path, not add_lora: no folder, no new id.
+        # The in-place path, not add_lora: no folder, no new id. vLLM's path under an id that add_lora
+        # registered, then the slots mapped.
         assert report["sync_path"] == "inplace" and "inplace_s" in report, report
+        assert_inplace_parts(report, "inplace", mapped=True)
         assert not {"write_s", "add_lora_s", "remove_s"} & set(report)
         assert engine._lora.lora_int_id == served_id and engine.loaded_lora_ids() == {served_id}
         assert engine.adapter_version() == first + i
@@ -153,8 +155,8 @@ def test_unregistered_id_is_declined_and_the_slot_read_back_catches_stale_values
     version = (engine.adapter_version() or 0) + 1
     payload = _payload(learner_model(base, VERSIONS[0], seed=11), version)
     engine.load_adapter(payload)
-    reason, path = update_served_adapter(engine.llm, 10_000, payload.tensors, payload.peft_config)
-    assert reason and "not registered" in reason and path == ""
+    reason, path, parts = update_served_adapter(engine.llm, 10_000, payload.tensors, payload.peft_config)
+    assert reason and "not registered" in reason and path == "" and parts == {}
     lora_id = engine._lora.lora_int_id
 
     def read_back(worker, tensors):
@@ -214,6 +216,7 @@ def test_direct_writes_equal_what_vllms_own_path_writes(engine, base):
         payload = _payload(model, version + i)
         report = engine.load_adapter(payload)
         assert report["sync_path"] == "inplace" and "inplace_direct_s" in report and "inplace_s" not in report, report
+        assert_inplace_parts(report, "inplace_direct", mapped=False)
         assert engine._lora.lora_int_id == served_id and engine.adapter_version() == version + i
         direct_slots, direct_held = _snapshot(engine)
         direct = _served(engine)
@@ -221,6 +224,7 @@ def test_direct_writes_equal_what_vllms_own_path_writes(engine, base):
         # The same payload through vLLM's own path (rebuild, pack, re-activate): the same bits everywhere.
         report = _load(engine, payload, direct=False)
         assert "inplace_s" in report and "inplace_direct_s" not in report, report
+        assert_inplace_parts(report, "inplace", mapped=False)
         vllm_slots, vllm_held = _snapshot(engine)
         _assert_bitwise(direct_slots, vllm_slots, f"version {i}: slots after the direct write vs vLLM's")
         # The registered LoRAModel held the new version too (a re-activation by vLLM serves it).

@@ -19,6 +19,7 @@ from core.lora import lora_config_from_dict
 from rl.config import RolloutConfig
 from rl.rollout.engine import SamplingSpec, make_engine
 from rl.rollout.pool import slowest_stages
+from rl.rollout.vllm_inplace import PARTS
 from rl.rollout.sync import (
     AdapterPayload,
     check_ranks,
@@ -32,6 +33,16 @@ from rl.rollout.sync import (
 
 MAX_RANK = 16
 TOL = 1e-3
+
+
+def assert_inplace_parts(seconds: dict, path: str, mapped: bool, prefix: str = "") -> None:
+    """An in-place sync's report (``prefix``: "time/sync_" in a step's metrics) holds every part
+    of its ``path`` stage (rl/rollout/vllm_inplace.py PARTS; ``slot_map`` only where ``mapped``),
+    each non-negative, together within the stage: they are pieces of it, timed one after another."""
+    parts = {p: seconds[f"{prefix}{p}_s"] for p in PARTS if f"{prefix}{p}_s" in seconds}
+    assert set(parts) == set(PARTS) - (set() if mapped else {"slot_map"}), sorted(seconds)
+    assert all(v >= 0 for v in parts.values()), parts
+    assert sum(parts.values()) <= seconds[f"{prefix}{path}_s"] + 1e-4, (parts, seconds[f"{prefix}{path}_s"])
 PROMPTS = [[1, 100, 200, 300], [1, 42, 43], [1, 9000, 12, 13, 14, 15]]
 
 CASES = {
@@ -302,5 +313,11 @@ def test_training_steps_log_each_sync_stage(ray_local, tiny_model_path, tmp_path
         other = {"time/sync_inplace_s"} if "write" in path else {"time/sync_write_s", "time/sync_add_lora_s"}
         assert not other & stages, sorted(stages)
         assert all(m[k] >= 0 for k in stages)
-        # The stages happen one after another inside the sync: together they cannot exceed it.
-        assert sum(m[k] for k in stages if k != "time/sync_unpack_s") <= m["time/sync_s"] + 0.05
+        parts = {f"time/sync_{p}_s" for p in PARTS}
+        if "inplace" in path:  # vLLM's path, then the slot map for the direct writes that follow
+            assert_inplace_parts(m, "inplace", mapped=True, prefix="time/sync_")
+        else:
+            assert not parts & stages, sorted(stages)
+        # The stages happen one after another inside the sync (unpack is part of transfer, the
+        # in-place parts are parts of the in-place stage): together they cannot exceed it.
+        assert sum(m[k] for k in stages - parts if k != "time/sync_unpack_s") <= m["time/sync_s"] + 0.05

@@ -172,9 +172,9 @@ class VLLMEngine:
 
     def load_adapter(self, payload: AdapterPayload) -> dict:
         """Serve ``payload`` from now on; returns seconds per stage (check, wake, fold, then
-        ``inplace_direct`` or ``inplace`` or write, add_lora, remove) and ``sync_path``
-        ("inplace", whichever of the two in-place stages ran, or "add_lora") for the sync's
-        timing report."""
+        ``inplace_direct`` or ``inplace`` with its parts, ``rl.rollout.vllm_inplace.PARTS``, or
+        write, add_lora, remove) and ``sync_path`` ("inplace", whichever of the two in-place
+        stages ran, or "add_lora") for the sync's timing report."""
         timings, t = {}, time.perf_counter()
 
         def stage(name: str) -> None:
@@ -193,11 +193,12 @@ class VLLMEngine:
         stage("fold")
         signature = adapter_signature(tensors, config)
         if self.inplace_sync and self._lora is not None and signature == self._signature:
-            declined, path = update_served_adapter(self.llm, self._lora.lora_int_id, tensors, config,
-                                                   direct=self.inplace_direct)
+            declined, path, parts = update_served_adapter(self.llm, self._lora.lora_int_id, tensors, config,
+                                                          direct=self.inplace_direct)
             if declined is None:
                 self._version = payload.version
                 stage(path)  # inplace_direct (the verified slot map) or inplace (vLLM's re-activation)
+                timings.update({f"{part}_s": seconds for part, seconds in parts.items()})  # its parts
                 return dict(timings, sync_path="inplace")
             # Not as expected once, not as expected every step: the rest go through add_lora.
             log.warning("in-place adapter update declined (%s); serving every version with add_lora from now on",
