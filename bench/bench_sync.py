@@ -279,7 +279,7 @@ def main() -> int:
                                  for path in ("inplace_direct", "inplace", "add_lora")} for p in paths},
               "per_sync_s": {p: [{k: round(v, 5) for k, v in r.items()} for r in rows[p]] for p in paths}}
     result.update(ratios(result["median_s"], paths))
-    agreement = greedy_agreement(greedy)
+    agreement = greedy_agreement({p: greedy[p] for p in paths})  # pairs in the order of --paths
     result["same_greedy_tokens"] = all(pair["same"] for pair in agreement.values())
     result["greedy"] = {"tokens": {p: greedy[p][0] for p in paths}, "pairs": agreement}
     text = json.dumps(result, indent=1)
