@@ -39,6 +39,8 @@ Stages, in seconds (medians over the K syncs):
               what the in-place update replaces;
   activate    the first 1-token generate after the sync minus the next one (vLLM moves an
               adapter into its slots on first use, so this cost lands in the next rollout);
+  gc          the part of the engine's stages the worker's process spent in Python's garbage
+              collector (rl/rollout/gc_pauses.py), whichever stage it landed in;
   total       the driver's wall time of export + sync, as the trainer's ``time/sync_s``.
 With sleep mode on (the GPU recipe) the engine is put to sleep before every sync and woken
 first, as in a training step; the wake is outside ``total`` as in the trainer.
@@ -77,7 +79,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from rl.rollout.vllm_inplace import PARTS  # noqa: E402 (after the path and environment set-up)
 
 STAGES = ("gather", "transfer", "unpack", "check", "wake", "fold", "inplace_direct", "inplace", *PARTS, "write",
-          "add_lora", "remove", "activate")
+          "add_lora", "remove", "activate", "gc")
 PATHS = ("new", "inplace_vllm", "add_lora", "old")
 # Each path's engine switches (rollout.inplace_sync, rollout.inplace_direct); the earlier paths
 # load through add_lora, the old one would otherwise go in place too.
