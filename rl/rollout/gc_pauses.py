@@ -1,9 +1,9 @@
 """Time this process spent in Python's garbage collector while a block of code ran.
 
 A rollout worker's process holds vLLM's engine, and a collection of the oldest generation walks
-every tracked object of the heap that vLLM did not freeze at start-up: a pause of a few tenths
-of a second on a GPU host, landing in whichever call happens to trigger it. The adapter sync is
-timed stage by stage; this meter reports how much of a stage was the collector's, so that a
+every tracked object of the heap that vLLM did not freeze at start-up, in whichever call happens
+to trigger it (in a CPU worker serving SmolLM2, about 16,000 objects and 5 ms). The adapter sync
+is timed stage by stage; this meter reports how much of a stage was the collector's, so that a
 slow sync caused by a collection is told apart from a slow copy.
 """
 from __future__ import annotations
