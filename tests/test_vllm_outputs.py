@@ -56,3 +56,34 @@ def test_lean_output_options_only_where_the_field_exists():
     assert lean_output_options(frozenset({"detokenize", "flat_logprobs", "n"})) == {"detokenize": False,
                                                                                     "flat_logprobs": True}
     assert lean_output_options(frozenset()) == {}
+
+
+@pytest.mark.parametrize("model", ["smollm2_path", "tiny_model_path"])
+def test_batch_decoder_equals_transformers_batch_decode(model, request):
+    """The fast backend's decode, called directly, gives transformers' texts (special tokens
+    skipped, no clean-up), special tokens and odd byte pieces included."""
+    import random
+
+    from core.models import load_tokenizer
+    from rl.rollout.vllm_outputs import batch_decoder
+
+    tok = load_tokenizer(request.getfixturevalue(model))
+    assert tok.backend_tokenizer is not None  # the fast path is the one under test
+    rng = random.Random(0)
+    special = sorted(set(tok.all_special_ids))
+    seqs = [[rng.randrange(tok.vocab_size) for _ in range(rng.randrange(0, 60))] for _ in range(40)]
+    seqs += [[special[0], *seq[:5], special[-1]] for seq in seqs[:10]] + [[], special]
+    want = tok.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert batch_decoder(tok)(seqs) == want
+    assert any(want) and not batch_decoder(tok)([special])[0]
+
+
+def test_batch_decoder_falls_back_to_batch_decode_without_a_fast_backend():
+    from rl.rollout.vllm_outputs import batch_decoder
+
+    class Slow:  # a tokenizer with no Rust backend
+        def batch_decode(self, seqs, skip_special_tokens, clean_up_tokenization_spaces):
+            assert skip_special_tokens and not clean_up_tokenization_spaces
+            return [" ".join(map(str, s)) for s in seqs]
+
+    assert batch_decoder(Slow())([[1, 2], [3]]) == ["1 2", "3"]

@@ -75,12 +75,24 @@ def prompt_context(decode, prompt_ids: list[int]) -> list[int]:
     return list(prompt_ids)
 
 
+def batch_decoder(tokenizer):
+    """``decode(list of token-id lists) -> texts``, special tokens skipped, no clean-up of spaces.
+
+    transformers' ``batch_decode`` walks every token id in Python (a type check per id) before
+    its Rust tokenizer decodes them: for a GRPO batch (512 completions of about 300 tokens) that
+    walk took half of the decode on CPU. A fast tokenizer's backend is called directly instead;
+    transformers' own decode is the same call followed by the clean-up left off here.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode_batch"):
+        return lambda seqs: backend.decode_batch(seqs, skip_special_tokens=True)
+    return lambda seqs: tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
 def decode_texts(tokenizer, prompt_ids: list[list[int]], rows: list[list[tuple[list[int], bool]]]) -> list[list[str]]:
     """The text of each completion, ``rows[prompt][sample] = (token ids, stopped on a stop token)``,
     as vLLM's ``CompletionOutput.text`` writes it; decoded in one batch."""
-    def decode(seqs: list[list[int]]) -> list[str]:
-        return tokenizer.batch_decode(seqs, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
+    decode = batch_decoder(tokenizer)
     contexts = [prompt_context(lambda ids: decode([ids])[0], p) for p in prompt_ids]
     heads = decode(contexts)
     bodies = [[ids[:-1] if stopped else ids for ids, stopped in row] for row in rows]
