@@ -49,8 +49,7 @@ class LocalRolloutWorker:
         """Serve ``payload``; returns ``version`` and seconds per sync stage: the learner's
         (carried in the payload), ``transfer`` (learner hand-over to this call: object store,
         deserialization, queueing), the engine's own stages, and ``gc`` (the part of the
-        engine's stages this process spent in the garbage collector; ``gc_full``: how many
-        of its collections were of the oldest generation)."""
+        engine's stages this process spent in the garbage collector)."""
         # Pass the payload as an object-store reference (ray.put once, every worker
         # reads it); Ray resolves a top-level reference before this method runs.
         arrived = time.time()
