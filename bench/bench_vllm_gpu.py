@@ -23,7 +23,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       the GPU recipe for a few GRPO steps (colocated learner + vLLM worker), with vLLM's sleep
       mode and without: mean step time after the first and its breakdown (rollout, reward,
       learner, sync, sleep, wake), adapter sync as a share of the step, and the GPU's peak
-      used memory (all processes, sampled every 50 ms);
+      used memory (all processes, sampled every 50 ms); then one more step with the learner
+      under torch's profiler (``learner_profile``: kernel time by class, the GPU's busy share),
+      left out of the means;
   step-placerl-2gpu (not in the default set: needs a host with two GPUs)
       the same run disaggregated: the learner rank on one GPU, the vLLM worker on the other
       (no sleep mode: nothing shares a GPU), for the same breakdown against colocated;
@@ -82,7 +84,7 @@ class Sizes:
     rank: int = 16
     max_model_len: int = 1024
     gpu_memory_utilization: float = 0.3
-    overhead_rounds: int = 2
+    overhead_rounds: int = 5
     overhead_batch: tuple | None = None  # (prompts, samples, new tokens); None: the first of batches, tokens
     seed_mode: str = "auto"  # rollout.seed_mode of the vLLM engines
     step_prompts: int = 32

@@ -22,13 +22,23 @@ STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s",
 
 
 def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False) -> None:
-    from bench.recipe_steps import recipe_step_metrics
+    """The recipe for ``s.steps`` timed steps, then one more under the profiler (rl/learner/profiling.py),
+    left out of the means: the profiler slows the step it watches."""
+    import json
+
+    from bench.recipe_steps import recipe_run
 
     placement = ["cluster.colocate=false", "cluster.gpus_per_learner_rank=1", "cluster.gpus_per_rollout_worker=1",
                  "rollout.gpu_memory_utilization=0.8"] if two_gpus else []
     placement += ["trainer.max_staleness=1"] if overlap else []
     memory = PeakMemory()
-    steps = recipe_step_metrics(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
+    profiled = s.steps + 1
+    placement += [f"trainer.steps={profiled}", f"trainer.save_every={profiled + 1}", f"learner.profile_step={profiled}"]
+    steps, run_dir = recipe_run(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
+    profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
+    rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
+    rec("profiled_step", {k.split("/")[-1]: round(steps[-1].get(k, 0.0), 4) for k in STEP_KEYS} if steps else None)
+    steps = steps[:s.steps]
     # The sync's own stages (time/sync_<stage>_s: export, transfer, the engine's load steps) say
     # where a sync that misses its share goes.
     keys = STEP_KEYS + tuple(sorted({k for m in steps for k in m if k.startswith("time/sync_") and k != "time/sync_s"}))

@@ -93,6 +93,12 @@ class LearnerConfig:
     # One forward over a prompt that rows of a micro-batch share (a GRPO group), its KV cache
     # reused for each row's completion (rl/learner/shared_prefix.py); one rank, no checkpointing.
     shared_prefix: bool = True
+    # > 0: each rank's N-th train step runs under torch's profiler (rl/learner/profiling.py);
+    # its summary and table go to profile_dir (empty: <run>/profile), a Chrome trace too with
+    # profile_trace.
+    profile_step: int = 0
+    profile_dir: str = ""
+    profile_trace: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.num_ranks >= 1, f"{p}.num_ranks", self.num_ranks, "must be >= 1")
@@ -113,6 +119,8 @@ class LearnerConfig:
         _one_of(f"{p}.mixed_precision", self.mixed_precision, ["auto", "fp32", "bf16"])
         _check(self.logprob_chunk >= 0, f"{p}.logprob_chunk", self.logprob_chunk,
                "must be >= 0 (0: whole logits at once)")
+        _check(self.profile_step >= 0, f"{p}.profile_step", self.profile_step,
+               "must be >= 0 (0: off; N: profile the learner's N-th step)")
 
 
 @dataclass

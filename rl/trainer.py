@@ -135,8 +135,12 @@ class Trainer:
         if cfg.diagnostics.enabled:
             from rl.diagnostics.capture import attach_to_learner as attach
         # The learner sees the rollout settings as resolved for this host (sleep mode decides
-        # whether it hands its cached memory back after each step).
-        self.learner = LearnerGroup(dataclasses.replace(cfg, rollout=self.served), self.model_path, self.lora_dict,
+        # whether it hands its cached memory back after each step), and where a profile goes.
+        learner_cfg = cfg.learner
+        if learner_cfg.profile_step and not learner_cfg.profile_dir:
+            learner_cfg = dataclasses.replace(learner_cfg, profile_dir=str(self.run_dir / "profile"))
+        self.learner = LearnerGroup(dataclasses.replace(cfg, rollout=self.served, learner=learner_cfg),
+                                    self.model_path, self.lora_dict,
                                     plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0

@@ -39,6 +39,7 @@ from rl.grpo import configured_correction, policy_loss, sft_loss
 from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
+from rl.learner.profiling import profiled_step
 from rl.learner.sharding import reshard, shard_model
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
 
@@ -242,6 +243,10 @@ class LearnerRank:
         return ref
 
     def train_step(self, shard: dict, totals: dict) -> dict:
+        with profiled_step(self.cfg.learner, self.steps + 1, self.rank, self.device):
+            return self._train_step(shard, totals)
+
+    def _train_step(self, shard: dict, totals: dict) -> dict:
         a, lc = self.cfg.algorithm, self.cfg.learner
         sft, mu = a.loss == "sft", lc.updates_per_batch
         temperature = 1.0 if sft else self.cfg.rollout.temperature
