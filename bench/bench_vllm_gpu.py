@@ -9,8 +9,8 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       generated tokens / wall time at 64 x 8 and 128 x 8 (prompts x samples, 512 new tokens,
       temperature 1) for the model serving an all-linear r=16 adapter: vLLM with CUDA
       graphs, vLLM eager, the plain-transformers engine (hf: 128 new tokens, it is slow;
-      tokens/s of a launch-bound engine hardly depends on the length); graphs and eager also
-      run the largest batch in the other rollout.seed_mode, and graphs runs it once more in a
+      tokens/s of a launch-bound engine hardly depends on the length); graphs and eager run the
+      largest batch three more times, the two rollout.seed_modes taking turns, and graphs runs it once more in a
       child process with batch seeds and rollout.async_scheduling=true (128x8_async_scheduling,
       with whether vLLM kept it on: its CPU backend turns it off);
   overhead
@@ -227,25 +227,29 @@ def async_variant(s: Sizes, rec: Recorder, deadline: float, child: list[str], ne
 
 
 def seed_mode_pair(engine, tok, s: Sizes, tokens: int, rec: Recorder, deadline: float, rate: float) -> None:
-    """The largest batch again in the other rollout.seed_mode, on the same engine: what vLLM's
-    per-request seeded sampling (a Python loop over the batch every decode step) costs."""
+    """The largest batch three more times on the same engine, the seed modes taking turns (the
+    other rollout.seed_mode, this one, the other): with the first run, two of each, so that
+    neither mode always runs first (``128x8_seed_mode_turns``, in the order they ran)."""
     from rl.rollout.engine import SamplingSpec
 
     p, g = s.batches[-1]
-    if p * g * tokens / rate > deadline - time.time():
-        rec(f"{p}x{g}_other_seed_mode", {"skipped": "no time left"})
-        return
     mode = engine.seed_mode
-    engine.seed_mode = "request" if mode == "batch" else "batch"
-    try:
-        t = time.perf_counter()
-        n = tokens_of(engine.generate(prompt_ids(tok, p), SamplingSpec(n=g, max_new_tokens=tokens, temperature=1.0,
-                                                                       seed=1)))
-        dt = time.perf_counter() - t
-    finally:
-        engine.seed_mode = mode
-    rec(f"{p}x{g}_other_seed_mode", {"seed_mode": "request" if mode == "batch" else "batch", "tokens": n,
-                                     "seconds": round(dt, 3), "tokens_per_s": round(n / dt, 1)})
+    other = "request" if mode == "batch" else "batch"
+    first = rec.data.get(f"{p}x{g}", {})
+    turns = [{"seed_mode": mode, "tokens_per_s": first.get("tokens_per_s"), "seconds": first.get("seconds")}]
+    for turn in (other, mode, other):
+        if p * g * tokens / rate > deadline - time.time():
+            break
+        engine.seed_mode = turn
+        try:
+            t = time.perf_counter()
+            n = tokens_of(engine.generate(prompt_ids(tok, p), SamplingSpec(n=g, max_new_tokens=tokens,
+                                                                           temperature=1.0, seed=1)))
+            dt = time.perf_counter() - t
+        finally:
+            engine.seed_mode = mode
+        turns.append({"seed_mode": turn, "tokens_per_s": round(n / dt, 1), "seconds": round(dt, 3)})
+    rec(f"{p}x{g}_seed_mode_turns", turns)
 
 
 def run_part(args) -> None:

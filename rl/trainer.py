@@ -191,13 +191,15 @@ class Trainer:
         from rl.rollout.engine import payload_dtype
 
         overlapped = self.cfg.trainer.max_staleness > 0
+        self.adapter_version += 1
+        # Asked for first: the learner gathers the adapter while the rollout wakes (another
+        # actor), so only what outlasts the wake remains in time/sync_s.
+        ref = self.learner.export_adapter(self.adapter_version, payload_dtype(self.served, self._rollout_dtype()))
         t = time.perf_counter()
         if not overlapped:  # an overlapped rollout never sleeps (check_overlap)
             self.rollout.wake_up()
         self.wake_s = time.perf_counter() - t
         t = time.perf_counter()
-        self.adapter_version += 1
-        ref = self.learner.export_adapter(self.adapter_version, payload_dtype(self.served, self._rollout_dtype()))
         # Overlapped: queued behind the rollouts in flight, which keep their older adapter (no stages then).
         stages = self.rollout.sync(ref, wait=not overlapped)
         return {"time/sync_s": time.perf_counter() - t, **{f"time/sync_{k}": v for k, v in stages.items()}}

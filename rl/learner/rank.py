@@ -108,6 +108,10 @@ class LearnerRank:
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
+            # cuDNN's attention builds an execution plan per new shape, and token-packed
+            # micro-batches change shape every time: on an H200 its host time per call was ten
+            # times its kernel's (reports/gpu/README.md section 12). PyTorch's own kernels take over.
+            torch.backends.cuda.enable_cudnn_sdp(False)
         else:
             # Ray set one thread for this fractional-CPU actor; learner ranks compute while
             # the rollout workers wait, so they share the host's cores (rl/resources.py).

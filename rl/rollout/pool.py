@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import ray
@@ -118,7 +119,8 @@ class RolloutPool:
         the next ``collect`` or ``sync`` (and no stages are returned)."""
         self._settle()
         self._adapter = payload_ref
-        self._loading = {i: w.load_adapter.remote(payload_ref) for i, w in enumerate(self.workers)}
+        now = time.time()
+        self._loading = {i: w.load_adapter.remote(payload_ref, now) for i, w in enumerate(self.workers)}
         return self._settle() if wait else {}
 
     def _settle(self) -> dict[str, float]:

@@ -45,17 +45,21 @@ class LocalRolloutWorker:
                 c.adapter_version = version
         return groups
 
-    def load_adapter(self, payload: AdapterPayload) -> dict[str, float]:
+    def load_adapter(self, payload: AdapterPayload, requested_at: float | None = None) -> dict[str, float]:
         """Serve ``payload``; returns ``version`` and seconds per sync stage: the learner's
-        (carried in the payload), ``transfer`` (learner hand-over to this call: object store,
-        deserialization, queueing), the engine's own stages, and ``gc`` (the part of the
-        engine's stages this process spent in the garbage collector)."""
+        (carried in the payload), ``transfer`` (from the later of the learner's hand-over and
+        ``requested_at``, the driver's wall clock when it asked for this load, to this call:
+        object store, deserialization, queueing), the engine's own stages, and ``gc`` (the part
+        of the engine's stages this process spent in the garbage collector)."""
         # Pass the payload as an object-store reference (ray.put once, every worker
         # reads it); Ray resolves a top-level reference before this method runs.
         arrived = time.time()
         report = {k: v for k, v in payload.timings.items() if k != "sent_at"}
         if "sent_at" in payload.timings:
-            report["transfer_s"] = max(0.0, arrived - payload.timings["sent_at"])
+            # A payload exported before the load was asked for (while the rollout woke) did not
+            # wait on the transfer until then.
+            start = max(payload.timings["sent_at"], requested_at or 0.0)
+            report["transfer_s"] = max(0.0, arrived - start)
         with GcPauses() as pauses:
             report.update(self.engine.load_adapter(payload) or {})
         report["gc_s"] = pauses.seconds

@@ -1,0 +1,21 @@
+"""The GPU benchmark's summary: ratios and goal checks from whatever parts ran (pure)."""
+from bench.vllm_gpu_summary import summarise
+
+
+def test_seed_modes_compared_by_median_over_turns():
+    turns = [{"seed_mode": "batch", "tokens_per_s": 21000.0}, {"seed_mode": "request", "tokens_per_s": 28000.0},
+             {"seed_mode": "batch", "tokens_per_s": 27000.0}, {"seed_mode": "request", "tokens_per_s": 26000.0}]
+    out = summarise({"rollout-graphs": {"128x8": {"tokens_per_s": 21000.0, "seed_mode": "batch"},
+                                        "128x8_seed_mode_turns": turns}})
+    assert out["graphs_128x8_tokens_per_s_by_seed_mode"] == {"batch": [21000.0, 27000.0], "request": [28000.0, 26000.0]}
+    assert out["graphs_128x8_batch_over_request_seeds_median"] == round(24000 / 27000, 3)
+    assert out["graphs_128x8_goal_25k_tokens_per_s_by_seed_mode"] == {"batch": "NOT met", "request": "met"}
+    assert out["graphs_128x8_goal_25k_tokens_per_s"] == "NOT met"  # the first run, in the default mode
+
+
+def test_step_ratio_and_sync_share_goals():
+    ours = {"step_s": 5.0, "sync_over_step": 0.019}
+    out = summarise({"step-placerl": {"mean_after_first": ours}, "step-trl": {"mean_after_first": {"step_s": 7.0}}})
+    assert out["placerl_over_trl_step"] == round(5 / 7, 3) and out["placerl_over_trl_goal_0.5"] == "NOT met"
+    assert out["sync_over_step_goal_2%"] == "met"
+    assert "graphs_128x8_tokens_per_s_by_seed_mode" not in out  # parts that did not run give no ratio
