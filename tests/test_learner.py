@@ -421,6 +421,25 @@ def test_kernel_classes_and_summary_shares():
     assert summarize(rows[2:], wall_s=1.0)["device_busy_share"] is None  # no kernels: a CPU step
 
 
+def test_profile_rows_leave_out_ranges_marked_on_the_gpu_timeline():
+    from types import SimpleNamespace as Event
+
+    from rl.learner.profiling import profile_rows
+
+    kernel = Event(key="gemm", count=2, self_cpu_time_total=0.0, self_device_time_total=300.0,
+                   device_type="DeviceType.CUDA", is_user_annotation=False)
+    # FSDP2 marks its pre-forward on the GPU timeline: its time is the kernels' inside it.
+    marked = Event(key="FSDP::pre_forward (layers.0)", count=8, self_cpu_time_total=0.0,
+                   self_device_time_total=900.0, device_type="DeviceType.CUDA", is_user_annotation=True)
+    op = Event(key="aten::mm", count=2, self_cpu_time_total=50.0, self_device_time_total=0.0,
+               device_type="DeviceType.CPU", is_user_annotation=False)
+    hook = Event(key="FSDP::pre_forward (layers.0)", count=8, self_cpu_time_total=20.0, self_device_time_total=0.0,
+                 device_type="DeviceType.CPU", is_user_annotation=True)  # the hook's own Python time
+    assert profile_rows([kernel, marked, op, hook]) == [
+        ("gemm", 2, 0.0, 0.0003, True), ("aten::mm", 2, 0.00005, 0.0, False),
+        ("FSDP::pre_forward (layers.0)", 8, 0.00002, 0.0, False)]
+
+
 @pytest.mark.slow
 def test_profile_step_writes_the_summary_of_that_step_only(ray_local, tiny_model_path, tmp_path):
     import json

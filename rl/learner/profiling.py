@@ -65,13 +65,19 @@ def summarize(rows, wall_s: float) -> dict:
 
 
 def profile_rows(events) -> list[tuple]:
-    """``(name, count, self host s, self device s, is kernel)`` per entry of ``key_averages()``."""
+    """``(name, count, self host s, self device s, is kernel)`` per entry of ``key_averages()``.
+
+    Ranges that code marks on the GPU's timeline (FSDP2's ``FSDP::pre_forward``, the
+    optimizer's step) are left out: their device time is that of the kernels inside them.
+    The same ranges on the host stay: their own time there is the Python around the ops."""
     rows = []
     for e in events:
+        kernel = str(getattr(e, "device_type", "")).endswith("CUDA")
+        if kernel and getattr(e, "is_user_annotation", False):
+            continue
         device_us = getattr(e, "self_device_time_total", None)
         if device_us is None:  # older torch
             device_us = getattr(e, "self_cuda_time_total", 0)
-        kernel = str(getattr(e, "device_type", "")).endswith("CUDA")
         rows.append((e.key, int(e.count), e.self_cpu_time_total / 1e6, device_us / 1e6, kernel))
     return rows
 

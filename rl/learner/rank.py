@@ -85,9 +85,12 @@ class LearnerRank:
         # See rl/learner/shared_prefix.py for why one rank and no checkpointing.
         self._share_prefix = (cfg.learner.shared_prefix and self.world_size == 1
                               and not cfg.learner.gradient_checkpointing)
-        if self._share_prefix:
-            # Each layer runs backward twice per micro-batch (completions, then the prompt
-            # through the cache): its weights stay gathered until _update reshards them.
+        # Each layer's gathered (on CUDA, bf16) weights stay from the step's first forward until
+        # _update reshards them: on one rank, where nothing is sharded, instead of a gather (a
+        # cast and copy per weight) for every micro-batch; with shared prefixes, because each
+        # layer runs backward twice per micro-batch (completions, then the prompt through the cache).
+        self._keep_gathered = self.world_size == 1 or self._share_prefix
+        if self._keep_gathered:
             peft_model.set_reshard_after_backward(False)
         self.b_masks = {k: v.bool() for k, v in b_masks.items()} if b_masks else None
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -307,7 +310,7 @@ class LearnerRank:
     def _update(self, local_loss: torch.Tensor) -> tuple[float, float, dict]:
         """Mask, clip and step; a non-finite loss on any rank or grad norm skips the step."""
         diag = {}
-        if self._share_prefix:
+        if self._keep_gathered:
             # Register the sharded parameters again (they hold the gradients that hooks, masks
             # and the optimizer read) and let the next forward gather the updated weights.
             reshard(self.model)
