@@ -41,7 +41,9 @@ Stages, in seconds (medians over the K syncs):
               adapter into its slots on first use, so this cost lands in the next rollout);
   gc          the part of the engine's stages the worker's process spent in Python's garbage
               collector (rl/rollout/gc_pauses.py), whichever stage it landed in;
-  total       the driver's wall time of export + sync, as the trainer's ``time/sync_s``.
+  total       the driver's wall time of export + sync (the rollout already awake). In training
+              a sleeping rollout wakes while the learner gathers, and ``time/sync_s`` starts
+              after the wake.
 With sleep mode on (the GPU recipe) the engine is put to sleep before every sync and woken
 first, as in a training step; the wake is outside ``total`` as in the trainer.
 After the last sync of each path the same greedy completion is asked for: all paths must
@@ -163,10 +165,12 @@ def one_sync(trainer, path: str, prompt_ids: list[int]) -> dict:
     trainer.rollout.wake_up()
     wake = time.perf_counter() - t
     ray.get([w.__ray_call__.remote(set_inplace, *SWITCHES[path]) for w in trainer.rollout.workers])
+    t = time.perf_counter()
     m = old_sync(trainer) if path == "old" else trainer._sync()
+    total = time.perf_counter() - t  # the whole export + sync (the trainer's clock starts after its wake call)
     ray.get([w.__ray_call__.remote(set_inplace, True, True) for w in trainer.rollout.workers])
     row = {k[len("time/sync_"):-2]: v for k, v in m.items() if k.startswith("time/sync_") and k != "time/sync_s"}
-    row["total"], row["wake_before"] = m["time/sync_s"], wake
+    row["total"], row["wake_before"] = total, wake
     first, _ = timed_generate(trainer, prompt_ids, 1)
     second, _ = timed_generate(trainer, prompt_ids, 1)
     row["activate"] = max(0.0, first - second)
