@@ -53,6 +53,7 @@ def test_overrides_are_coerced_to_field_types():
     ("learner.micro_batch_tokens=-1", "learner.micro_batch_tokens=-1 is not allowed: must be >= 0"),
     ("learner.loss_token_cap=-100", "learner.loss_token_cap=-100 is not allowed: must be >= 0 (0: no cap"),
     ("learner.loss_token_cap=1.5", "learner.loss_token_cap=1.5 has the wrong type: expected an integer"),
+    ("learner.profile_step=-1", "learner.profile_step=-1 is not allowed: must be >= 0 (0: off"),
 ])
 def test_bad_values_fail_in_one_line(override, needle):
     with pytest.raises(ConfigError) as e:
