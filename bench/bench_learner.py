@@ -30,19 +30,32 @@ from rl.cluster import LOOPBACK, free_port
 LORA = {"r": 16, "lora_alpha": 32, "target_modules": list(DEFAULT_TARGET_MODULES)}
 
 
+# Qwen2.5-0.5B's shape (Qwen2.5-Coder-0.5B-Instruct's too), randomly initialised: a step's
+# time does not depend on the weights' values, and this needs no download.
+QWEN2_5_0_5B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                    num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                    tie_word_embeddings=True, rope_theta=1000000.0)
+
+
 def build_model(spec: str, out_dir: str) -> str:
-    """A local checkpoint folder: ``tiny-llama``, a folder, or ``random-<hidden>x<layers>``."""
+    """A local checkpoint folder: ``tiny-llama``, a folder, ``random-<hidden>x<layers>`` (a
+    Llama), or ``random-qwen2.5-0.5b`` (Qwen2.5-0.5B's shape)."""
     if not spec.startswith("random-"):
         from core.models import resolve_model
 
         return resolve_model(spec)
+    torch.manual_seed(0)
+    if spec == "random-qwen2.5-0.5b":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        Qwen2ForCausalLM(Qwen2Config(**QWEN2_5_0_5B)).save_pretrained(out_dir)
+        return out_dir
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hidden, layers = (int(x) for x in spec.removeprefix("random-").split("x"))
     cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                       num_hidden_layers=layers, num_attention_heads=hidden // 64,
                       num_key_value_heads=max(1, hidden // 256), max_position_embeddings=4096)
-    torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(out_dir)
     return out_dir
 

@@ -1,0 +1,132 @@
+"""The learner's step before and after its CUDA changes, in one process, on a GRPO-shaped batch.
+
+    python -m bench.bench_learner_variants                                   # CPU: tiny Llama, a quick look
+    python -m bench.bench_learner_variants --model random-qwen2.5-0.5b --prompts 32 --group 8 \\
+        --prompt-len 150 --max-new 512 --micro-batch 32 --out bench_learner_variants.json   # one GPU
+
+One learner rank (LearnerRank on a one-process group, the GPU recipe's learner settings:
+micro-batches of at most 32 rows packed under 28,672 tokens, no checkpointing, no shared
+prefix) trains the same batch in three variants, taking turns step by step so that all see
+the same machine:
+
+  before     cuDNN's attention on, and each layer's weights gathered again for every
+             micro-batch (FSDP2 resharding after each backward): the learner before both changes;
+  no_cudnn   cuDNN's attention off (PyTorch's own kernels), still gathering per micro-batch;
+  now        cuDNN's attention off, the gathered weights kept until the update (the default).
+
+``before`` is reproduced by switching the rank back (the cuDNN flag, and FSDP2's reshard
+after backward); on a CPU the attention flag does nothing and only the gathering differs.
+Printed and written (``--out``): each variant's median step time and peak GPU memory, the
+ratios now / before and no_cudnn / before, and the largest difference between the variants'
+teacher-forced logprobs before any update (bf16 attention kernels differ in rounding).
+``--model random-qwen2.5-0.5b`` is Qwen2.5-0.5B's shape with random weights: it needs no
+download, and a step's time does not depend on the weights' values.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.bench_learner import LORA, _sync, build_model
+from bench.bench_micro_batch_tokens import grpo_batch_shape
+from rl.cluster import LOOPBACK, free_port
+
+# variant -> (cuDNN attention on, gathered weights kept across micro-batches)
+VARIANTS = {"before": (True, False), "no_cudnn": (False, False), "now": (False, True)}
+
+
+def use_variant(rank, name: str) -> None:
+    """Switch a one-rank LearnerRank to ``name``'s behaviour, between steps."""
+    cudnn, keep = VARIANTS[name]
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(cudnn)
+    rank._keep_gathered = keep
+    rank.model.set_reshard_after_backward(not keep)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--group", type=int, default=4)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--max-new", type=int, default=64)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--budget", type=int, default=0, help="micro_batch_tokens; 0: micro-batch x (prompt-len + max-new)")
+    ap.add_argument("--steps", type=int, default=4, help="timed steps of each variant (after one warm-up each)")
+    ap.add_argument("--out", default="", help="write the results here as JSON")
+    args = ap.parse_args()
+
+    from transformers import AutoConfig
+
+    from rl.config import config_from_dict
+    from rl.learner.group import split_batch
+    from rl.learner.rank import LearnerRank
+
+    budget = args.budget or args.micro_batch * (args.prompt_len + args.max_new)
+    cuda = torch.cuda.is_available()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_model(args.model, tmp)
+        batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new,
+                                 AutoConfig.from_pretrained(path).vocab_size)
+        cfg = config_from_dict({"model": {"name": path}, "rollout": {"temperature": 1.0}, "trainer": {"steps": 1000},
+                                "learner": {"micro_batch_size": args.micro_batch, "micro_batch_tokens": budget,
+                                            "lr": 1e-5, "shared_prefix": False, "gradient_checkpointing": False}})
+        rank = LearnerRank(0, 1)
+        rank.setup(cfg, path, LORA, None, LOOPBACK, free_port())
+        shard = split_batch(batch, 1)[0]
+        totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
+                  "max_tokens": batch.max_tokens}
+        where = torch.cuda.get_device_name(0) if cuda else f"CPU x{os.cpu_count()}"
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        print(f"model {args.model}  {args.prompts} x {args.group} rows (mean row {statistics.mean(lengths):.0f} "
+              f"tokens, longest {max(lengths)}), micro-batch {args.micro_batch} rows / {budget} tokens  {where}")
+        logprobs = {}
+        for name in VARIANTS:  # before any update: the same weights
+            use_variant(rank, name)
+            logprobs[name] = rank.logprobs(shard, 1.0)
+        for name in VARIANTS:
+            use_variant(rank, name)
+            rank.train_step(shard, totals)  # warm-up
+        times, peaks = {k: [] for k in VARIANTS}, {k: 0.0 for k in VARIANTS}
+        for _ in range(args.steps):
+            for name in VARIANTS:
+                use_variant(rank, name)
+                _sync()
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                rank.train_step(shard, totals)
+                _sync()
+                times[name].append(time.perf_counter() - t0)
+                if cuda:
+                    peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated() / 2**30)
+        rank.shutdown()
+    median = {k: statistics.median(v) for k, v in times.items()}
+    result = {"model": args.model, "device": where, "rows": len(lengths), "micro_batch_tokens": budget,
+              "steps_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+              "median_step_s": {k: round(v, 4) for k, v in median.items()},
+              "peak_allocated_gib": {k: round(v, 2) for k, v in peaks.items()} if cuda else None,
+              "now_over_before": round(median["now"] / median["before"], 3),
+              "no_cudnn_over_before": round(median["no_cudnn"] / median["before"], 3),
+              "now_over_no_cudnn": round(median["now"] / median["no_cudnn"], 3),
+              "max_logprob_diff_vs_before": {k: float((logprobs[k] - logprobs["before"]).abs().max())
+                                             for k in VARIANTS if k != "before"}}
+    for k in VARIANTS:
+        peak = f", peak {peaks[k]:.2f} GiB allocated" if cuda else ""
+        print(f"{k:9s} step {median[k]:.3f} s (median of {args.steps}{peak})")
+    print(f"now / before {result['now_over_before']}   no_cudnn / before {result['no_cudnn_over_before']}   "
+          f"now / no_cudnn {result['now_over_no_cudnn']}   max |logprob - before's| {result['max_logprob_diff_vs_before']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
