@@ -6,8 +6,8 @@
 
 One learner rank (LearnerRank on a one-process group, the GPU recipe's learner settings:
 micro-batches of at most 32 rows packed under 28,672 tokens, no checkpointing, no shared
-prefix) trains the same batch in three variants, taking turns step by step so that all see
-the same machine:
+prefix) trains in three variants, taking turns step by step so that all see the same machine,
+on a new batch each round (new lengths, as in training), the same one for every variant:
 
   before     cuDNN's attention on, and each layer's weights gathered again for every
              micro-batch (FSDP2 resharding after each backward): the learner before both changes;
@@ -73,8 +73,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(args.model, tmp)
-        batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new,
-                                 AutoConfig.from_pretrained(path).vocab_size)
+        vocab = AutoConfig.from_pretrained(path).vocab_size
+        batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new, vocab)
         cfg = config_from_dict({"model": {"name": path}, "rollout": {"temperature": 1.0}, "trainer": {"steps": 1000},
                                 "learner": {"micro_batch_size": args.micro_batch, "micro_batch_tokens": budget,
                                             "lr": 1e-5, "shared_prefix": False, "gradient_checkpointing": False}})
@@ -95,7 +95,13 @@ def main() -> None:
             use_variant(rank, name)
             rank.train_step(shard, totals)  # warm-up
         times, peaks = {k: [] for k in VARIANTS}, {k: 0.0 for k in VARIANTS}
-        for _ in range(args.steps):
+        for r in range(args.steps):
+            # A new batch each round, as in training: new lengths, so new micro-batch shapes (cuDNN
+            # plans per shape); within a round every variant trains the same one.
+            batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new, vocab, seed=1 + r)
+            shard = split_batch(batch, 1)[0]
+            totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
+                      "max_tokens": batch.max_tokens}
             for name in VARIANTS:
                 use_variant(rank, name)
                 _sync()
