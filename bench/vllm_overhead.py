@@ -26,7 +26,12 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     - ``raw_lean``: the engine's own SamplingParams (no detokenizing, flat logprobs), so
       framework over raw_lean is the framework's plumbing alone (Ray, Completions, texts).
 
-    Rounds alternate the three; ratios of the best times, and of the medians.
+    - ``in_actor``: the worker actor's own engine, timed inside its process: the bare call with the
+      lean parameters (``in_actor_generate``), then building the rows (``in_actor_rows``). Against
+      ``raw_lean`` it says what the actor's process costs the engine; against ``framework`` what
+      Ray's call, the transfer and the pool add.
+
+    Rounds alternate the four; ratios of the best times, and of the medians.
     """
     import ray
     import torch
@@ -63,13 +68,20 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
         outs = raw.llm.generate(prompts, params, lora_request=raw._lora, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
+    def in_actor() -> int:
+        # The worker's own engine, timed inside its process: the bare call, then the rows.
+        n, parts = ray.get(pool.workers[0].__ray_call__.remote(timed_in_worker, ids, spec, lean))
+        for k, v in parts.items():
+            times.setdefault(k, []).append(v)
+        return n
+
     runs = {"raw": lambda: raw_run(plain), "raw_lean": lambda: raw_run(lean),
-            "framework": lambda: tokens_of(pool.generate(ids, spec))}
+            "framework": lambda: tokens_of(pool.generate(ids, spec)), "in_actor": in_actor}
     small = SamplingSpec(n=2, max_new_tokens=8, temperature=1.0, seed=0)
     raw.generate(ids[:2], small), pool.generate(ids[:2], small)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(s.overhead_rounds):
-        if r and 1.5 * sum(t[-1] for t in times.values()) > deadline - time.time():
+        if r and 1.5 * sum(times[k][-1] for k in runs) > deadline - time.time():
             break
         counts = {}
         for name, fn in runs.items():
@@ -80,6 +92,12 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
                                **{f"{k}_tokens": n for k, n in counts.items()}})
     best = {k: min(v) for k, v in times.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
+    # Where the framework's time over the bare call goes, by medians (in_actor_* from inside the
+    # worker's process; the rest of the framework's call is Ray's call, transfer and the pool).
+    rec("in_actor_median_s", {"generate": round(med["in_actor_generate"], 3), "rows": round(med["in_actor_rows"], 3),
+                              "framework_minus_in_actor": round(med["framework"] - med["in_actor_generate"]
+                                                                - med["in_actor_rows"], 3),
+                              "in_actor_generate_over_raw_lean": round(med["in_actor_generate"] / med["raw_lean"], 4)})
     rec("result", {"batch": f"{p}x{g}x{tokens}", "raw_best_s": best["raw"], "raw_lean_best_s": best["raw_lean"],
                    "framework_best_s": best["framework"],
                    "framework_over_raw": round(best["framework"] / best["raw"], 4),
@@ -87,6 +105,26 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
                    "framework_over_raw_lean": round(best["framework"] / best["raw_lean"], 4),
                    "raw_lean_over_raw": round(best["raw_lean"] / best["raw"], 4)})
     pool.shutdown()
+
+
+def timed_in_worker(worker, ids, spec, params) -> tuple[int, dict[str, float]]:
+    """Runs inside a RolloutWorker actor: its engine's bare ``LLM.generate`` with the engine's own
+    parameters and seeding, then the rows the engine builds from the outputs, timed apart."""
+    import torch
+
+    from rl.rollout.engine import batch_seed
+    from rl.rollout.vllm_outputs import completion_rows
+
+    engine = worker.engine
+    if engine.seed_mode == "batch":
+        torch.manual_seed(batch_seed(spec.seed, spec.prompt_offset))
+    t = time.perf_counter()
+    outs = engine.llm.generate([{"prompt_token_ids": list(x)} for x in ids], params, lora_request=engine._lora,
+                               use_tqdm=False)
+    t1 = time.perf_counter()
+    rows = completion_rows(engine._tokenizer, ids, outs, decoded=False)
+    t2 = time.perf_counter()
+    return sum(len(c.token_ids) for row in rows for c in row), {"in_actor_generate": t1 - t, "in_actor_rows": t2 - t1}
 
 
 def vllm_default_outputs(params):
