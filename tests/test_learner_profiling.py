@@ -48,21 +48,24 @@ def test_profile_rows_leave_out_ranges_marked_on_the_gpu_timeline():
 
 
 @pytest.mark.slow
-def test_profile_step_writes_the_summary_of_that_step_only(ray_local, tiny_model_path, tmp_path):
+def test_profile_step_writes_each_ranks_summary_of_that_step_only(ray_local, tiny_model_path, tmp_path):
     import json
 
-    cfg = make_cfg(tiny_model_path, learner={"micro_batch_size": 4, "profile_step": 2, "profile_dir": str(tmp_path)})
+    cfg = make_cfg(tiny_model_path, learner={"num_ranks": 2, "micro_batch_size": 4, "profile_step": 2,
+                                             "profile_dir": str(tmp_path)})
     group = LearnerGroup(cfg, tiny_model_path, LORA)
     try:
-        group.train_step(make_batch(4, seed=1))
+        group.train_step(make_batch(8, seed=1))
         assert not list(tmp_path.iterdir())
-        group.train_step(make_batch(4, seed=2))
-        summary = json.loads((tmp_path / "learner-step-2-rank-0.json").read_text())
-        assert summary["step"] == 2 and summary["wall_s"] > 0
-        ops = {o["name"] for o in summary["top_host_ops"]}
-        assert ops & {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear"}, ops
-        assert "Self CPU" in (tmp_path / "learner-step-2-rank-0.txt").read_text()
-        group.train_step(make_batch(4, seed=3))
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["learner-step-2-rank-0.json", "learner-step-2-rank-0.txt"]
+        group.train_step(make_batch(8, seed=2))
+        files = [f"learner-step-2-rank-{r}.{ext}" for r in (0, 1) for ext in ("json", "txt")]
+        for rank in (0, 1):
+            summary = json.loads((tmp_path / f"learner-step-2-rank-{rank}.json").read_text())
+            assert summary["step"] == 2 and summary["rank"] == rank and summary["wall_s"] > 0
+            ops = {o["name"] for o in summary["top_host_ops"]}
+            assert ops & {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear"}, ops
+            assert "Self CPU" in (tmp_path / f"learner-step-2-rank-{rank}.txt").read_text()
+        group.train_step(make_batch(8, seed=3))
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)
     finally:
         group.shutdown()
