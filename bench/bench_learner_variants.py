@@ -12,7 +12,9 @@ on a new batch each round (new lengths, as in training), the same one for every 
   before     cuDNN's attention on, and each layer's weights gathered again for every
              micro-batch (FSDP2 resharding after each backward): the learner before both changes;
   no_cudnn   cuDNN's attention off (PyTorch's own kernels), still gathering per micro-batch;
-  now        cuDNN's attention off, the gathered weights kept until the update (the default).
+  now        cuDNN's attention off, the gathered weights kept until the update (the default);
+  compiled   (with ``--compile``) now, and each decoder layer compiled (``learner.compile``);
+             its warm-up step compiles, and is reported apart (``warm_up_s``).
 
 ``before`` is reproduced by switching the rank back (the cuDNN flag, and FSDP2's reshard
 after backward); on a CPU the attention flag does nothing and only the gathering differs.
@@ -37,17 +39,21 @@ from bench.bench_learner import LORA, _sync, build_model
 from bench.bench_micro_batch_tokens import grpo_batch_shape
 from rl.cluster import LOOPBACK, free_port
 
-# variant -> (cuDNN attention on, gathered weights kept across micro-batches)
-VARIANTS = {"before": (True, False), "no_cudnn": (False, False), "now": (False, True)}
+# variant -> (cuDNN attention on, gathered weights kept across micro-batches, layers compiled)
+VARIANTS = {"before": (True, False, False), "no_cudnn": (False, False, False), "now": (False, True, False),
+            "compiled": (False, True, True)}
 
 
-def use_variant(rank, name: str) -> None:
-    """Switch a one-rank LearnerRank to ``name``'s behaviour, between steps."""
-    cudnn, keep = VARIANTS[name]
+def use_variant(rank, name: str, compiled_calls: list) -> None:
+    """Switch a one-rank LearnerRank to ``name``'s behaviour, between steps. ``compiled_calls``:
+    each decoder layer's compiled forward (``learner.compile``), swapped in or out."""
+    cudnn, keep, compiled = VARIANTS[name]
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
     rank._keep_gathered = keep
     rank.model.set_reshard_after_backward(not keep)
+    for layer, call in compiled_calls:
+        layer._compiled_call_impl = call if compiled else None
 
 
 def main() -> None:
@@ -61,7 +67,10 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=0, help="micro_batch_tokens; 0: micro-batch x (prompt-len + max-new)")
     ap.add_argument("--steps", type=int, default=4, help="timed steps of each variant (after one warm-up each)")
     ap.add_argument("--out", default="", help="write the results here as JSON")
+    ap.add_argument("--compile", action="store_true",
+                    help="add the variant 'compiled': now, with each decoder layer compiled (learner.compile)")
     args = ap.parse_args()
+    variants = [k for k in VARIANTS if args.compile or not VARIANTS[k][2]]
 
     from transformers import AutoConfig
 
@@ -77,9 +86,13 @@ def main() -> None:
         batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new, vocab)
         cfg = config_from_dict({"model": {"name": path}, "rollout": {"temperature": 1.0}, "trainer": {"steps": 1000},
                                 "learner": {"micro_batch_size": args.micro_batch, "micro_batch_tokens": budget,
-                                            "lr": 1e-5, "shared_prefix": False, "gradient_checkpointing": False}})
+                                            "lr": 1e-5, "shared_prefix": False, "gradient_checkpointing": False,
+                                            "compile": args.compile}})
         rank = LearnerRank(0, 1)
         rank.setup(cfg, path, LORA, None, LOOPBACK, free_port())
+        # The layers learner.compile compiled (FSDP2 has since renamed their classes).
+        compiled_calls = [(m, m._compiled_call_impl) for m in rank.model.modules()
+                          if getattr(m, "_compiled_call_impl", None) is not None]
         shard = split_batch(batch, 1)[0]
         totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
                   "max_tokens": batch.max_tokens}
@@ -88,13 +101,16 @@ def main() -> None:
         print(f"model {args.model}  {args.prompts} x {args.group} rows (mean row {statistics.mean(lengths):.0f} "
               f"tokens, longest {max(lengths)}), micro-batch {args.micro_batch} rows / {budget} tokens  {where}")
         logprobs = {}
-        for name in VARIANTS:  # before any update: the same weights
-            use_variant(rank, name)
+        for name in variants:  # before any update: the same weights
+            use_variant(rank, name, compiled_calls)
             logprobs[name] = rank.logprobs(shard, 1.0)
-        for name in VARIANTS:
-            use_variant(rank, name)
-            rank.train_step(shard, totals)  # warm-up
-        times, peaks = {k: [] for k in VARIANTS}, {k: 0.0 for k in VARIANTS}
+        warm_up = {}
+        for name in variants:
+            use_variant(rank, name, compiled_calls)
+            t0 = time.perf_counter()
+            rank.train_step(shard, totals)  # warm-up (compiling, for the compiled variant)
+            warm_up[name] = round(time.perf_counter() - t0, 2)
+        times, peaks = {k: [] for k in variants}, {k: 0.0 for k in variants}
         for r in range(args.steps):
             # A new batch each round, as in training: new lengths, so new micro-batch shapes (cuDNN
             # plans per shape); within a round every variant trains the same one.
@@ -102,8 +118,8 @@ def main() -> None:
             shard = split_batch(batch, 1)[0]
             totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
                       "max_tokens": batch.max_tokens}
-            for name in VARIANTS:
-                use_variant(rank, name)
+            for name in variants:
+                use_variant(rank, name, compiled_calls)
                 _sync()
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
@@ -116,19 +132,21 @@ def main() -> None:
         rank.shutdown()
     median = {k: statistics.median(v) for k, v in times.items()}
     result = {"model": args.model, "device": where, "rows": len(lengths), "micro_batch_tokens": budget,
-              "steps_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
+              "warm_up_s": warm_up, "steps_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
               "median_step_s": {k: round(v, 4) for k, v in median.items()},
               "peak_allocated_gib": {k: round(v, 2) for k, v in peaks.items()} if cuda else None,
               "now_over_before": round(median["now"] / median["before"], 3),
               "no_cudnn_over_before": round(median["no_cudnn"] / median["before"], 3),
               "now_over_no_cudnn": round(median["now"] / median["no_cudnn"], 3),
+              "compiled_over_now": round(median["compiled"] / median["now"], 3) if args.compile else None,
               "max_logprob_diff_vs_before": {k: float((logprobs[k] - logprobs["before"]).abs().max())
-                                             for k in VARIANTS if k != "before"}}
-    for k in VARIANTS:
+                                             for k in variants if k != "before"}}
+    for k in variants:
         peak = f", peak {peaks[k]:.2f} GiB allocated" if cuda else ""
         print(f"{k:9s} step {median[k]:.3f} s (median of {args.steps}{peak})")
     print(f"now / before {result['now_over_before']}   no_cudnn / before {result['no_cudnn_over_before']}   "
-          f"now / no_cudnn {result['now_over_no_cudnn']}   max |logprob - before's| {result['max_logprob_diff_vs_before']}")
+          f"now / no_cudnn {result['now_over_no_cudnn']}   compiled / now {result['compiled_over_now']}   "
+          f"max |logprob - before's| {result['max_logprob_diff_vs_before']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

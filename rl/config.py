@@ -99,6 +99,9 @@ class LearnerConfig:
     profile_step: int = 0
     profile_dir: str = ""
     profile_trace: bool = False
+    # Compile each decoder layer with torch.compile (dynamic shapes): fewer, fused kernels for a
+    # learner bound by kernel launches; the first steps pay for compiling. Off by default.
+    compile: bool = False
 
     def validate(self, p: str) -> None:
         _check(self.num_ranks >= 1, f"{p}.num_ranks", self.num_ranks, "must be >= 1")

@@ -40,7 +40,7 @@ from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.profiling import profiled_step
-from rl.learner.sharding import reshard, shard_model
+from rl.learner.sharding import decoder_layers, reshard, shard_model
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
@@ -79,6 +79,10 @@ class LearnerRank:
         peft_model, b_masks = self._adapted_model(cfg, model_path, lora_config, b_masks, plan)
         if attach is not None:
             self.after_backward = list(attach(peft_model, cfg) or [])
+        if cfg.learner.compile:
+            # In place, before FSDP2 wraps them: names, hooks and checkpoints stay as they are.
+            for layer in decoder_layers(peft_model.base_model.model):
+                layer.compile(dynamic=True)
         shard_model(peft_model, self.device, self.world_size, cfg.learner.mixed_precision, cuda)
         self.model = peft_model
         self._chunkable = chunkable(peft_model.get_base_model())
