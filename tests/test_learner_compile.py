@@ -28,7 +28,7 @@ def test_compiled_layers_give_the_same_updates_and_logprobs(ray_local, tiny_mode
             built[name] = LearnerGroup(make_cfg(tiny_model_path, learner={**learner, "compile": compiled}),
                                        tiny_model_path, LORA)
         init = built["eager"].lora_state()
-        for seed in (1, 2):  # two batches of different lengths: dynamic shapes, no recompiling per shape
+        for seed in (1, 2):  # two batches of different lengths (dynamic shapes)
             batch = make_batch(8, T=16 + 4 * seed, seed=seed)
             metrics = {k: g.train_step(batch) for k, g in built.items()}
             for k in ("loss", "grad_norm", "entropy"):
