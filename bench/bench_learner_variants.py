@@ -35,9 +35,8 @@ import time
 
 import torch
 
-from bench.bench_learner import LORA, _sync, build_model
-from bench.bench_micro_batch_tokens import grpo_batch_shape
-from rl.cluster import LOOPBACK, free_port
+from bench.bench_learner import _sync, build_model
+from bench.bench_micro_batch_tokens import add_batch_args, grpo_batch_shape, one_rank, whole_shard
 
 # variant -> (cuDNN attention on, gathered weights kept across micro-batches, layers compiled)
 VARIANTS = {"before": (True, False, False), "no_cudnn": (False, False, False), "now": (False, True, False),
@@ -58,14 +57,7 @@ def use_variant(rank, name: str, compiled_calls: list) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny-llama")
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--group", type=int, default=4)
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--max-new", type=int, default=64)
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--budget", type=int, default=0, help="micro_batch_tokens; 0: micro-batch x (prompt-len + max-new)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps of each variant (after one warm-up each)")
+    add_batch_args(ap, prompts=4, group=4, prompt_len=32, max_new=64, micro_batch=4, steps_of="variant")
     ap.add_argument("--out", default="", help="write the results here as JSON")
     ap.add_argument("--compile", action="store_true",
                     help="add the variant 'compiled': now, with each decoder layer compiled (learner.compile)")
@@ -74,28 +66,17 @@ def main() -> None:
 
     from transformers import AutoConfig
 
-    from rl.config import config_from_dict
-    from rl.learner.group import split_batch
-    from rl.learner.rank import LearnerRank
-
     budget = args.budget or args.micro_batch * (args.prompt_len + args.max_new)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(args.model, tmp)
         vocab = AutoConfig.from_pretrained(path).vocab_size
         batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new, vocab)
-        cfg = config_from_dict({"model": {"name": path}, "rollout": {"temperature": 1.0}, "trainer": {"steps": 1000},
-                                "learner": {"micro_batch_size": args.micro_batch, "micro_batch_tokens": budget,
-                                            "lr": 1e-5, "shared_prefix": False, "gradient_checkpointing": False,
-                                            "compile": args.compile}})
-        rank = LearnerRank(0, 1)
-        rank.setup(cfg, path, LORA, None, LOOPBACK, free_port())
+        rank = one_rank(path, args.micro_batch, micro_batch_tokens=budget, compile=args.compile)
         # The layers learner.compile compiled (FSDP2 has since renamed their classes).
         compiled_calls = [(m, m._compiled_call_impl) for m in rank.model.modules()
                           if getattr(m, "_compiled_call_impl", None) is not None]
-        shard = split_batch(batch, 1)[0]
-        totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
-                  "max_tokens": batch.max_tokens}
+        shard, totals = whole_shard(batch)
         where = torch.cuda.get_device_name(0) if cuda else f"CPU x{os.cpu_count()}"
         lengths = batch.attention_mask.sum(dim=1).tolist()
         print(f"model {args.model}  {args.prompts} x {args.group} rows (mean row {statistics.mean(lengths):.0f} "
@@ -115,9 +96,7 @@ def main() -> None:
             # A new batch each round, as in training: new lengths, so new micro-batch shapes (cuDNN
             # plans per shape); within a round every variant trains the same one.
             batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new, vocab, seed=1 + r)
-            shard = split_batch(batch, 1)[0]
-            totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
-                      "max_tokens": batch.max_tokens}
+            shard, totals = whole_shard(batch)
             for name in variants:
                 use_variant(rank, name, compiled_calls)
                 _sync()

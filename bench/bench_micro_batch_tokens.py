@@ -51,42 +51,61 @@ def grpo_batch_shape(prompts: int, group: int, prompt_len: int, max_new: int, vo
     return TrainBatch(ids, attn, resp, torch.randn(len(responses), generator=g), rollout_lp, max_tokens=max_new)
 
 
+def add_batch_args(ap: argparse.ArgumentParser, prompts: int, group: int, prompt_len: int, max_new: int,
+                   micro_batch: int, steps_of: str) -> None:
+    """The model, the GRPO batch's shape and the micro-batch plan: the learner benchmarks' arguments."""
+    ap.add_argument("--model", default="tiny-llama")
+    ap.add_argument("--prompts", type=int, default=prompts)
+    ap.add_argument("--group", type=int, default=group)
+    ap.add_argument("--prompt-len", type=int, default=prompt_len)
+    ap.add_argument("--max-new", type=int, default=max_new)
+    ap.add_argument("--micro-batch", type=int, default=micro_batch)
+    ap.add_argument("--budget", type=int, default=0, help="micro_batch_tokens; 0: micro-batch x (prompt-len + max-new)")
+    ap.add_argument("--steps", type=int, default=4, help=f"timed steps of each {steps_of} (after one warm-up each)")
+
+
+def one_rank(path: str, micro_batch: int, **learner):
+    """A LearnerRank on a one-process group with the GPU recipe's learner settings (no
+    checkpointing, no shared prefix) and ``learner`` on top."""
+    from rl.config import config_from_dict
+    from rl.learner.rank import LearnerRank
+
+    cfg = config_from_dict({"model": {"name": path}, "rollout": {"temperature": 1.0}, "trainer": {"steps": 1000},
+                            "learner": {"micro_batch_size": micro_batch, "lr": 1e-5, "shared_prefix": False,
+                                        "gradient_checkpointing": False, **learner}})
+    rank = LearnerRank(0, 1)
+    rank.setup(cfg, path, LORA, None, LOOPBACK, free_port())
+    return rank
+
+
+def whole_shard(batch) -> tuple[dict, dict]:
+    """The batch as one rank's shard, and its totals (the loss's normalisers)."""
+    from rl.learner.group import split_batch
+
+    return split_batch(batch, 1)[0], {"num_sequences": batch.input_ids.shape[0],
+                                      "num_tokens": float(batch.response_mask.sum()), "max_tokens": batch.max_tokens}
+
+
 def padded_positions(plan: list[list[int]], lengths: list[int]) -> int:
     return sum(len(mb) * max(lengths[i] for i in mb) for mb in plan)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="tiny-llama")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--max-new", type=int, default=256)
-    ap.add_argument("--micro-batch", type=int, default=16)
-    ap.add_argument("--budget", type=int, default=0, help="micro_batch_tokens; 0: micro-batch x (prompt-len + max-new)")
-    ap.add_argument("--steps", type=int, default=4, help="timed steps of each plan (after one warm-up each)")
+    add_batch_args(ap, prompts=8, group=8, prompt_len=64, max_new=256, micro_batch=16, steps_of="plan")
     args = ap.parse_args()
     budget = args.budget or args.micro_batch * (args.prompt_len + args.max_new)
 
     from transformers import AutoConfig
 
-    from rl.config import config_from_dict
     from rl.learner.batching import plan_micro_batches
-    from rl.learner.group import split_batch
-    from rl.learner.rank import LearnerRank
 
     with tempfile.TemporaryDirectory() as tmp:
         path = build_model(args.model, tmp)
         batch = grpo_batch_shape(args.prompts, args.group, args.prompt_len, args.max_new,
                                  AutoConfig.from_pretrained(path).vocab_size)
-        cfg = config_from_dict({"model": {"name": path}, "rollout": {"temperature": 1.0}, "trainer": {"steps": 1000},
-                                "learner": {"micro_batch_size": args.micro_batch, "lr": 1e-5,
-                                            "shared_prefix": False, "gradient_checkpointing": False}})
-        rank = LearnerRank(0, 1)
-        rank.setup(cfg, path, LORA, None, LOOPBACK, free_port())
-        shard = split_batch(batch, 1)[0]
-        totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": float(batch.response_mask.sum()),
-                  "max_tokens": batch.max_tokens}
+        rank = one_rank(path, args.micro_batch)
+        shard, totals = whole_shard(batch)
         lengths = batch.attention_mask.sum(dim=1).tolist()
         plans = {"fixed": 0, "packed": budget}
         where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"

@@ -26,8 +26,9 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     - ``raw_lean``: the engine's own SamplingParams (no detokenizing, flat logprobs), so
       framework over raw_lean is the framework's plumbing alone (Ray, Completions, texts).
 
-    - ``in_actor``: the worker actor's own engine, timed inside its process: the bare call with the
-      lean parameters (``in_actor_generate``), then building the rows (``in_actor_rows``). Against
+    - ``in_actor``: the worker actor's own engine, timed inside its process as the engine splits
+      its call (``VLLMEngine.last_call_s``): vLLM's generate with the lean parameters
+      (``in_actor_generate``), then building the rows (``in_actor_rows``). Against
       ``raw_lean`` it says what the actor's process costs the engine; against ``framework`` what
       Ray's call, the transfer and the pool add.
 
@@ -70,7 +71,7 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
 
     def in_actor() -> int:
         # The worker's own engine, timed inside its process: the bare call, then the rows.
-        n, parts = ray.get(pool.workers[0].__ray_call__.remote(timed_in_worker, ids, spec, lean))
+        n, parts = ray.get(pool.workers[0].__ray_call__.remote(timed_in_worker, ids, spec))
         for k, v in parts.items():
             times.setdefault(k, []).append(v)
         return n
@@ -107,24 +108,13 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     pool.shutdown()
 
 
-def timed_in_worker(worker, ids, spec, params) -> tuple[int, dict[str, float]]:
-    """Runs inside a RolloutWorker actor: its engine's bare ``LLM.generate`` with the engine's own
-    parameters and seeding, then the rows the engine builds from the outputs, timed apart."""
-    import torch
-
-    from rl.rollout.engine import batch_seed
-    from rl.rollout.vllm_outputs import completion_rows
-
-    engine = worker.engine
-    if engine.seed_mode == "batch":
-        torch.manual_seed(batch_seed(spec.seed, spec.prompt_offset))
-    t = time.perf_counter()
-    outs = engine.llm.generate([{"prompt_token_ids": list(x)} for x in ids], params, lora_request=engine._lora,
-                               use_tqdm=False)
-    t1 = time.perf_counter()
-    rows = completion_rows(engine._tokenizer, ids, outs, decoded=False)
-    t2 = time.perf_counter()
-    return sum(len(c.token_ids) for row in rows for c in row), {"in_actor_generate": t1 - t, "in_actor_rows": t2 - t1}
+def timed_in_worker(worker, ids, spec) -> tuple[int, dict[str, float]]:
+    """Runs inside a RolloutWorker actor: its engine's generate, split as the engine times it
+    (vLLM's own call, then the rows built from its outputs)."""
+    rows = worker.engine.generate(ids, spec)
+    split = worker.engine.last_call_s
+    return (sum(len(c.token_ids) for row in rows for c in row),
+            {"in_actor_generate": split["generate"], "in_actor_rows": split["rows"]})
 
 
 def vllm_default_outputs(params):

@@ -51,7 +51,8 @@ def summarize(rows, wall_s: float) -> dict:
     busy = sum(r[3] for r in kernels)
     by_class: dict[str, float] = {}
     for name, _, _, device_s, _ in kernels:
-        by_class[kernel_class(name)] = by_class.get(kernel_class(name), 0.0) + device_s
+        cls = kernel_class(name)
+        by_class[cls] = by_class.get(cls, 0.0) + device_s
     host = [r for r in rows if not r[4]]
     return {
         "wall_s": round(wall_s, 4),

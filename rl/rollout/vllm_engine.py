@@ -110,6 +110,7 @@ class VLLMEngine:
         # rollout.inplace_direct: in place, write through a verified map of the slots.
         self.inplace_direct = bool(getattr(rollout_cfg, "inplace_direct", True))
         self._version: int | None = None
+        self.last_call_s: dict[str, float] = {}  # the last generate's seconds: vLLM's call, then the rows
         self._next_id = 1
         self._asleep = False
 
@@ -162,9 +163,12 @@ class VLLMEngine:
             import torch
 
             torch.manual_seed(batch_seed(sampling.seed, sampling.prompt_offset))
+        t = time.perf_counter()
         outs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
+        t1 = time.perf_counter()
         rows = completion_rows(self._tokenizer, prompt_ids, outs,
                                decoded=self._output_options.get("detokenize", True))
+        self.last_call_s = {"generate": t1 - t, "rows": time.perf_counter() - t1}
         # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
         return [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows]
 
