@@ -32,6 +32,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
   step-placerl-overlap (not in the default set: one step off-policy)
       colocated without sleep mode and with ``trainer.max_staleness=1``: the next step's
       rollout decodes on the same GPU while the learner steps (docs/async.md);
+  step-placerl-compile (not in the default set: compiling takes minutes)
+      the recipe with ``learner.compile=true`` (each decoder layer compiled before FSDP2); the
+      compile lands in the first step, which the means leave out and ``steps`` keeps;
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -68,7 +71,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap"]
+PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap", "step-placerl-compile"]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 
@@ -268,8 +271,9 @@ def run_part(args) -> None:
     elif name.startswith("step-placerl"):
         from bench.vllm_step import part_step_placerl
 
-        part_step_placerl(s, rec, sleep=name == "step-placerl", two_gpus=name.endswith("2gpu"),
-                          overlap=name.endswith("overlap"))
+        part_step_placerl(s, rec, sleep=name in ("step-placerl", "step-placerl-compile"),
+                          two_gpus=name.endswith("2gpu"), overlap=name.endswith("overlap"),
+                          compile_layers=name.endswith("compile"))
     elif name == "step-trl":
         from bench.vllm_step import part_step_trl
 

@@ -64,6 +64,10 @@ def summarise(results: dict) -> dict:
     two = get("step-placerl-2gpu", "mean_after_first")
     if ours and two:
         out["step_s_2gpu_over_colocated"] = round(two["step_s"] / ours["step_s"], 3)
+    compiled = get("step-placerl-compile", "mean_after_first")
+    if compiled and theirs:
+        out["placerl_compiled_over_trl_step"] = round(compiled["step_s"] / theirs["step_s"], 3)
+        out["placerl_compiled_first_step_s"] = get("step-placerl-compile", "steps")[0]["step_s"]
     # One step off-policy, so not the on-policy comparison the 0.5 goal is about: reported beside it.
     overlapped = get("step-placerl-overlap", "mean_after_first")
     if overlapped and theirs:

@@ -1,5 +1,5 @@
 """The GRPO step parts of bench/bench_vllm_gpu.py: placerl's recipe for a few steps (colocated with
-or without sleep mode, disaggregated, one step off-policy) and TRL's GRPOTrainer on the same batch."""
+or without sleep mode, disaggregated, one step off-policy, compiled decoder layers) and TRL's GRPOTrainer on the same batch."""
 from __future__ import annotations
 
 import statistics
@@ -21,7 +21,8 @@ STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s",
              "rollout/response_tokens_mean")
 
 
-def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False) -> None:
+def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False,
+                      compile_layers: bool = False) -> None:
     """The recipe for ``s.steps`` timed steps, then one more under the profiler (rl/learner/profiling.py),
     left out of the means: the profiler slows the step it watches."""
     import json
@@ -31,6 +32,7 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     placement = ["cluster.colocate=false", "cluster.gpus_per_learner_rank=1", "cluster.gpus_per_rollout_worker=1",
                  "rollout.gpu_memory_utilization=0.8"] if two_gpus else []
     placement += ["trainer.max_staleness=1"] if overlap else []
+    placement += ["learner.compile=true"] if compile_layers else []
     memory = PeakMemory()
     profiled = s.steps + 1
     placement += [f"trainer.steps={profiled}", f"trainer.save_every={profiled + 1}", f"learner.profile_step={profiled}"]

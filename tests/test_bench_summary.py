@@ -19,3 +19,11 @@ def test_step_ratio_and_sync_share_goals():
     assert out["placerl_over_trl_step"] == round(5 / 7, 3) and out["placerl_over_trl_goal_0.5"] == "NOT met"
     assert out["sync_over_step_goal_2%"] == "met"
     assert "graphs_128x8_tokens_per_s_by_seed_mode" not in out  # parts that did not run give no ratio
+
+
+def test_compiled_step_ratio_keeps_the_compiling_first_step_apart():
+    compiled = {"mean_after_first": {"step_s": 3.5}, "steps": [{"step_s": 120.0}, {"step_s": 3.4}, {"step_s": 3.6}]}
+    out = summarise({"step-placerl-compile": compiled, "step-trl": {"mean_after_first": {"step_s": 7.0}}})
+    assert out["placerl_compiled_over_trl_step"] == 0.5
+    assert out["placerl_compiled_first_step_s"] == 120.0
+    assert "placerl_over_trl_step" not in out
