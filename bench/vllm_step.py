@@ -1,5 +1,6 @@
 """The GRPO step parts of bench/bench_vllm_gpu.py: placerl's recipe for a few steps (colocated with
-or without sleep mode, disaggregated, one step off-policy, compiled decoder layers) and TRL's GRPOTrainer on the same batch."""
+or without sleep mode, disaggregated, one step off-policy, with compiled decoder layers) and TRL's
+GRPOTrainer on the same batch."""
 from __future__ import annotations
 
 import statistics
