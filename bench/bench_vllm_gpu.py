@@ -195,7 +195,7 @@ def part_rollout(s: Sizes, kind: str, rec: Recorder, deadline: float, child: lis
                          "max_new_tokens": tokens, "mean_completion_tokens": round(n / (p * g), 1),
                          "seed_mode": getattr(engine, "seed_mode", "request")})
     if kind in ("graphs", "eager") and last_rate:
-        seed_mode_pair(engine, tok, s, tokens, rec, deadline, last_rate)
+        seed_mode_turns(engine, tok, s, tokens, rec, deadline, last_rate)
     if kind == "graphs" and last_rate and child:
         async_variant(s, rec, deadline, child, start_s + s.batches[-1][0] * s.batches[-1][1] * tokens / last_rate)
 
@@ -229,7 +229,7 @@ def async_variant(s: Sizes, rec: Recorder, deadline: float, child: list[str], ne
     rec(key, result)
 
 
-def seed_mode_pair(engine, tok, s: Sizes, tokens: int, rec: Recorder, deadline: float, rate: float) -> None:
+def seed_mode_turns(engine, tok, s: Sizes, tokens: int, rec: Recorder, deadline: float, rate: float) -> None:
     """The largest batch three more times on the same engine, the seed modes taking turns (the
     other rollout.seed_mode, this one, the other): with the first run, two of each, so that
     neither mode always runs first (``128x8_seed_mode_turns``, in the order they ran)."""

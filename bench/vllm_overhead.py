@@ -113,8 +113,7 @@ def timed_in_worker(worker, ids, spec) -> tuple[int, dict[str, float]]:
     (vLLM's own call, then the rows built from its outputs)."""
     rows = worker.engine.generate(ids, spec)
     split = worker.engine.last_call_s
-    return (sum(len(c.token_ids) for row in rows for c in row),
-            {"in_actor_generate": split["generate"], "in_actor_rows": split["rows"]})
+    return tokens_of(rows), {"in_actor_generate": split["generate"], "in_actor_rows": split["rows"]}
 
 
 def vllm_default_outputs(params):
