@@ -71,6 +71,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.lock = self.learner = self.rollout = self.rollouts = self.layout = self.metrics = None
+        self.startup: dict[str, float] = {}
         self.rewards = self.eval_rewards = None
         try:
             self._prepare()
@@ -117,7 +118,7 @@ class Trainer:
         from rl.rollout.overlap import RolloutQueue
         from rl.rollout.pool import RolloutPool
 
-        cfg = self.cfg
+        cfg, started = self.cfg, time.perf_counter()
         on_sigterm = signal.getsignal(signal.SIGTERM)
         log.info("%s: %d train and %d test prompts; starting %d learner rank(s) and %d rollout worker(s)",
                  cfg.model.name, len(self.train_rows), len(self.test_rows), cfg.learner.num_ranks, cfg.rollout.num_workers)
@@ -152,6 +153,11 @@ class Trainer:
             self.rollouts = RolloutQueue(self.rollout, self.sampler, [r["prompt_ids"] for r in self.train_rows],
                                          cfg.rollout.prompts_per_step, self._sampling, cfg.trainer.max_staleness,
                                          cfg.trainer.steps)
+        # With learner.compile the ranks have been compiling since the LearnerGroup started:
+        # through the rollout engines' start-up, and now until they are done.
+        warm = {f"learner/{k}": v for k, v in self.learner.ready().items()}
+        # Reported with the first step this process takes (a resumed run starts up again).
+        self.startup = {"time/startup_s": time.perf_counter() - started, **warm}
         self.metrics = MetricsLog(self.run_dir, cfg.logging, cfg.to_dict())
 
     def _rollout_dtype(self) -> str:
@@ -238,15 +244,17 @@ class Trainer:
         if not admit(self.adapter_version, batch.versions, cfg.trainer.max_staleness):
             m["rollout/stale_batch_skipped"] = 1.0  # never trained on; its prompts are spent
             return m
-        t1 = time.perf_counter()
-        if not cfg.trainer.max_staleness:  # overlapped, a sleep would wait for the rollouts in flight
-            self.rollout.sleep()  # the learner gets the rollout's accelerator memory (sleep mode)
-        m["time/sleep_s"] = time.perf_counter() - t1
+        # The learner gets the rollout's accelerator memory (sleep mode). The workers fall asleep
+        # while the rewards are scored, and the learner starts once they are: time/sleep_s is
+        # the wait beyond the rewards. Overlapped, a sleep would wait for the rollouts in flight.
+        asleep = self.rollout.sleep(wait=False) if not cfg.trainer.max_staleness else []
         t1 = time.perf_counter()
         scored = self.rewards.score([r["prompt"] for r in flat_rows], [c.text for c in completions],
                                     {k: [r[k] for r in flat_rows] for k in ("question", "answer", "gold")},
                                     completion_ids=[c.token_ids for c in completions])
         t2 = time.perf_counter()
+        self.rollout.finish(asleep)
+        m["time/sleep_s"] = time.perf_counter() - t2
         rewards = torch.tensor(scored.total, dtype=torch.float64)
         adv = group_advantages(rewards, G, std_normalize=cfg.algorithm.std_normalize)
         flat = zero_variance_groups(rewards, G)
@@ -322,6 +330,8 @@ class Trainer:
                     "no checkpoint was written yet; run the same command again to start afresh"
                 raise LearnerDied(f"{e} during step {self.step + 1}; {where}") from e
             m["time/step_s"] = time.perf_counter() - t
+            m.update(self.startup)
+            self.startup = {}
             if self.rollout is not None:
                 m["rollout/worker_restarts"] = float(self.rollout.restarts)
             last = self.step == cfg.trainer.steps

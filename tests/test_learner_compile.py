@@ -1,5 +1,6 @@
-"""``learner.compile``: decoder layers compiled with torch.compile train exactly as eager ones
-(the FSDP2 learner on Ray with the tiny Llama; inductor's CPU backend)."""
+"""``learner.compile``: decoder layers compiled with torch.compile train exactly as eager ones, and
+the start-up warm-up builds every graph the steps use (the FSDP2 learner on Ray with the tiny
+Llama; inductor's CPU backend)."""
 from __future__ import annotations
 
 import math
@@ -27,12 +28,22 @@ def test_compiled_layers_give_the_same_updates_and_logprobs(ray_local, tiny_mode
         for name, compiled in (("eager", False), ("compiled", True)):
             built[name] = LearnerGroup(make_cfg(tiny_model_path, learner={**learner, "compile": compiled}),
                                        tiny_model_path, LORA)
+        # The warm-up compiled at start-up (on a synthetic batch, its gradients dropped: the
+        # updates below still match eager ones) ...
+        warm = built["compiled"].ready()
+        assert built["eager"].ready() == {} and warm["compiled_graphs"] > 0 and warm["warm_up_s"] > 0
         init = built["eager"].lora_state()
-        for seed in (1, 2):  # two batches of different lengths (dynamic shapes)
-            batch = make_batch(8, T=16 + 4 * seed, seed=seed)
+        unpadded = make_batch(8, T=18, seed=3)  # every row full length: no padding to mask
+        unpadded.attention_mask[:] = 1
+        unpadded.response_mask[:, 5:] = 1
+        unpadded.rollout_logprobs = torch.where(unpadded.response_mask.bool(), -10.0, 0.0)
+        # Two batches of different lengths (dynamic shapes), one without padding, and a single row.
+        for batch in (make_batch(8, T=20, seed=1), make_batch(8, T=24, seed=2), unpadded, make_batch(1, T=22, seed=4)):
             metrics = {k: g.train_step(batch) for k, g in built.items()}
             for k in ("loss", "grad_norm", "entropy"):
                 assert math.isclose(metrics["eager"][k], metrics["compiled"][k], rel_tol=1e-4, abs_tol=1e-6), k
+            # ... and the real micro-batches, of other rows and lengths, compiled nothing more.
+            assert metrics["compiled"]["compiled_graphs"] == warm["compiled_graphs"]
         states = {k: g.lora_state() for k, g in built.items()}
         assert max((states["eager"][k] - init[k]).abs().max().item() for k in init) > 1e-3  # it trained
         assert max((states["eager"][k] - states["compiled"][k]).abs().max().item() for k in init) < 1e-5

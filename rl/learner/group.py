@@ -135,6 +135,7 @@ class LearnerGroup:
         from rl.learner.rank import LearnerRank
 
         self.cfg, self.n = cfg, cfg.learner.num_ranks
+        self._warming, self.warm_up_report = [], {}  # the compile warm-up: references, then its report
         from rl.console import actor_env
 
         opts = {"num_gpus": cfg.cluster.gpus_per_learner_rank, "num_cpus": 1}
@@ -154,8 +155,20 @@ class LearnerGroup:
         addr, port = self._all([self.ranks[0].rendezvous_address.remote(single_node)])[0]
         masks = ray.put({k: v.cpu() for k, v in b_masks.items()}) if b_masks else None
         self._all([r.setup.remote(cfg, model_path, lora_config, masks, addr, port, attach, plan) for r in self.ranks])
+        # Compiled layers build their graphs now, while the driver goes on to start the rollout
+        # engines (rl/learner/warm_up.py); the first call that needs the ranks waits for it.
+        self._warming = [r.warm_up.remote() for r in self.ranks] if cfg.learner.compile else []
+
+    def ready(self) -> dict[str, float]:
+        """Wait for the ranks' compile warm-up, if one is running; its report (rank 0's seconds
+        and compiled graphs), or {} without ``learner.compile``."""
+        warming, self._warming = self._warming, []
+        if warming:
+            self.warm_up_report = _wait_all(warming, self._kill)[0]
+        return self.warm_up_report
 
     def _all(self, refs: list) -> list:
+        self.ready()  # a warm-up error surfaces here, not as a later call's
         return _wait_all(refs, self._kill)
 
     def _call(self, method: str, *args) -> list:

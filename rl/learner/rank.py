@@ -109,6 +109,12 @@ class LearnerRank:
         # activation blocks back, or vLLM wakes up beside them and the peak is learner + vLLM.
         self._release_cache = cuda and cfg.rollout.sleep_mode is True
 
+    def warm_up(self) -> dict[str, float]:
+        """With ``learner.compile``: build the compiled graphs now (rl/learner/warm_up.py)."""
+        from rl.learner.warm_up import warm_up
+
+        return warm_up(self)
+
     def _join_group(self, cfg, addr: str, port: int) -> bool:
         """Pick this rank's device and threads and join the process group; True on CUDA."""
         cuda = torch.cuda.is_available()
@@ -302,6 +308,10 @@ class LearnerRank:
             norms.append(norm)
             skipped += skip
         self.steps += 1
+        if lc.compile:
+            from rl.learner.warm_up import compiled_graphs
+
+            diag["compiled_graphs"] = compiled_graphs()
         if self._release_cache:
             torch.cuda.empty_cache()
         finite = [g for g in norms if math.isfinite(g)]

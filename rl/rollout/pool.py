@@ -133,18 +133,28 @@ class RolloutPool:
                 self._restart(i)
         return slowest_stages(reports)
 
-    def sleep(self) -> None:
+    def sleep(self, wait: bool = True) -> list:
         """Free the workers' accelerator memory while the learner steps (engines without
-        sleep mode ignore it); the next ``wake_up``, ``sync`` or ``generate`` restores it."""
-        self._each("sleep")
+        sleep mode ignore it); the next ``wake_up``, ``sync`` or ``generate`` restores it.
+        With ``wait=False`` it returns the calls in flight at once, for ``finish``."""
+        return self._each("sleep", wait)
 
     def wake_up(self) -> None:
         self._each("wake_up")
 
-    def _each(self, method: str) -> None:
-        for i, w in enumerate(self.workers):
+    def _each(self, method: str, wait: bool = True) -> list:
+        """Call ``method`` on every worker at once; wait for them, or return the calls."""
+        pending = [getattr(w, method).remote() for w in self.workers]
+        if not wait:
+            return pending
+        self.finish(pending)
+        return []
+
+    def finish(self, pending: list) -> None:
+        """Wait for the per-worker calls that ``sleep(wait=False)`` returned."""
+        for i, ref in enumerate(pending):
             try:
-                ray.get(getattr(w, method).remote())
+                ray.get(ref)
             except _DEAD:  # a fresh worker is awake; its generate/sync will find that out
                 self._restart(i)
 

@@ -1,0 +1,87 @@
+"""Compiling the learner's decoder layers before the first step (``learner.compile``).
+
+torch.compile builds its graphs on the first call of each kind: a training forward and
+backward, and the no-grad forwards that some steps also run. Left to the first step, that
+compile (about two minutes for Qwen2.5-0.5B's layers on one H200, reports/gpu/README.md 13.4)
+stalls the run after the rollout engine has started and sampled a batch. Here each rank runs
+those calls once on a small synthetic micro-batch while the driver starts the rollout engines
+(rl/learner/group.py starts it without waiting), so the two start-ups overlap.
+
+The synthetic micro-batches are a few rows of random tokens, one of each kind that compiles a
+graph of its own: right-padded rows (the attention mask goes into the layers), rows of one length
+(no padding: the layers get no mask and attend causally), and a single row (torch.compile
+specialises on a size of 1). Their shapes differ from every real one, and the layers are compiled
+with dynamic shapes (``dynamic=True``), so the graphs built here serve every real micro-batch:
+its rows and lengths are symbols, not constants. No two of their sizes are equal (torch.compile
+would assume they stay equal). The gradients are computed, reduced like a step's last
+micro-batch (every rank takes part, so the collectives pair up) and then dropped; no optimizer
+step is taken, so the run's updates are those of a run that never warmed up.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Row lengths (after a 7-token prompt) of the micro-batches: right-padded, one length, one row.
+# Small, so that the warm-up costs compiling, not computing.
+PROMPT = 7
+MICRO_BATCHES = ((23, 21, 19), (23, 23, 23), (21,))
+
+
+def synthetic_shard(vocab_size: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
+    """A learner shard of random tokens, right-padded, and the rows of each of ``MICRO_BATCHES``
+    in it (pure)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([n for mb in MICRO_BATCHES for n in mb])
+    T = int(lengths.max())
+    cols = torch.arange(T)[None]
+    attention_mask = (cols < lengths[:, None]).long()
+    rows, plan = len(lengths), []
+    for mb in MICRO_BATCHES:
+        start = sum(len(p) for p in plan)
+        plan.append(list(range(start, start + len(mb))))
+    shard = {"input_ids": torch.randint(0, vocab_size, (rows, T), generator=g) * attention_mask,
+             "attention_mask": attention_mask, "response_mask": attention_mask * (cols >= PROMPT),
+             "advantages": torch.ones(rows), "rollout_logprobs": torch.zeros(rows, T)}
+    return shard, plan
+
+
+def warm_up(rank) -> dict[str, float]:
+    """Run ``rank``'s (a rl.learner.rank.LearnerRank after setup) compiled layers once for every
+    kind of call its steps make, and drop the gradients; returns the seconds it took and the
+    graphs torch.compile holds in this process."""
+    from rl.learner.sharding import reshard
+
+    t = time.perf_counter()
+    cfg = rank.cfg
+    grpo = cfg.algorithm.loss != "sft"
+    temperature = cfg.rollout.temperature if grpo else 1.0
+    shard, plan = synthetic_shard(rank.model.get_base_model().config.vocab_size, seed=cfg.trainer.seed)
+    for mb in rank._micro_batches(shard, "response_mask", plan):
+        if grpo and cfg.algorithm.kl_coef > 0:
+            rank._reference(mb, temperature)  # the no-grad forward without the adapter
+        if grpo and cfg.learner.updates_per_batch > 1 and rank._dropout:
+            with torch.no_grad():
+                rank.model.eval()
+                rank._logprobs(mb, temperature)  # the no-grad forward of the old logprobs
+        rank.model.train()
+        rank.model.set_requires_gradient_sync(True)  # as on a step's last micro-batch: every rank reduces
+        lp, entropy = rank._logprobs(mb, temperature, entropy=True)
+        (lp.sum() + entropy).backward()
+    rank.optimizer.zero_grad(set_to_none=True)
+    if rank._keep_gathered:
+        reshard(rank.model)  # as after an update: the next forward gathers the weights
+    if rank.device.type == "cuda":
+        # No empty_cache: a colocated vLLM engine may be sizing its KV cache from the device's
+        # free memory right now, and it stops if that grows while it measures.
+        torch.cuda.synchronize(rank.device)
+    return {"warm_up_s": time.perf_counter() - t, "compiled_graphs": compiled_graphs()}
+
+
+def compiled_graphs() -> float:
+    """The graphs torch.compile has built in this process: a count that grows after the warm-up
+    means a real micro-batch did not fit the warm-up's graphs and was compiled again."""
+    from torch._dynamo.utils import counters
+
+    return float(counters["stats"]["unique_graphs"])
