@@ -100,6 +100,9 @@ class Sizes:
 def sizes_for(args) -> Sizes:
     s = _base_sizes(args)
     s.seed_mode = args.seed_mode
+    if not 0 < args.gpu_memory_utilization <= 0.95:
+        raise SystemExit(f"--gpu-memory-utilization={args.gpu_memory_utilization}: choose a share in (0, 0.95]")
+    s.gpu_memory_utilization = args.gpu_memory_utilization
     if args.overhead_size:
         try:
             s.overhead_batch = tuple(int(x) for x in args.overhead_size.lower().split("x"))
@@ -262,7 +265,7 @@ def run_part(args) -> None:
     name = args.part
     if name.startswith("rollout-"):
         child = [sys.executable, "-m", "bench.bench_vllm_gpu", "--model", args.model, "--seed-mode", args.seed_mode]
-        child += ["--smoke"] * args.smoke
+        child += ["--smoke"] * args.smoke + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         part_rollout(s, name.split("-", 1)[1], rec, deadline, child)
     elif name == "overhead":
         from bench.vllm_overhead import part_overhead
@@ -313,6 +316,7 @@ def orchestrate(args) -> int:
         cmd = [sys.executable, "-m", "bench.bench_vllm_gpu", "--part", part, "--part-out", str(part_file),
                "--deadline", str(deadline - 15), "--model", args.model] + (["--smoke"] if args.smoke else [])
         cmd += (["--overhead-size", args.overhead_size] if args.overhead_size else []) + ["--seed-mode", args.seed_mode]
+        cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         print(f"=== {part} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
@@ -367,6 +371,8 @@ def main() -> int:
                     "the first rollout batch and length; on a CPU e.g. 16x8x64)")
     ap.add_argument("--seed-mode", default="auto", choices=["auto", "request", "batch"],
                     help="rollout.seed_mode of the vLLM engines (auto: batch on a GPU, request on a CPU)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=Sizes.gpu_memory_utilization,
+                    help="vLLM's share of the GPU in every part (the step parts: for placerl and TRL alike)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)

@@ -67,7 +67,13 @@ def summarise(results: dict) -> dict:
     compiled = get("step-placerl-compile", "mean_after_first")
     if compiled and theirs:
         out["placerl_compiled_over_trl_step"] = round(compiled["step_s"] / theirs["step_s"], 3)
+        out["placerl_compiled_over_trl_goal_0.5"] = "met" if compiled["step_s"] / theirs["step_s"] <= 0.5 else "NOT met"
         out["placerl_compiled_first_step_s"] = get("step-placerl-compile", "steps")[0]["step_s"]
+    for part, name in (("step-placerl", "placerl"), ("step-placerl-compile", "placerl_compiled")):
+        startup = get(part, "startup") or {}
+        for k in ("startup_s", "warm_up_s"):
+            if k in startup:
+                out[f"{name}_{k}"] = startup[k]
     # One step off-policy, so not the on-policy comparison the 0.5 goal is about: reported beside it.
     overlapped = get("step-placerl-overlap", "mean_after_first")
     if overlapped and theirs:

@@ -14,12 +14,16 @@ def step_overrides(s: Sizes) -> list[str]:
             f"rollout.prompts_per_step={s.step_prompts}", f"rollout.group_size={s.step_group}",
             f"rollout.max_new_tokens={s.step_tokens}", f"learner.micro_batch_size={s.micro_batch}",
             f"placement.rank={s.rank}", f"placement.alpha={2 * s.rank}", f"rollout.max_lora_rank={s.rank}",
+            f"rollout.gpu_memory_utilization={s.gpu_memory_utilization}",
             "rollout.engine=vllm", "reward.functions=[{name: gsm8k_flexible}]"]
 
 
 STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
              "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
              "rollout/response_tokens_mean")
+# Reported with the first step: Ray, the actors and the engines (with learner.compile, the
+# rank's compile warm-up over the rollout engine's start; learner/warm_up_s is its own time).
+STARTUP_KEYS = ("time/startup_s", "learner/warm_up_s", "learner/compiled_graphs")
 
 
 def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False,
@@ -41,6 +45,9 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
     rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
     rec("profiled_step", {k.split("/")[-1]: round(steps[-1].get(k, 0.0), 4) for k in STEP_KEYS} if steps else None)
+    rec("startup", {k.split("/")[-1]: round(steps[0][k], 4) for k in STARTUP_KEYS if k in steps[0]} if steps else None)
+    # Graphs built after the warm-up would be compiles inside the timed steps.
+    rec("compiled_graphs_by_step", [m.get("learner/compiled_graphs") for m in steps])
     steps = steps[:s.steps]
     # The sync's own stages (time/sync_<stage>_s: export, transfer, the engine's load steps) say
     # where a sync that misses its share goes.

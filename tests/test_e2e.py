@@ -75,6 +75,9 @@ def test_ray_job_submit_writes_checkpoint_then_resumes(ray_head, tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     steps = [m["step"] for m in read_metrics(run) if "learner/loss" in m or "learner/skipped" in m]
     assert steps == [1, 2, 3, 4]  # the resumed run appended steps 3-4, it did not redo 1-2
+    # Each process reports its start-up (Ray, actors, engines) with the first step it takes.
+    started = [m["step"] for m in read_metrics(run) if m.get("time/startup_s", 0) > 0]
+    assert started == [1, 3]
     final = json.loads((run / "checkpoints" / "step-000004" / "driver.json").read_text())
     assert final["sampler"]["position"] == 4 * 4 and final["adapter_version"] > state["adapter_version"]
 

@@ -60,6 +60,11 @@ def test_chunked_logprobs_and_gradients_equal_the_whole_logits(dtype, tol, chunk
     for mine, theirs in zip(grads, ref_grads):
         assert torch.allclose(mine, theirs, atol=tol, rtol=0), (mine - theirs).abs().max()
     assert torch.equal(grads[0][~valid], torch.zeros_like(grads[0][~valid]))  # unlabelled rows get none
+    # The learner passes the label count it knows on the host: the same results, bit for bit.
+    counted, counted_ent = head_token_logprobs(hidden, weight, labels, 0.7, chunk, bias=b, with_entropy=True,
+                                               num_labels=int(valid.sum()))
+    assert torch.equal(counted, lp) and torch.equal(counted_ent, ent)
+    assert all(torch.equal(m, t) for m, t in zip(torch.autograd.grad((counted * g_out).sum(), params), grads))
 
 
 def test_frozen_head_gets_no_weight_gradient():

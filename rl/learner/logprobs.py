@@ -34,9 +34,12 @@ class _HeadLabelLogprob(torch.autograd.Function):
     """log softmax(head(h) / T)[label] and, without gradient, the entropy, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature: float, chunk: int, with_entropy: bool):
+    def forward(ctx, hidden, weight, bias, labels, temperature: float, chunk: int, with_entropy: bool,
+                num_labels: int | None):
         dtype = torch.promote_types(hidden.dtype, torch.float32)
-        idx = (labels.reshape(-1) >= 0).nonzero().squeeze(1)
+        labelled = labels.reshape(-1) >= 0
+        # With the count known, the indices need no read-back from the device (nonzero's sync).
+        idx = (labelled.nonzero() if num_labels is None else torch.nonzero_static(labelled, size=num_labels)).squeeze(1)
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
         y = labels.reshape(-1).index_select(0, idx)
         lp = torch.zeros(labels.numel(), dtype=dtype, device=hidden.device)
@@ -81,17 +84,18 @@ class _HeadLabelLogprob(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             n, width = ctx.hidden_shape[:-1].numel(), ctx.hidden_shape[-1]
             grad_hidden = h.new_zeros(n, width).index_copy_(0, idx, grad_h).view(ctx.hidden_shape)
-        return grad_hidden, grad_w, grad_b, None, None, None, None
+        return grad_hidden, grad_w, grad_b, None, None, None, None, None
 
 
 def head_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperature: float = 1.0,
                         chunk: int = 1024, bias: Tensor | None = None,
-                        with_entropy: bool = False) -> tuple[Tensor, Tensor]:
+                        with_entropy: bool = False, num_labels: int | None = None) -> tuple[Tensor, Tensor]:
     """Per-token logprobs ``[B, T]`` of ``labels`` under ``softmax((hidden @ weight.T + bias) / T)``,
     and per-token entropies (zeros unless ``with_entropy``; no gradient).
 
     ``hidden`` [B, T, H], ``weight`` [V, H], ``labels`` [B, T]; negative labels give 0 and no
-    gradient. Float32 results (float64 for float64 inputs).
+    gradient. Float32 results (float64 for float64 inputs). ``num_labels``: how many labels are
+    not negative, where the caller knows it (it must be exact).
     """
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0; use rollout.temperature > 0")
@@ -100,7 +104,8 @@ def head_token_logprobs(hidden: Tensor, weight: Tensor, labels: Tensor, temperat
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"hidden must be [B, T, H] and labels [B, T]; got {tuple(hidden.shape)} "
                          f"and {tuple(labels.shape)}")
-    return _HeadLabelLogprob.apply(hidden, weight, bias, labels, float(temperature), int(chunk), with_entropy)
+    return _HeadLabelLogprob.apply(hidden, weight, bias, labels, float(temperature), int(chunk), with_entropy,
+                                   num_labels)
 
 
 def logits_token_logprobs(logits: Tensor, labels: Tensor, temperature: float = 1.0,
@@ -131,25 +136,29 @@ def chunkable(model) -> bool:
 class _LogprobHead(torch.nn.Module):
     """Stands in for the output layer during one forward: returns ``[B, T, 2]`` (logprob, entropy)."""
 
-    def __init__(self, head: torch.nn.Linear, labels: Tensor, temperature: float, chunk: int, entropy: bool):
+    def __init__(self, head: torch.nn.Linear, labels: Tensor, temperature: float, chunk: int, entropy: bool,
+                 num_labels: int | None):
         super().__init__()
         self.head = head
         self.labels, self.temperature, self.chunk, self.entropy = labels, temperature, chunk, entropy
+        self.num_labels = num_labels
 
     def forward(self, hidden: Tensor) -> Tensor:
         # Read the weight here, inside the root's forward, where FSDP2 has gathered it.
         lp, ent = head_token_logprobs(hidden, self.head.weight, self.labels, self.temperature, self.chunk,
-                                      self.head.bias, self.entropy)
+                                      self.head.bias, self.entropy, self.num_labels)
         return torch.stack([lp, ent], dim=-1)
 
 
 @contextmanager
-def logprob_head(model, labels: Tensor, temperature: float, chunk: int, entropy: bool = False):
+def logprob_head(model, labels: Tensor, temperature: float, chunk: int, entropy: bool = False,
+                 num_labels: int | None = None):
     """Within this block ``model``'s forward returns, in place of logits, ``[B, t, 2]``: each kept
-    position's logprob of its label and its entropy (``labels`` [B, t] aligned with the kept positions)."""
+    position's logprob of its label and its entropy (``labels`` [B, t] aligned with the kept
+    positions; ``num_labels`` as in :func:`head_token_logprobs`)."""
     head = model.get_output_embeddings()
     owner, name = next((m, n) for m in model.modules() for n, c in m.named_children() if c is head)
-    setattr(owner, name, _LogprobHead(head, labels, temperature, chunk, entropy))
+    setattr(owner, name, _LogprobHead(head, labels, temperature, chunk, entropy, num_labels))
     try:
         yield
     finally:

@@ -193,10 +193,15 @@ class LearnerRank:
             idx = torch.tensor(rows)
             mb = {k: v[idx] for k, v in shard.items()}
             T = max(int(mb["attention_mask"].sum(dim=1).max()), 2)
-            mb = {k: (v[:, :T] if v.dim() == 2 else v).to(self.device) for k, v in mb.items()}
-            mb["num_tokens"] = float(shard["response_mask"][idx].sum())
-            ids = mb["input_ids"]
-            mb["labels"] = torch.where(mb[label_mask][:, 1:].bool(), ids[:, 1:], -100)
+            mb = {k: (v[:, :T] if v.dim() == 2 else v) for k, v in mb.items()}
+            labelled = mb[label_mask][:, 1:].bool()
+            mb["labels"] = torch.where(labelled, mb["input_ids"][:, 1:], -100)
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            # Counted here, on the host: read back from the device in the forward, each would
+            # stall the launch queue until the GPU had caught up, once per micro-batch.
+            columns = labelled.any(dim=0).nonzero()
+            mb.update(num_tokens=float(shard["response_mask"][idx].sum()), num_labels=int(labelled.sum()),
+                      first_label=int(columns[0]) if columns.numel() else 0)
             out.append(mb)
         return out
 
@@ -212,20 +217,21 @@ class LearnerRank:
                 return shared_prefix_logprobs(self.model, split, mb["input_ids"].shape, score)
         # Positions from the first labelled one on: the prompt's positions get no loss, and
         # over a 49k vocabulary their logits were a third of a GSM8K micro-batch's lm_head compute.
-        labelled = (mb["labels"] != -100).any(dim=0).nonzero()
-        first = int(labelled[0]) if labelled.numel() else 0
+        first = mb["first_label"]
         T = mb["input_ids"].shape[1]
         # The last kept position predicts nothing: label it -100.
-        lp, ent = score(F.pad(mb["labels"][:, first:], (0, 1), value=-100), input_ids=mb["input_ids"],
-                        attention_mask=mb["attention_mask"], logits_to_keep=T - first)
+        lp, ent = self._score(F.pad(mb["labels"][:, first:], (0, 1), value=-100), temperature, entropy,
+                              mb["num_labels"], input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                              logits_to_keep=T - first)
         return F.pad(lp[:, :-1], (first + 1, 0)), ent
 
-    def _score(self, labels, temperature: float, entropy: bool, **inputs):
+    def _score(self, labels, temperature: float, entropy: bool, num_labels: int | None = None, **inputs):
         """One forward over ``inputs``: the logprob of each kept position's label ([b, t], 0 where
-        -100) and, if asked, the entropy summed over labelled positions."""
+        -100) and, if asked, the entropy summed over labelled positions (``num_labels`` of them,
+        where known)."""
         chunk = self.cfg.learner.logprob_chunk
         if chunk and self._chunkable:
-            with logprob_head(self.model, labels, temperature, chunk, entropy):
+            with logprob_head(self.model, labels, temperature, chunk, entropy, num_labels):
                 out = self.model(**inputs).logits
             return out[..., 0], (out[..., 1].detach().sum() if entropy else None)
         return logits_token_logprobs(self.model(**inputs).logits, labels, temperature, entropy)
