@@ -16,6 +16,7 @@ backward and optimizer, and sleep/wake).
 """
 from __future__ import annotations
 
+import os
 import tempfile
 import time
 from collections import defaultdict
@@ -67,6 +68,11 @@ def trl_vllm_steps(recipe: str, overrides: list[str], steps: int) -> list[dict]:
         return gsm8k_flexible(prompts, completions, **cols)
 
     cuda = torch.cuda.is_available()
+    # TRL's colocated vLLM joins a one-process group at MASTER_PORT, 29500 unless set: a second
+    # benchmark on the same host (another GPU) would find it taken and stop.
+    from rl.cluster import free_port
+
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     args = grpo_config(cfg, steps, cuda)
     lora = LoraConfig(r=pc.rank, lora_alpha=pc.alpha, target_modules=list(pc.target_modules), task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=load_model(path, cfg.model.dtype), reward_funcs=gsm8k_reward, args=args,
