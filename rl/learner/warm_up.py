@@ -1,11 +1,12 @@
 """Compiling the learner's decoder layers before the first step (``learner.compile``).
 
 torch.compile builds its graphs on the first call of each kind: a training forward and
-backward, and the no-grad forwards that some steps also run. Left to the first step, that
-compile (about two minutes for Qwen2.5-0.5B's layers on one H200, reports/gpu/README.md 13.4)
-stalls the run after the rollout engine has started and sampled a batch. Here each rank runs
-those calls once on a small synthetic micro-batch while the driver starts the rollout engines
-(rl/learner/group.py starts it without waiting), so the two start-ups overlap.
+backward, and the no-grad forwards that some steps also run. Left to the steps, that compile
+stalled the first one (82-137 s for Qwen2.5-0.5B's layers on one H200, reports/gpu/README.md
+13.1), and any later micro-batch of a new kind. Here each rank runs those calls once on small
+synthetic micro-batches while the driver starts the rollout engines (rl/learner/group.py starts
+it without waiting), so the two start-ups overlap, in part: with warm compile caches the
+warm-up took 123 s, and an eager run's whole start-up 87 s (section 14.1).
 
 The synthetic micro-batches are a few rows of random tokens, one of each kind that compiles a
 graph of its own: right-padded rows (the attention mask goes into the layers), rows of one length
