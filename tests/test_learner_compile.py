@@ -28,7 +28,7 @@ def test_compiled_layers_give_the_same_updates_and_logprobs(ray_local, tiny_mode
         for name, compiled in (("eager", False), ("compiled", True)):
             built[name] = LearnerGroup(make_cfg(tiny_model_path, learner={**learner, "compile": compiled}),
                                        tiny_model_path, LORA)
-        # The warm-up compiled at start-up (on a synthetic batch, its gradients dropped: the
+        # The warm-up compiled at start-up (on synthetic micro-batches, its gradients dropped: the
         # updates below still match eager ones) ...
         warm = built["compiled"].ready()
         assert built["eager"].ready() == {} and warm["compiled_graphs"] > 0 and warm["warm_up_s"] > 0
