@@ -137,21 +137,21 @@ class RolloutPool:
         """Free the workers' accelerator memory while the learner steps (engines without
         sleep mode ignore it); the next ``wake_up``, ``sync`` or ``generate`` restores it.
         With ``wait=False`` it returns the calls in flight at once, for ``finish``."""
-        return self._each("sleep", wait)
-
-    def wake_up(self) -> None:
-        self._each("wake_up")
-
-    def _each(self, method: str, wait: bool = True) -> list:
-        """Call ``method`` on every worker at once; wait for them, or return the calls."""
-        pending = [getattr(w, method).remote() for w in self.workers]
+        pending = self._each("sleep")
         if not wait:
             return pending
         self.finish(pending)
         return []
 
+    def wake_up(self) -> None:
+        self.finish(self._each("wake_up"))
+
+    def _each(self, method: str) -> list:
+        """``method`` called on every worker at once: the calls in flight."""
+        return [getattr(w, method).remote() for w in self.workers]
+
     def finish(self, pending: list) -> None:
-        """Wait for the per-worker calls that ``sleep(wait=False)`` returned."""
+        """Wait for per-worker calls (``sleep(wait=False)``'s), replacing a worker that died."""
         for i, ref in enumerate(pending):
             try:
                 ray.get(ref)
