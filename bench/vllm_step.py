@@ -20,7 +20,7 @@ def step_overrides(s: Sizes) -> list[str]:
 
 STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
              "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
-             "rollout/response_tokens_mean")
+             "rollout/response_tokens_mean", "time/rollout_generate_s", "time/rollout_rows_s")
 # Reported with the first step: Ray, the actors and the engines (with learner.compile, the
 # rank's compile warm-up over the rollout engine's start; learner/warm_up_s is its own time).
 STARTUP_KEYS = ("time/startup_s", "learner/warm_up_s", "learner/compiled_graphs")

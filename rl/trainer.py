@@ -272,6 +272,8 @@ class Trainer:
                   "rollout/response_tokens_mean": new_tokens / len(completions),
                   "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
                   "time/rollout_s": batch.rollout_s, "time/reward_s": t2 - t1,
+                  # The engine's own part of time/rollout_s (the slowest worker's), where it times it.
+                  **{f"time/rollout_{k}": v for k, v in getattr(batch.groups, "call_s", {}).items()},
                   "throughput/rollout_tokens_per_s": new_tokens / max(batch.rollout_s, 1e-9)})
         if not keep.any():  # every group was flat: nothing to learn from this batch
             m["learner/skipped_flat_batch"] = 1.0

@@ -94,7 +94,10 @@ class RolloutPool:
         refs = {i: self.workers[i].generate.remote(c, specs[i]) for i, c in enumerate(chunks) if c}
         return PendingRollout(chunks, specs, refs)
 
-    def collect(self, pending: "PendingRollout", retries: int = 2) -> list[list]:
+    def collect(self, pending: "PendingRollout", retries: int = 2) -> "Groups":
+        """The completions in prompt order; their ``call_s`` is the slowest worker's, part by part."""
+        from rl.rollout.worker import Groups
+
         out: dict[int, list] = {}
         for i, ref in pending.refs.items():
             for attempt in range(retries + 1):
@@ -107,9 +110,10 @@ class RolloutPool:
                     self._restart(i)
                     ref = self.workers[i].generate.remote(pending.chunks[i], pending.specs[i])
         self._settle()  # syncs queued behind this rollout
-        return [group for i in sorted(out) for group in out[i]]
+        return Groups([group for i in sorted(out) for group in out[i]],
+                      slowest_stages([getattr(out[i], "call_s", {}) for i in sorted(out)]))
 
-    def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> list[list]:
+    def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> "Groups":
         return self.collect(self.submit(prompt_ids, sampling), retries)
 
     def sync(self, payload_ref, wait: bool = True) -> dict[str, float]:

@@ -9,9 +9,20 @@ from __future__ import annotations
 import os
 import time
 
-from rl.rollout.engine import Completion, SamplingSpec, make_engine
+from rl.rollout.engine import SamplingSpec, make_engine
 from rl.rollout.gc_pauses import GcPauses
 from rl.rollout.sync import AdapterPayload
+
+
+class Groups(list):
+    """A generate's ``[prompt][n]`` completions, with ``call_s``: seconds the engine itself spent
+    in the call, by part (vLLM's: ``generate_s``, its engine call, and ``rows_s``, the rows built
+    from its outputs); empty where the engine does not time its parts. Set against the driver's
+    rollout time, they say whether a slow rollout was the engine's or the way around it."""
+
+    def __init__(self, groups=(), call_s: dict | None = None):
+        super().__init__(groups)
+        self.call_s = dict(call_s or {})
 
 
 class LocalRolloutWorker:
@@ -36,14 +47,14 @@ class LocalRolloutWorker:
         torch.set_num_threads(n)
         self.engine = make_engine(rollout_cfg, model_path, dtype, seed)
 
-    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> Groups:
         groups = self.engine.generate(prompt_ids, sampling)
         # The actor runs one call at a time, so no adapter load happened during this generate.
         version = self.engine.adapter_version() or 0
         for group in groups:
             for c in group:
                 c.adapter_version = version
-        return groups
+        return Groups(groups, {f"{k}_s": v for k, v in getattr(self.engine, "last_call_s", {}).items()})
 
     def load_adapter(self, payload: AdapterPayload, requested_at: float | None = None) -> dict[str, float]:
         """Serve ``payload``; returns ``version`` and seconds per sync stage: the learner's
