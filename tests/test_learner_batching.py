@@ -2,7 +2,7 @@
 import torch
 
 from rl.learner.batching import (fixed_micro_batches, in_row_order, plan_micro_batches, prompt_groups,
-                                 split_to_count, token_budget_micro_batches)
+                                 split_to_count, token_budget_micro_batches, with_padding_column)
 
 
 def padded(plan, lengths):
@@ -67,3 +67,17 @@ def test_results_come_back_in_row_order():
     pieces = [torch.tensor([[2.0, 2.0], [5.0, 5.0]]), torch.tensor([[1.0]])]  # rows 2, 0, then 1
     out = in_row_order(pieces, plan, 2)
     assert out.tolist() == [[5.0, 5.0], [1.0, 0.0], [2.0, 2.0]]
+
+
+def test_a_micro_batch_without_padding_gets_an_empty_column():
+    mask = torch.ones(2, 4, dtype=torch.long)
+    mb = {"input_ids": torch.arange(8).view(2, 4), "attention_mask": mask, "response_mask": mask.clone(),
+          "advantages": torch.tensor([1.0, -1.0])}
+    out = with_padding_column(mb)
+    assert out["input_ids"].shape == out["attention_mask"].shape == out["response_mask"].shape == (2, 5)
+    assert out["attention_mask"][:, -1].tolist() == [0, 0] and out["response_mask"][:, -1].tolist() == [0, 0]
+    assert torch.equal(out["input_ids"][:, :4], mb["input_ids"]) and torch.equal(out["advantages"], mb["advantages"])
+    # Results over the wider micro-batch come back at the shard's width.
+    assert in_row_order([out["input_ids"].float()], [[1, 0]], 4).tolist() == [[4, 5, 6, 7], [0, 1, 2, 3]]
+    mb["attention_mask"] = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    assert with_padding_column(mb) is mb  # already padded: as it was

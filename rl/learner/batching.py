@@ -87,9 +87,21 @@ def split_to_count(plan: list[list[int]], lengths: list[int], count: int) -> lis
     return plan
 
 
+def with_padding_column(mb: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``mb`` (a micro-batch of right-padded rows) with one more padding column where none of its
+    rows is padded (pure). transformers drops an all-ones attention mask, so the decoder layers
+    would run such a micro-batch without one: compiled, that is a graph of its own, built the
+    first time one occurs (tens of seconds). With the column every micro-batch is padded, and
+    the graph that the start-up warm-up builds (rl/learner/warm_up.py) serves them all. The
+    column is no token of any row: it gets no label and no loss, and results drop it."""
+    if not bool(mb["attention_mask"].all()):
+        return mb
+    return {k: F.pad(v, (0, 1)) if v.dim() == 2 else v for k, v in mb.items()}
+
+
 def in_row_order(pieces: list[Tensor], plan: list[list[int]], T: int) -> Tensor:
-    """Per-micro-batch results ([rows, t] each, in ``plan``'s order) padded to ``T`` columns
-    and put back in the shard's row order."""
+    """Per-micro-batch results ([rows, t] each, in ``plan``'s order) padded (or cut) to ``T``
+    columns and put back in the shard's row order."""
     planned = torch.cat([F.pad(p, (0, T - p.shape[1])) for p in pieces])
     out = torch.empty_like(planned)
     out[torch.tensor([i for rows in plan for i in rows], device=planned.device)] = planned

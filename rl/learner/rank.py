@@ -36,11 +36,12 @@ from core.lora import check_lora_shapes, full_tensor
 from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
 from rl.grpo import configured_correction, policy_loss, sft_loss
-from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count
+from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count, with_padding_column
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.profiling import profiled_step
 from rl.learner.sharding import decoder_layers, reshard, shard_model
+from rl.learner.warm_up import compiled_graphs, warm_up as warm_up_compiled
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
@@ -111,9 +112,7 @@ class LearnerRank:
 
     def warm_up(self) -> dict[str, float]:
         """With ``learner.compile``: build the compiled graphs now (rl/learner/warm_up.py)."""
-        from rl.learner.warm_up import warm_up
-
-        return warm_up(self)
+        return warm_up_compiled(self)
 
     def _join_group(self, cfg, addr: str, port: int) -> bool:
         """Pick this rank's device and threads and join the process group; True on CUDA."""
@@ -194,6 +193,8 @@ class LearnerRank:
             mb = {k: v[idx] for k, v in shard.items()}
             T = max(int(mb["attention_mask"].sum(dim=1).max()), 2)
             mb = {k: (v[:, :T] if v.dim() == 2 else v) for k, v in mb.items()}
+            if self.cfg.learner.compile:  # one compiled graph for every micro-batch
+                mb = with_padding_column(mb)
             labelled = mb[label_mask][:, 1:].bool()
             mb["labels"] = torch.where(labelled, mb["input_ids"][:, 1:], -100)
             mb = {k: v.to(self.device) for k, v in mb.items()}
@@ -315,8 +316,6 @@ class LearnerRank:
             skipped += skip
         self.steps += 1
         if lc.compile:
-            from rl.learner.warm_up import compiled_graphs
-
             diag["compiled_graphs"] = compiled_graphs()
         if self._release_cache:
             torch.cuda.empty_cache()

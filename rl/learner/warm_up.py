@@ -3,20 +3,24 @@
 torch.compile builds its graphs on the first call of each kind: a training forward and
 backward, and the no-grad forwards that some steps also run. Left to the steps, that compile
 stalled the first one (82-137 s for Qwen2.5-0.5B's layers on one H200, reports/gpu/README.md
-13.1), and any later micro-batch of a new kind. Here each rank runs those calls once on small
-synthetic micro-batches while the driver starts the rollout engines (rl/learner/group.py starts
+13.1), and any later micro-batch of a new kind. Here each rank runs those calls once on a small
+synthetic micro-batch while the driver starts the rollout engines (rl/learner/group.py starts
 it without waiting), so the two start-ups overlap, in part: with warm compile caches the
 warm-up took 123 s, and an eager run's whole start-up 87 s (section 14.1).
 
-The synthetic micro-batches are a few rows of random tokens, one of each kind that compiles a
-graph of its own: right-padded rows (the attention mask goes into the layers), rows of one length
-(no padding: the layers get no mask and attend causally), and a single row (torch.compile
-specialises on a size of 1). Their shapes differ from every real one, and the layers are compiled
-with dynamic shapes (``dynamic=True``), so the graphs built here serve every real micro-batch:
-its rows and lengths are symbols, not constants. No two of their sizes are equal (torch.compile
-would assume they stay equal). The gradients are computed, reduced like a step's last
-micro-batch (every rank takes part, so the collectives pair up) and then dropped; no optimizer
-step is taken, so the run's updates are those of a run that never warmed up.
+The synthetic micro-batch is a few right-padded rows of random tokens. Every real micro-batch
+is padded too (a micro-batch of rows of one length gets an empty column,
+rl/learner/batching.py ``with_padding_column``), so the attention mask always goes into the
+layers and one graph serves them all: the warm-up used to run three kinds (padded rows, rows of
+one length, a single row) and so built three. A micro-batch of a single row, where the
+micro-batch holds more than one, still compiles a graph of its own the first time (torch.compile
+specialises on a size of 1): token packing never leaves one in the recipes, and
+``learner/compiled_graphs``, logged every step, shows it where it happens. The layers are
+compiled with dynamic shapes (``dynamic=True``), so the graph built here serves every real
+micro-batch: its rows and lengths are symbols, not constants. No two of the warm-up's sizes are
+equal (torch.compile would assume they stay equal). The gradients are computed, reduced like a
+step's last micro-batch (every rank takes part, so the collectives pair up) and then dropped; no
+optimizer step is taken, so the run's updates are those of a run that never warmed up.
 """
 from __future__ import annotations
 
@@ -24,42 +28,37 @@ import time
 
 import torch
 
-# Row lengths (after a 7-token prompt) of the micro-batches: right-padded, one length, one row.
-# Small, so that the warm-up costs compiling, not computing.
+# Row lengths (after a 7-token prompt) of the micro-batch, as many rows as a micro-batch holds up
+# to three. Small, so that the warm-up costs compiling, not computing.
 PROMPT = 7
-MICRO_BATCHES = ((23, 21, 19), (23, 23, 23), (21,))
+LENGTHS = (23, 21, 19)
 
 
-def synthetic_shard(vocab_size: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[list[int]]]:
-    """A learner shard of random tokens, right-padded, and the rows of each of ``MICRO_BATCHES``
-    in it (pure)."""
+def synthetic_shard(vocab_size: int, rows: int = len(LENGTHS), seed: int = 0) -> dict[str, torch.Tensor]:
+    """A learner shard of ``rows`` (at most 3) right-padded rows of random tokens (pure)."""
     g = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([n for mb in MICRO_BATCHES for n in mb])
+    lengths = torch.tensor(LENGTHS[:rows])
     T = int(lengths.max())
     cols = torch.arange(T)[None]
     attention_mask = (cols < lengths[:, None]).long()
-    rows, plan = len(lengths), []
-    for mb in MICRO_BATCHES:
-        start = sum(len(p) for p in plan)
-        plan.append(list(range(start, start + len(mb))))
-    shard = {"input_ids": torch.randint(0, vocab_size, (rows, T), generator=g) * attention_mask,
-             "attention_mask": attention_mask, "response_mask": attention_mask * (cols >= PROMPT),
-             "advantages": torch.ones(rows), "rollout_logprobs": torch.zeros(rows, T)}
-    return shard, plan
+    return {"input_ids": torch.randint(0, vocab_size, (rows, T), generator=g) * attention_mask,
+            "attention_mask": attention_mask, "response_mask": attention_mask * (cols >= PROMPT),
+            "advantages": torch.ones(rows), "rollout_logprobs": torch.zeros(rows, T)}
 
 
 def warm_up(rank) -> dict[str, float]:
-    """Run ``rank``'s (a rl.learner.rank.LearnerRank after setup) compiled layers once for every
-    kind of call its steps make, and drop the gradients; returns the seconds it took and the
-    graphs torch.compile holds in this process."""
+    """Run ``rank``'s (a rl.learner.rank.LearnerRank after setup) compiled layers once on a padded
+    micro-batch for every kind of call its steps make, and drop the gradients; returns the seconds
+    it took and the graphs torch.compile holds in this process."""
     from rl.learner.sharding import reshard
 
     t = time.perf_counter()
     cfg = rank.cfg
     grpo = cfg.algorithm.loss != "sft"
     temperature = cfg.rollout.temperature if grpo else 1.0
-    shard, plan = synthetic_shard(rank.model.get_base_model().config.vocab_size, seed=cfg.trainer.seed)
-    for mb in rank._micro_batches(shard, "response_mask", plan):
+    rows = min(len(LENGTHS), cfg.learner.micro_batch_size)
+    shard = synthetic_shard(rank.model.get_base_model().config.vocab_size, rows, seed=cfg.trainer.seed)
+    for mb in rank._micro_batches(shard, "response_mask", [list(range(rows))]):
         if grpo and cfg.algorithm.kl_coef > 0:
             rank._reference(mb, temperature)  # the no-grad forward without the adapter
         if grpo and cfg.learner.updates_per_batch > 1 and rank._dropout:
