@@ -41,8 +41,8 @@ from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.profiling import profiled_step
 from rl.learner.sharding import decoder_layers, reshard, shard_model
-from rl.learner.warm_up import compiled_graphs, warm_up as warm_up_compiled
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
+from rl.learner.warm_up import compiled_graphs, warm_up as warm_up_compiled
 
 # policy_loss metrics that are token means over a micro-batch: summed weighted by tokens.
 TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
