@@ -95,6 +95,7 @@ class Sizes:
     step_tokens: int = 512
     micro_batch: int = 32
     steps: int = 5  # the first is warm-up
+    learner_profile: bool = True  # the step parts run one more step with the learner under torch's profiler
 
 
 def sizes_for(args) -> Sizes:
@@ -103,6 +104,7 @@ def sizes_for(args) -> Sizes:
     if not 0 < args.gpu_memory_utilization <= 0.95:
         raise SystemExit(f"--gpu-memory-utilization={args.gpu_memory_utilization}: choose a share in (0, 0.95]")
     s.gpu_memory_utilization = args.gpu_memory_utilization
+    s.learner_profile = not args.no_learner_profile
     if args.overhead_size:
         try:
             s.overhead_batch = tuple(int(x) for x in args.overhead_size.lower().split("x"))
@@ -317,6 +319,7 @@ def orchestrate(args) -> int:
                "--deadline", str(deadline - 15), "--model", args.model] + (["--smoke"] if args.smoke else [])
         cmd += (["--overhead-size", args.overhead_size] if args.overhead_size else []) + ["--seed-mode", args.seed_mode]
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+        cmd += ["--no-learner-profile"] * args.no_learner_profile
         print(f"=== {part} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
@@ -373,6 +376,8 @@ def main() -> int:
                     help="rollout.seed_mode of the vLLM engines (auto: batch on a GPU, request on a CPU)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=Sizes.gpu_memory_utilization,
                     help="vLLM's share of the GPU in every part (the step parts: for placerl and TRL alike)")
+    ap.add_argument("--no-learner-profile", action="store_true",
+                    help="the placerl step parts skip their extra profiled step (a profiled step took 13-41 s on an H200)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)

@@ -28,8 +28,8 @@ STARTUP_KEYS = ("time/startup_s", "learner/warm_up_s", "learner/compiled_graphs"
 
 def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False,
                       compile_layers: bool = False) -> None:
-    """The recipe for ``s.steps`` timed steps, then one more under the profiler (rl/learner/profiling.py),
-    left out of the means: the profiler slows the step it watches."""
+    """The recipe for ``s.steps`` timed steps, then (unless ``--no-learner-profile``) one more under
+    the profiler (rl/learner/profiling.py), left out of the means: the profiler slows the step it watches."""
     import json
 
     from bench.recipe_steps import recipe_run
@@ -39,12 +39,15 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     placement += ["trainer.max_staleness=1"] if overlap else []
     placement += ["learner.compile=true"] if compile_layers else []
     memory = PeakMemory()
-    profiled = s.steps + 1
-    placement += [f"trainer.steps={profiled}", f"trainer.save_every={profiled + 1}", f"learner.profile_step={profiled}"]
+    if s.learner_profile:
+        profiled = s.steps + 1
+        placement += [f"trainer.steps={profiled}", f"trainer.save_every={profiled + 1}",
+                      f"learner.profile_step={profiled}"]
     steps, run_dir = recipe_run(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
-    profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
-    rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
-    rec("profiled_step", {k.split("/")[-1]: round(steps[-1].get(k, 0.0), 4) for k in STEP_KEYS} if steps else None)
+    if s.learner_profile:
+        profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
+        rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
+        rec("profiled_step", {k.split("/")[-1]: round(steps[-1].get(k, 0.0), 4) for k in STEP_KEYS} if steps else None)
     rec("startup", {k.split("/")[-1]: round(steps[0][k], 4) for k in STARTUP_KEYS if k in steps[0]} if steps else None)
     # Graphs built after the warm-up would be compiles inside the timed steps.
     rec("compiled_graphs_by_step", [m.get("learner/compiled_graphs") for m in steps])
