@@ -26,13 +26,13 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
     - ``raw_lean``: the engine's own SamplingParams (no detokenizing, flat logprobs), so
       framework over raw_lean is the framework's plumbing alone (Ray, Completions, texts).
 
-    - ``in_actor``: the worker actor's own engine, timed inside its process as the engine splits
-      its call (``VLLMEngine.last_call_s``): vLLM's generate with the lean parameters
-      (``in_actor_generate``), then building the rows (``in_actor_rows``). Against
-      ``raw_lean`` it says what the actor's process costs the engine; against ``framework`` what
-      Ray's call, the transfer and the pool add.
+    The framework's own call is also split as its engine timed it inside the worker's process
+    (the completions' ``call_s``): vLLM's generate with the lean parameters
+    (``in_actor_generate``), then building the rows (``in_actor_rows``). Against ``raw_lean``
+    that says what the actor's process costs the engine; the rest of the framework's call is
+    what Ray's call, the transfer and the pool add.
 
-    Rounds alternate the four; ratios of the best times, and of the medians.
+    Rounds alternate the three; ratios of the best times, and of the medians.
     """
     import ray
     import torch
@@ -69,15 +69,14 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
         outs = raw.llm.generate(prompts, params, lora_request=raw._lora, use_tqdm=False)
         return sum(len(c.token_ids) for o in outs for c in o.outputs)
 
-    def in_actor() -> int:
-        # The worker's own engine, timed inside its process: the bare call, then the rows.
-        n, parts = ray.get(pool.workers[0].__ray_call__.remote(timed_in_worker, ids, spec))
-        for k, v in parts.items():
-            times.setdefault(k, []).append(v)
-        return n
+    def framework() -> int:
+        groups = pool.generate(ids, spec)
+        # The same call as its engine timed it inside the worker's process: vLLM's call, then the rows.
+        times.setdefault("in_actor_generate", []).append(groups.call_s["generate_s"])
+        times.setdefault("in_actor_rows", []).append(groups.call_s["rows_s"])
+        return tokens_of(groups)
 
-    runs = {"raw": lambda: raw_run(plain), "raw_lean": lambda: raw_run(lean),
-            "framework": lambda: tokens_of(pool.generate(ids, spec)), "in_actor": in_actor}
+    runs = {"raw": lambda: raw_run(plain), "raw_lean": lambda: raw_run(lean), "framework": framework}
     small = SamplingSpec(n=2, max_new_tokens=8, temperature=1.0, seed=0)
     raw.generate(ids[:2], small), pool.generate(ids[:2], small)  # warm-up
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -106,14 +105,6 @@ def part_overhead(s: Sizes, rec: Recorder, deadline: float) -> None:
                    "framework_over_raw_lean": round(best["framework"] / best["raw_lean"], 4),
                    "raw_lean_over_raw": round(best["raw_lean"] / best["raw"], 4)})
     pool.shutdown()
-
-
-def timed_in_worker(worker, ids, spec) -> tuple[int, dict[str, float]]:
-    """Runs inside a RolloutWorker actor: its engine's generate, split as the engine times it
-    (vLLM's own call, then the rows built from its outputs)."""
-    rows = worker.engine.generate(ids, spec)
-    split = worker.engine.last_call_s
-    return tokens_of(rows), {"in_actor_generate": split["generate"], "in_actor_rows": split["rows"]}
 
 
 def vllm_default_outputs(params):

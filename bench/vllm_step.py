@@ -39,12 +39,12 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     placement += ["trainer.max_staleness=1"] if overlap else []
     placement += ["learner.compile=true"] if compile_layers else []
     memory = PeakMemory()
-    if s.learner_profile:
-        profiled = s.steps + 1
+    profiled = s.steps + 1 if s.learner_profile else 0
+    if profiled:
         placement += [f"trainer.steps={profiled}", f"trainer.save_every={profiled + 1}",
                       f"learner.profile_step={profiled}"]
     steps, run_dir = recipe_run(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
-    if s.learner_profile:
+    if profiled:
         profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
         rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
         rec("profiled_step", {k.split("/")[-1]: round(steps[-1].get(k, 0.0), 4) for k in STEP_KEYS} if steps else None)

@@ -110,8 +110,8 @@ class RolloutPool:
                     self._restart(i)
                     ref = self.workers[i].generate.remote(pending.chunks[i], pending.specs[i])
         self._settle()  # syncs queued behind this rollout
-        return Groups([group for i in sorted(out) for group in out[i]],
-                      slowest_stages([getattr(out[i], "call_s", {}) for i in sorted(out)]))
+        order = sorted(out)
+        return Groups([group for i in order for group in out[i]], slowest_stages([out[i].call_s for i in order]))
 
     def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> "Groups":
         return self.collect(self.submit(prompt_ids, sampling), retries)

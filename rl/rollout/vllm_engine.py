@@ -168,7 +168,7 @@ class VLLMEngine:
         t1 = time.perf_counter()
         rows = completion_rows(self._tokenizer, prompt_ids, outs,
                                decoded=self._output_options.get("detokenize", True))
-        self.last_call_s = {"generate": t1 - t, "rows": time.perf_counter() - t1}
+        self.last_call_s = {"generate_s": t1 - t, "rows_s": time.perf_counter() - t1}
         # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
         return [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows]
 

@@ -54,7 +54,7 @@ class LocalRolloutWorker:
         for group in groups:
             for c in group:
                 c.adapter_version = version
-        return Groups(groups, {f"{k}_s": v for k, v in getattr(self.engine, "last_call_s", {}).items()})
+        return Groups(groups, getattr(self.engine, "last_call_s", {}))
 
     def load_adapter(self, payload: AdapterPayload, requested_at: float | None = None) -> dict[str, float]:
         """Serve ``payload``; returns ``version`` and seconds per sync stage: the learner's
