@@ -44,6 +44,22 @@ class RewardResult:
     seconds: dict[str, float] = field(default_factory=dict)  # summed call time per function
     leaked_threads: int = 0
 
+    @classmethod
+    def concat(cls, results: list["RewardResult"]) -> "RewardResult":
+        """The results of consecutive parts of one batch as one result, samples in order."""
+        def summed(name: str) -> dict:
+            out: dict = {}
+            for r in results:
+                for k, v in getattr(r, name).items():
+                    out[k] = out.get(k, 0) + v
+            return out
+
+        first = results[0]
+        return cls([t for r in results for t in r.total],
+                   {k: [s for r in results for s in r.per_function[k]] for k in first.per_function},
+                   dict(first.weights), summed("errors"), summed("timeouts"), summed("seconds"),
+                   sum(r.leaked_threads for r in results))
+
     @property
     def failed(self) -> int:
         """Samples whose total is missing (NaN) because a weighted reward call failed on them."""

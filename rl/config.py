@@ -297,6 +297,9 @@ class TrainerConfig:
     # samples is the one that learns); k > 0 launches step t+k's rollout before step t trains, so
     # rollout and learning overlap and a batch is at most k adapter versions old (rl/overlap.py).
     max_staleness: int = 0
+    # 0: the learner gets each step's batch whole. k > 0: finished groups reach the learner k at
+    # a time while the longest samples still decode (on-policy; vLLM stays awake, docs/async.md).
+    stream_groups: int = 0
 
     def validate(self, p: str) -> None:
         _check(self.steps >= 1, f"{p}.steps", self.steps, "must be >= 1")
@@ -307,6 +310,8 @@ class TrainerConfig:
         _check(self.keep_checkpoints >= 1, f"{p}.keep_checkpoints", self.keep_checkpoints, "must be >= 1")
         _check(self.max_staleness >= 0, f"{p}.max_staleness", self.max_staleness,
                "must be >= 0 (0: synchronous rollout and update)")
+        _check(self.stream_groups >= 0, f"{p}.stream_groups", self.stream_groups,
+               "must be >= 0 (0: the learner gets each batch whole)")
 
 
 @dataclass
@@ -335,9 +340,28 @@ class Config:
                "raise rollout.max_lora_rank")
         _check(self.trainer.max_staleness == 0 or self.algorithm.loss == "grpo", "trainer.max_staleness",
                self.trainer.max_staleness, "SFT has no rollouts to overlap; set trainer.max_staleness=0")
+        self._check_streaming()
         _check(self.trainer.eval_split != "val" or self.data.val_size > 0, "trainer.eval_split",
                self.trainer.eval_split, "needs data.val_size > 0 (the rows held out of training)")
         return self
+
+    def _check_streaming(self) -> None:
+        """trainer.stream_groups learns a step in parts: one update, of a whole GRPO batch, on-policy."""
+        if not self.trainer.stream_groups:
+            return
+        for field_name, value, ok, fix in (
+                ("algorithm.loss", self.algorithm.loss, self.algorithm.loss == "grpo", "SFT has no rollouts to stream; set trainer.stream_groups=0"),
+                ("trainer.max_staleness", self.trainer.max_staleness, self.trainer.max_staleness == 0,
+                 "streaming is on-policy; set trainer.max_staleness=0 or trainer.stream_groups=0"),
+                ("learner.updates_per_batch", self.learner.updates_per_batch, self.learner.updates_per_batch == 1,
+                 "later updates need the whole batch; set it to 1 or trainer.stream_groups=0"),
+                ("learner.loss_token_cap", self.learner.loss_token_cap, self.learner.loss_token_cap == 0,
+                 "the cap samples the whole batch's tokens; set it to 0 or trainer.stream_groups=0"),
+                ("diagnostics.enabled", self.diagnostics.enabled, not self.diagnostics.enabled,
+                 "gradient captures assume whole-batch normalised losses; set it to false or trainer.stream_groups=0"),
+                ("rollout.sleep_mode", self.rollout.sleep_mode, self.rollout.sleep_mode is not True,
+                 "the rollout decodes while the learner steps; set rollout.sleep_mode=auto or false")):
+            _check(ok, field_name, value, f"cannot go with trainer.stream_groups={self.trainer.stream_groups}: {fix}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -157,6 +157,18 @@ def aggregate(values: Tensor, mask: Tensor, mode: str, max_tokens: int | None = 
     raise ValueError(f"loss_agg={mode!r} is not one of {LOSS_AGG_MODES}; set algorithm.loss_agg to one of them")
 
 
+def batch_normaliser(mode: str, num_tokens: float, num_sequences: int) -> float:
+    """What :func:`aggregate` divides a whole batch's summed loss by under ``mode``.
+
+    A batch learned in parts whose sizes are not known in advance (``trainer.stream_groups``)
+    sums its pieces with ``num_tokens=1, num_sequences=1`` and divides the summed gradient by
+    this once the batch is complete: the same gradient as the whole batch at once.
+    """
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg={mode!r} is not one of {LOSS_AGG_MODES}; set algorithm.loss_agg to one of them")
+    return max(float(num_tokens), 1.0) if mode == "token-mean" else float(max(num_sequences, 1))
+
+
 def _token_mean(values: Tensor, mask: Tensor) -> Tensor:
     weight = mask.to(values.dtype)
     return ((_masked(values, mask) * weight).sum() / weight.sum().clamp(min=1.0)).detach()

@@ -39,6 +39,7 @@ def rollout_settings(cfg: Config, dtype: str):
     on_gpu = torch.cuda.is_available() and cfg.cluster.gpus_per_rollout_worker > 0
     check_vllm_dtype(dtype, on_gpu)
     colocated = cfg.cluster.colocate and cfg.cluster.gpus_per_learner_rank > 0
-    sleep_mode = resolve_sleep_mode(r.sleep_mode, colocated, on_gpu)
+    # A streamed step decodes while the learner steps: nothing sleeps (Config refuses sleep_mode=true).
+    sleep_mode = resolve_sleep_mode(False if cfg.trainer.stream_groups else r.sleep_mode, colocated, on_gpu)
     check_overlap(cfg.trainer.max_staleness, sleep_mode)
     return dataclasses.replace(r, sleep_mode=sleep_mode)

@@ -15,7 +15,10 @@ By default (``trainer.max_staleness=0``) rollout and update alternate, so the po
 samples is the one that learns, up to the logprob mismatch measured every step. With
 ``max_staleness=k > 0`` the rollouts of the next k steps are launched before a step trains
 (rl/rollout/overlap.py), so they overlap learning and are up to k adapter versions old; the
-staleness is logged every step and ``algorithm.is_correction`` weighs the gap.
+staleness is logged every step and ``algorithm.is_correction`` weighs the gap. With
+``trainer.stream_groups=k`` a step stays on-policy but its groups reach the learner k at a
+time as they finish generating (:meth:`Trainer.streamed_grpo_step`), so learning overlaps the
+longest samples' decoding (docs/async.md).
 
 Left out on purpose: generation-time reward shaping beyond what the reward library does,
 and multi-turn / tool-use rollouts.
@@ -34,13 +37,12 @@ from pathlib import Path
 import torch
 
 from rl import checkpoint as ckpt
-from rl.learner.batch import grpo_batch, sft_batch
+from rl.learner.batch import sft_batch
 from rl.learner.group import LearnerDied
 from rl.config import Config
 from rl.console import actor_env, progress_fields
 from rl.data import PromptSampler, attach_prompts, load_task
 from rl.evaluate import accuracy, eval_runner, graded
-from rl.grpo import group_advantages, zero_variance_groups
 from rl.metrics_log import MetricsLog
 from core.models import load_tokenizer, resolve_model
 from rl.rollout.engine import served_config
@@ -234,11 +236,9 @@ class Trainer:
     def grpo_step(self, batch) -> dict[str, float]:
         """One update on a collected rl.rollout.overlap.Batch (unless it is too stale or all flat)."""
         from rl.rollout.overlap import admit, staleness
+        from rl.step_scoring import score_groups, step_metrics
 
-        cfg, G = self.cfg, self.cfg.rollout.group_size
-        rows = [self.train_rows[i] for i in batch.indices]
-        completions = [c for g in batch.groups for c in g]
-        flat_rows = [r for r in rows for _ in range(G)]
+        cfg = self.cfg
         m = {"rollout/staleness": float(staleness(self.adapter_version, batch.versions)),
              "rollout/in_flight": float(self.rollouts.in_flight()), "time/rollout_wait_s": batch.wait_s}
         if not admit(self.adapter_version, batch.versions, cfg.trainer.max_staleness):
@@ -249,42 +249,52 @@ class Trainer:
         # the wait beyond the rewards. Overlapped, a sleep would wait for the rollouts in flight.
         asleep = self.rollout.sleep(wait=False) if not cfg.trainer.max_staleness else []
         t1 = time.perf_counter()
-        scored = self.rewards.score([r["prompt"] for r in flat_rows], [c.text for c in completions],
-                                    {k: [r[k] for r in flat_rows] for k in ("question", "answer", "gold")},
-                                    completion_ids=[c.token_ids for c in completions])
+        scored = score_groups(cfg, self.rewards, self.tok.pad_token_id, [self.train_rows[i] for i in batch.indices],
+                              batch.groups)
         t2 = time.perf_counter()
         self.rollout.finish(asleep)
         m["time/sleep_s"] = time.perf_counter() - t2
-        rewards = torch.tensor(scored.total, dtype=torch.float64)
-        adv = group_advantages(rewards, G, std_normalize=cfg.algorithm.std_normalize)
-        flat = zero_variance_groups(rewards, G)
-        keep = torch.ones(len(completions), dtype=torch.bool)
-        if cfg.algorithm.filter_zero_variance:
-            keep = ~flat.repeat_interleave(G)
-        new_tokens = sum(len(c.token_ids) for c in completions)
-        m.update(scored.metrics())
-        # A NaN total is a sample whose grader failed: out of the group statistics (advantage 0),
-        # out of the means, counted in reward/failed_samples.
-        graded = rewards[~rewards.isnan()]
-        m.update({"reward/mean": graded.mean().item() if graded.numel() else float("nan"),
-                  "reward/std": graded.std().item() if graded.numel() > 1 else float("nan"),
-                  "groups/zero_variance_frac": flat.float().mean().item(),
-                  "rollout/response_tokens_mean": new_tokens / len(completions),
-                  "rollout/truncated_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
-                  "time/rollout_s": batch.rollout_s, "time/reward_s": t2 - t1,
-                  # The engine's own part of time/rollout_s (the slowest worker's), where it times it.
-                  **{f"time/rollout_{k}": v for k, v in getattr(batch.groups, "call_s", {}).items()},
-                  "throughput/rollout_tokens_per_s": new_tokens / max(batch.rollout_s, 1e-9)})
-        if not keep.any():  # every group was flat: nothing to learn from this batch
+        m.update(step_metrics([scored], batch.rollout_s, getattr(batch.groups, "call_s", {}), t2 - t1))
+        if scored.train_batch is None:  # every group was flat: nothing to learn from this batch
             m["learner/skipped_flat_batch"] = 1.0
             return m
-        idx = keep.nonzero().flatten().tolist()
-        train_batch = grpo_batch([flat_rows[i]["prompt_ids"] for i in idx], [completions[i] for i in idx], adv[idx],
-                                 self.tok.pad_token_id, cfg.rollout.max_new_tokens, cfg.algorithm.overlong_mask)
         t3 = time.perf_counter()
-        m.update({f"learner/{k}": v for k, v in self.learner.train_step(train_batch).items()})
+        m.update({f"learner/{k}": v for k, v in self.learner.train_step(scored.train_batch).items()})
         m["time/learner_s"] = time.perf_counter() - t3
         return m
+
+    def streamed_grpo_step(self, step: int) -> tuple[list[int], dict[str, float]]:
+        """One update learned in parts (``trainer.stream_groups``): each part of the rollout is
+        scored and sent to the learner as its groups finish, so learning overlaps the decoding of
+        the longest samples. Still on-policy: the adapter changes once, after the last part.
+        ``time/learner_s`` is the learning left after the last part arrived."""
+        from rl.rollout.overlap import staleness
+        from rl.step_scoring import score_groups, step_metrics
+
+        batch, parts = self.rollouts.stream(step, self.cfg.trainer.stream_groups)
+        scored, sent, reward_s = [], [], 0.0
+        groups: list = [None] * len(batch.indices)
+        for positions, part in parts:
+            t = time.perf_counter()
+            s = score_groups(self.cfg, self.rewards, self.tok.pad_token_id,
+                             [self.train_rows[batch.indices[p]] for p in positions], part)
+            reward_s += time.perf_counter() - t
+            if s.train_batch is not None:
+                sent.append((s.train_batch, self.learner.accumulate(s.train_batch)))
+            scored.append(s)
+            for p, g in zip(positions, part):
+                groups[p] = g
+        done = time.perf_counter()
+        batch.groups, batch.rollout_s = groups, done - batch.submitted
+        m = {"rollout/staleness": float(staleness(self.adapter_version, batch.versions)), "rollout/in_flight": 0.0,
+             "time/rollout_wait_s": batch.rollout_s, "rollout/stream_parts": float(len(scored))}
+        m.update(step_metrics(scored, batch.rollout_s, self.rollout.last_call_s, reward_s))
+        if not sent:  # every group was flat: nothing to learn from this batch
+            m["learner/skipped_flat_batch"] = 1.0
+            return batch.indices, m
+        m.update({f"learner/{k}": v for k, v in self.learner.apply(sent).items()})
+        m["time/learner_s"] = time.perf_counter() - done
+        return batch.indices, m
 
     def sft_step(self, rows: list[dict]) -> dict[str, float]:
         eos = self.tok.eos_token_id
@@ -314,7 +324,9 @@ class Trainer:
         while self.step < cfg.trainer.steps:
             t = time.perf_counter()
             try:
-                if self.rollouts is not None:  # GRPO: collects this step's rollout, launches the next
+                if self.rollouts is not None and cfg.trainer.stream_groups:
+                    indices, m = self.streamed_grpo_step(self.step + 1)
+                elif self.rollouts is not None:  # GRPO: collects this step's rollout, launches the next
                     batch = self.rollouts.take(self.step + 1)
                     indices, m = batch.indices, self.grpo_step(batch)
                 else:

@@ -74,6 +74,19 @@ def split_batch(batch: TrainBatch, n: int) -> list[dict[str, Tensor]]:
     return [{k: v[r * per:(r + 1) * per].contiguous() for k, v in tensors.items()} for r in range(n)]
 
 
+def concat_batches(batches: list[TrainBatch]) -> TrainBatch:
+    """One TrainBatch of several parts' rows, in order, right-padded to the longest (pure); the
+    padding's ids are 0 (masked out of attention, as any padding)."""
+    T = max(b.input_ids.shape[1] for b in batches)
+
+    def cat(name: str, pad_value) -> Tensor:
+        return torch.cat([torch.nn.functional.pad(getattr(b, name), (0, T - b.input_ids.shape[1]), value=pad_value)
+                          for b in batches])
+
+    return TrainBatch(cat("input_ids", 0), cat("attention_mask", 0), cat("response_mask", 0),
+                      torch.cat([b.advantages for b in batches]), cat("rollout_logprobs", 0.0), batches[0].max_tokens)
+
+
 def combine_metrics(outs: list[dict], num_tokens: float, algorithm_loss: str, kl_on: bool) -> dict[str, float]:
     """Rank results -> step metrics: globally normalised losses add up, token-weighted
     metrics are divided by the batch's tokens, replicated values come from rank 0."""
@@ -186,19 +199,48 @@ class LearnerGroup:
                   "max_tokens": batch.max_tokens}
         shards = split_batch(batch, self.n)
         outs = self._all([r.train_step.remote(s, totals) for r, s in zip(self.ranks, shards)])
-        m = combine_metrics(outs, num_tokens, a.loss, a.kl_coef > 0)
+        learner_lp = torch.cat([o["learner_logprobs"] for o in outs])[: batch.input_ids.shape[0]]
+        m = self._step_metrics(batch, outs, learner_lp)
         if cap:
             m["capped_tokens"] = float(capped)
+        m["time_s"] = time.perf_counter() - t0
+        return m
+
+    def accumulate(self, part: TrainBatch) -> list:
+        """``trainer.stream_groups``: learn one part of a step's batch (rl/learner/rank.py
+        accumulate); returns at once, with the ranks' references for :meth:`apply`."""
+        part.validate()
+        self.ready()
+        return [r.accumulate.remote(s, part.max_tokens) for r, s in zip(self.ranks, split_batch(part, self.n))]
+
+    def apply(self, parts: list[tuple[TrainBatch, list]]) -> dict[str, float]:
+        """The update after a streamed step's parts, ``(part, accumulate's references)`` in the
+        order they were sent; the step's metrics, as train_step's, over the whole batch."""
+        if not parts:
+            raise RuntimeError("LearnerGroup.apply without accumulate: no part of this step was learned")
+        t0 = time.perf_counter()
+        lps = [torch.cat(self._all(refs))[: part.input_ids.shape[0]] for part, refs in parts]
+        T = max(lp.shape[1] for lp in lps)
+        learner_lp = torch.cat([torch.nn.functional.pad(lp, (0, T - lp.shape[1])) for lp in lps])
+        batch = concat_batches([part for part, _ in parts])
+        num_tokens = float(batch.response_mask.sum())
+        totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": max(num_tokens, 1.0)}
+        m = self._step_metrics(batch, self._call("apply", totals), learner_lp)
+        m["time_s"] = time.perf_counter() - t0
+        return m
+
+    def _step_metrics(self, batch: TrainBatch, outs: list[dict], learner_lp: Tensor) -> dict[str, float]:
+        """The ranks' results combined, and the rollout/learner mismatch over the whole batch."""
+        a = self.cfg.algorithm
+        m = combine_metrics(outs, float(batch.response_mask.sum()), a.loss, a.kl_coef > 0)
         if a.loss != "sft":
             from rl.grpo import configured_correction, logprob_mismatch, masked_fractions
 
-            learner_lp = torch.cat([o["learner_logprobs"] for o in outs])[: batch.input_ids.shape[0]]
             mm = logprob_mismatch(learner_lp, batch.rollout_logprobs, batch.response_mask)
             m.update({f"logprob_mismatch_{k}": float(v) for k, v in mm.items()})
             # What the importance correction dropped (the ranks apply the same weights to their shards).
             w = configured_correction(a, learner_lp, batch.rollout_logprobs, batch.response_mask)
             m.update({f"is_{k}": float(v) for k, v in masked_fractions(w, batch.response_mask).items()})
-        m["time_s"] = time.perf_counter() - t0
         return m
 
     def logprobs(self, batch: TrainBatch, temperature: float | None = None) -> Tensor:

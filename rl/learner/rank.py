@@ -6,6 +6,9 @@ shards it with ``fully_shard`` per decoder layer and at the root, and then does 
 per-step work on its share of the batch: forward, GRPO/SFT loss with the GLOBAL
 normalisers (so the pieces' gradients sum to the full-batch gradient), accumulation
 without communication until the last micro-batch, B-mask zeroing, clipping, AdamW.
+With ``trainer.stream_groups`` a step arrives in parts as its groups finish generating:
+``accumulate`` learns each part with summed losses, ``apply`` divides by the whole batch's
+normalisers and updates. The adapter's export and checkpoint state are rl/learner/rank_state.py.
 
 FSDP2 averages gradients over ranks by default; the divide factor is set to 1 because
 the loss pieces are already normalised by the global token/sequence counts.
@@ -32,14 +35,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from core.lora import check_lora_shapes, full_tensor
+from core.lora import full_tensor
 from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
-from rl.grpo import configured_correction, policy_loss, sft_loss
+from rl.grpo import batch_normaliser, configured_correction, policy_loss, sft_loss
+from rl.learner.adapted_model import adapted_model
 from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count, with_padding_column
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.profiling import profiled_step
+from rl.learner.rank_state import RankState
 from rl.learner.sharding import decoder_layers, reshard, shard_model
 from rl.learner.shared_prefix import shared_prefix_logprobs, split_shared_prefixes
 from rl.learner.warm_up import compiled_graphs, warm_up as warm_up_compiled
@@ -48,7 +53,7 @@ from rl.learner.warm_up import compiled_graphs, warm_up as warm_up_compiled
 TOKEN_MEAN_METRICS = ("clip_fraction", "clip_low_fraction", "clip_high_fraction", "ratio_mean", "kl")
 
 
-class LearnerRank:
+class LearnerRank(RankState):
     """One FSDP2 rank (a Ray actor body). Heavy setup happens in ``setup``."""
 
     def __init__(self, rank: int, world_size: int):
@@ -56,6 +61,7 @@ class LearnerRank:
         self.after_backward: list = []
         self.steps = 0  # train_step calls
         self.updates = 0  # optimizer steps taken (the schedule's clock)
+        self._streamed: dict | None = None  # a streamed step's sums, from its first accumulate to apply
 
     # ------------------------------------------------------------------ setup
 
@@ -77,7 +83,7 @@ class LearnerRank:
         """Join the process group, build the PEFT model, shard it with FSDP2, and build the optimizer."""
         self.cfg = cfg
         cuda = self._join_group(cfg, addr, port)
-        peft_model, b_masks = self._adapted_model(cfg, model_path, lora_config, b_masks, plan)
+        peft_model, b_masks = adapted_model(cfg, model_path, lora_config, b_masks, plan)
         if attach is not None:
             self.after_backward = list(attach(peft_model, cfg) or [])
         if cfg.learner.compile:
@@ -137,40 +143,6 @@ class LearnerRank:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://{addr}:{port}",
                                 rank=self.rank, world_size=self.world_size, timeout=timedelta(minutes=30))
         return cuda
-
-    def _adapted_model(self, cfg, model_path: str, lora_config: dict, b_masks, plan):
-        """The base model with its LoRA adapter (the plan's, or ``lora_config``'s), and the B masks."""
-        from peft import LoraConfig, get_peft_model
-
-        from core.models import load_model
-
-        # The same seed on every rank: each rank builds the full model and fully_shard keeps
-        # its slice, so LoRA's random A must be identical everywhere.
-        torch.manual_seed(cfg.trainer.seed)
-        model = load_model(model_path, cfg.model.dtype, cfg.model.trust_remote_code)
-        model.config.use_cache = False
-        if cfg.learner.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        if plan is not None:
-            from placement import apply_plan
-
-            # The plan's own A (seeded per module) is the A its B masks were scored for.
-            peft_model = apply_plan(model, plan, grad_hooks=False)
-            b_masks = b_masks or plan.b_masks()
-        else:
-            lora_config = {"task_type": "CAUSAL_LM", **{k: v for k, v in lora_config.items() if v is not None}}
-            peft_model = get_peft_model(model, LoraConfig(**lora_config))
-            check_lora_shapes(peft_model, lora_config)
-        if b_masks:
-            # A B-masked module trains only its unmasked B entries; its A stays as initialised.
-            params = dict(peft_model.named_parameters())
-            for name in b_masks:
-                if name not in params:
-                    raise ValueError(f"B mask for {name!r} names no parameter of the PEFT model; masks are "
-                                     "keyed by lora_B parameter names (PlacementPlan.b_masks())")
-                params[name.replace("lora_B", "lora_A")].requires_grad_(False)
-        return peft_model, b_masks
 
     # ------------------------------------------------------------------ forward
 
@@ -271,58 +243,108 @@ class LearnerRank:
             return self._train_step(shard, totals)
 
     def _train_step(self, shard: dict, totals: dict) -> dict:
-        a, lc = self.cfg.algorithm, self.cfg.learner
-        sft, mu = a.loss == "sft", lc.updates_per_batch
-        temperature = 1.0 if sft else self.cfg.rollout.temperature
+        a, mu = self.cfg.algorithm, self.cfg.learner.updates_per_batch
         plan = self._plan(shard)
         mbs = self._micro_batches(shard, "response_mask", plan)
-        if not sft and mu > 1 and self._dropout:
+        if a.loss != "sft" and mu > 1 and self._dropout:
             # With dropout, pass 0's logprobs carry its dropout mask; old logprobs must not.
             with torch.no_grad():
                 self.model.eval()
                 for mb in mbs:
-                    mb["old"] = self._logprobs(mb, temperature)[0]
+                    mb["old"] = self._logprobs(mb, self._temperature())[0]
         # The learning rate this step's first update uses (the scheduler moves after each update).
         lr = self.optimizer.param_groups[0]["lr"]
-        # Metrics stay on the device until the end: a .item() per micro-batch would stall the queue.
-        zero = torch.zeros((), device=self.device)
-        sums = {"loss": zero, "pg_loss": zero, "entropy_sum": zero, **{f"{k}_tok": zero for k in TOKEN_MEAN_METRICS}}
-        learner_lp, diag, norms, skipped = [], {}, [], 0.0
+        sums, learner_lp, diag, norms, skipped = self._zero_sums(), [], {}, [], 0.0
         for u in range(mu):
-            self.model.train()
-            loss_sum = zero
-            for i, mb in enumerate(mbs):
-                self.model.set_requires_gradient_sync(i == len(mbs) - 1)
-                if not sft and a.kl_coef > 0 and "ref" not in mb:
-                    mb["ref"] = self._reference(mb, temperature)
-                lp, ent = self._logprobs(mb, temperature, entropy=(u == 0))
-                if u == 0:
-                    # Before any update this model's logprobs ARE the old policy's: reuse them
-                    # instead of a separate no-grad pass (unless dropout made them noisy above).
-                    mb.setdefault("old", lp.detach())
-                    learner_lp.append(mb["old"])
-                    sums["entropy_sum"] = sums["entropy_sum"] + ent
-                loss, m = self._loss(lp, mb, totals)
-                loss.backward()
-                loss_sum = loss_sum + loss.detach()
-                sums["pg_loss"] = sums["pg_loss"] + m.get("pg_loss", loss.detach()) / mu
-                for k in TOKEN_MEAN_METRICS:
-                    if k in m:
-                        sums[f"{k}_tok"] = sums[f"{k}_tok"] + m[k] * mb["num_tokens"] / mu
-            sums["loss"] = sums["loss"] + loss_sum / mu
+            loss_sum, lps = self._backward_pass(mbs, totals, sums, first=(u == 0), share=1 / mu, sync_each=False)
+            learner_lp += lps
             norm, skip, d = self._update(loss_sum)
             diag.update(d)
             norms.append(norm)
             skipped += skip
+        out = self._step_out(sums, lr, norms, skipped, diag)
+        out["learner_logprobs"] = in_row_order(learner_lp, plan, shard["input_ids"].shape[1]).cpu()
+        return out
+
+    def accumulate(self, shard: dict, max_tokens: int) -> torch.Tensor:
+        """``trainer.stream_groups``: forward and backward over one part of a step's batch while
+        the rest is still being generated; gradients add up until :meth:`apply`. The step's
+        token and sequence counts are not known yet, so the loss is a plain sum here and apply
+        divides the gradient by them (rl.grpo.batch_normaliser). Returns the part's pre-update
+        logprobs, in row order."""
+        if self._streamed is None:
+            self._streamed = {"sums": self._zero_sums(), "lr": self.optimizer.param_groups[0]["lr"],
+                              "loss": torch.zeros((), device=self.device)}
+        plan = self._plan(shard)
+        mbs = self._micro_batches(shard, "response_mask", plan)
+        summed = {"num_sequences": 1, "num_tokens": 1.0, "max_tokens": max_tokens}
+        # Which micro-batch is the step's last is not known yet: every one reduces over the ranks.
+        loss, lps = self._backward_pass(mbs, summed, self._streamed["sums"], first=True, share=1.0, sync_each=True)
+        self._streamed["loss"] = self._streamed["loss"] + loss
+        return in_row_order(lps, plan, shard["input_ids"].shape[1]).cpu()
+
+    def apply(self, totals: dict) -> dict:
+        """The update after a streamed step's last :meth:`accumulate`: the summed gradient
+        divided by the whole batch's normaliser, then masks, clipping and AdamW as any step."""
+        if self._streamed is None:
+            raise RuntimeError("LearnerRank.apply without accumulate: no part of this step was learned")
+        streamed, self._streamed = self._streamed, None
+        scale = 1.0 / batch_normaliser(self.cfg.algorithm.loss_agg, totals["num_tokens"], totals["num_sequences"])
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        sums = streamed["sums"]
+        sums["loss"], sums["pg_loss"] = streamed["loss"] * scale, sums["pg_loss"] * scale
+        norm, skipped, diag = self._update(sums["loss"])
+        return self._step_out(sums, streamed["lr"], [norm], skipped, diag)
+
+    def _temperature(self) -> float:
+        return 1.0 if self.cfg.algorithm.loss == "sft" else self.cfg.rollout.temperature
+
+    def _zero_sums(self) -> dict[str, torch.Tensor]:
+        # Metrics stay on the device until the end: a .item() per micro-batch would stall the queue.
+        zero = torch.zeros((), device=self.device)
+        return {"loss": zero, "pg_loss": zero, "entropy_sum": zero, **{f"{k}_tok": zero for k in TOKEN_MEAN_METRICS}}
+
+    def _backward_pass(self, mbs: list[dict], totals: dict, sums: dict, first: bool, share: float,
+                       sync_each: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward and backward over ``mbs``, gradients accumulated, metrics added to ``sums``
+        (weighted by ``share``, one over the updates per batch); the summed loss and, on the
+        ``first`` pass over these micro-batches, their pre-update logprobs."""
+        a, temperature = self.cfg.algorithm, self._temperature()
+        self.model.train()
+        loss_sum, learner_lp = torch.zeros((), device=self.device), []
+        for i, mb in enumerate(mbs):
+            self.model.set_requires_gradient_sync(sync_each or i == len(mbs) - 1)
+            if a.loss != "sft" and a.kl_coef > 0 and "ref" not in mb:
+                mb["ref"] = self._reference(mb, temperature)
+            lp, ent = self._logprobs(mb, temperature, entropy=first)
+            if first:
+                # Before any update this model's logprobs ARE the old policy's: reuse them
+                # instead of a separate no-grad pass (unless dropout made them noisy, _train_step).
+                mb.setdefault("old", lp.detach())
+                learner_lp.append(mb["old"])
+                sums["entropy_sum"] = sums["entropy_sum"] + ent
+            loss, m = self._loss(lp, mb, totals)
+            loss.backward()
+            loss_sum = loss_sum + loss.detach()
+            sums["pg_loss"] = sums["pg_loss"] + m.get("pg_loss", loss.detach()) * share
+            for k in TOKEN_MEAN_METRICS:
+                if k in m:
+                    sums[f"{k}_tok"] = sums[f"{k}_tok"] + m[k] * mb["num_tokens"] * share
+        sums["loss"] = sums["loss"] + loss_sum * share
+        return loss_sum, learner_lp
+
+    def _step_out(self, sums: dict, lr: float, norms: list[float], skipped: float, diag: dict) -> dict:
+        """A step's metrics as train_step and apply return them (the step counted here)."""
         self.steps += 1
-        if lc.compile:
+        if self.cfg.learner.compile:
             diag["compiled_graphs"] = compiled_graphs()
         if self._release_cache:
             torch.cuda.empty_cache()
         finite = [g for g in norms if math.isfinite(g)]
         out = {k: float(v) for k, v in sums.items()}
         out.update(lr=lr, skipped=skipped, grad_norm=sum(finite) / len(finite) if finite else norms[-1],
-                   learner_logprobs=in_row_order(learner_lp, plan, shard["input_ids"].shape[1]).cpu(),
                    diagnostics=diag if self.rank == 0 else {})
         return out
 
@@ -348,51 +370,6 @@ class LearnerRank:
             self.updates += 1
         self.optimizer.zero_grad(set_to_none=True)
         return norm, float(skipped), diag
-
-    # ------------------------------------------------------------------ state
-
-    def lora_state(self) -> dict[str, torch.Tensor]:
-        """Full LoRA tensors under the model's parameter names (collective)."""
-        return {n: full_tensor(p).cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
-
-    def export_adapter(self, version: int, serve_dtype: str | None = None):
-        """The adapter as an AdapterPayload on rank 0 (collective); None elsewhere.
-        ``serve_dtype``: folded for vLLM and cast to that dtype (rl/rollout/sync.py)."""
-        from rl.rollout.sync import make_payload
-
-        dtype = getattr(torch, serve_dtype) if serve_dtype else None
-        payload = make_payload(self.model, version, serve_dtype=dtype)
-        return payload if self.rank == 0 else None
-
-    def state_for_save(self) -> dict | None:
-        """Everything a checkpoint holds, gathered to rank 0 (collective); None elsewhere."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        payload = self.export_adapter(self.updates)
-        optim = get_optimizer_state_dict(self.model, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.rank != 0:
-            return None
-        return {"adapter": payload, "optimizer": optim,
-                "scheduler": self.scheduler.state_dict(),
-                "counters": {"steps": self.steps, "updates": self.updates, "world_size": self.world_size}}
-
-    def load_state(self, state: dict) -> None:
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        # PEFT's files drop the adapter name from the keys; the live model has ".default.".
-        by_file_key = {n.replace(".default", ""): n for n, _ in self.model.named_parameters() if "lora_" in n}
-        missing = sorted(set(by_file_key) - set(state["adapter"]))
-        if missing:
-            raise ValueError(f"checkpoint adapter lacks {len(missing)} LoRA tensors (e.g. {missing[0]}); "
-                             "it was saved with a different placement/LoRA config")
-        sd = {by_file_key[k]: v for k, v in state["adapter"].items()}
-        opts = StateDictOptions(full_state_dict=True, strict=False)
-        set_model_state_dict(self.model, sd, options=opts)
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.steps, self.updates = state["counters"]["steps"], state["counters"]["updates"]
 
     def shutdown(self) -> None:
         if dist.is_initialized():

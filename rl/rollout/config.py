@@ -31,6 +31,8 @@ class RolloutConfig:
     # The largest decode batch (sequences per engine) that runs as a CUDA graph; larger ones run
     # without. 0: vLLM's default (512 on vLLM 0.26-0.32); raise it for bigger rollouts per worker.
     cudagraph_max_batch: int = 0
+    # Sequences vLLM decodes at once (a request's n samples count n); 0: vLLM's default.
+    max_num_seqs: int = 0
     # vLLM's sleep mode frees the KV cache and offloads the weights while the learner steps.
     # auto: on when rollout workers share GPUs with learner ranks (cluster.colocate) on a
     # GPU host; true/false force it (true needs a GPU).
@@ -77,6 +79,7 @@ class RolloutConfig:
         _one_of(f"{p}.dtype", self.dtype, ["auto", "float32", "bfloat16", "float16"])
         _check(self.cudagraph_max_batch >= 0, f"{p}.cudagraph_max_batch", self.cudagraph_max_batch,
                "must be >= 0 (0: vLLM's default)")
+        _check(self.max_num_seqs >= 0, f"{p}.max_num_seqs", self.max_num_seqs, "must be >= 0 (0: vLLM's default)")
         for key in ("inplace_sync", "inplace_direct"):
             _check(isinstance(getattr(self, key), bool), f"{p}.{key}", getattr(self, key), "true or false")
         for key in ("enforce_eager", "sleep_mode", "async_scheduling"):

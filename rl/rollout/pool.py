@@ -64,6 +64,7 @@ class RolloutPool:
         self._adapter = None  # ObjectRef of the newest AdapterPayload
         self._loading: dict[int, object] = {}  # worker index -> its adapter load not yet checked
         self.restarts = 0
+        self.last_call_s: dict[str, float] = {}  # the last stream's engine seconds (the slowest worker's)
         self.workers = [self._start(i) for i in range(rollout_cfg.num_workers)]
         ray.get([w.ping.remote() for w in self.workers])
 
@@ -115,6 +116,48 @@ class RolloutPool:
 
     def generate(self, prompt_ids: list[list[int]], sampling, retries: int = 2) -> "Groups":
         return self.collect(self.submit(prompt_ids, sampling), retries)
+
+    def stream(self, prompt_ids: list[list[int]], sampling, groups_per_part: int, retries: int = 2):
+        """Yield ``(positions, Groups)`` as the workers' groups finish, ``positions`` indexing
+        ``prompt_ids`` (``trainer.stream_groups``). Seeds as in ``generate``. When the stream is
+        done, ``last_call_s`` is the slowest worker's engine seconds for the whole call. A worker
+        that dies is restarted and its prompts not yet handed out are generated again."""
+        chunks = split_evenly(prompt_ids, len(self.workers))
+        specs = chunk_specs(sampling, [len(c) for c in chunks])
+        # A worker's stream -> (worker index, the positions it was sent, those not yet handed out).
+        streams: dict = {}
+        attempts, call_s = [0] * len(self.workers), {}
+
+        def launch(i: int, positions: list[int]) -> None:
+            stream = self.workers[i].generate_parts.options(num_returns="streaming").remote(
+                [prompt_ids[p] for p in positions], specs[i], groups_per_part)
+            streams[stream] = (i, positions, set(positions))
+
+        first = 0
+        for i, chunk in enumerate(chunks):
+            if chunk:
+                launch(i, list(range(first, first + len(chunk))))
+            first += len(chunk)
+        while streams:
+            (ready,), _ = ray.wait(list(streams), num_returns=1)
+            i, sent, left = streams.pop(ready)
+            try:
+                local, groups = ray.get(next(ready))
+            except StopIteration:
+                continue
+            except _DEAD:
+                if attempts[i] == retries:
+                    raise
+                attempts[i] += 1
+                self._restart(i)
+                launch(i, sorted(left))
+                continue
+            positions = [sent[k] for k in local]
+            call_s[i] = groups.call_s
+            streams[ready] = (i, sent, left - set(positions))
+            yield positions, groups
+        self._settle()  # syncs queued behind this rollout
+        self.last_call_s = slowest_stages(list(call_s.values()))
 
     def sync(self, payload_ref, wait: bool = True) -> dict[str, float]:
         """Serve ``payload_ref`` (an AdapterPayload in the object store) on every worker, all

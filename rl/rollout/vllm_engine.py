@@ -19,6 +19,10 @@ the base weights:
   because an over-rank adapter hangs an in-process vLLM instead of raising;
 - per-module PEFT scales are folded into B (see :mod:`rl.rollout.sync`).
 
+``generate_stream`` hands out prompts' groups as they finish (``trainer.stream_groups``), so
+the learner can start on them while the longest samples still decode; ``generate`` is the
+same loop, collected.
+
 Logprobs are vLLM's ``processed_logprobs``: the distribution after temperature and
 top-p, which is what :mod:`rl.rollout.engine` promises. vLLM neither detokenizes nor builds
 a logprob dict per token while decoding; texts are decoded once per call after it
@@ -81,6 +85,8 @@ class VLLMEngine:
         extra.update(kv_cache_args(rollout_cfg, on_cpu=current_platform.is_cpu()))
         if self.sleeps:
             extra["enable_sleep_mode"] = True
+        if getattr(rollout_cfg, "max_num_seqs", 0):
+            extra["max_num_seqs"] = rollout_cfg.max_num_seqs
         extra.update(async_scheduling_args(getattr(rollout_cfg, "async_scheduling", "auto")))
         self.seed_mode = resolve_seed_mode(getattr(rollout_cfg, "seed_mode", "auto"), on_gpu,
                                            os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0")
@@ -152,25 +158,58 @@ class VLLMEngine:
                               **self._output_options)
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
+        rows: list = [None] * len(prompt_ids)
+        for positions, groups, call_s in self.generate_stream(prompt_ids, sampling, max(len(prompt_ids), 1)):
+            for i, group in zip(positions, groups):
+                rows[i] = group
+            self.last_call_s = call_s
+        return rows
+
+    def generate_stream(self, prompt_ids: list[list[int]], sampling: SamplingSpec, groups_per_part: int):
+        """Yield ``(positions, groups, call_s)`` as prompts finish: ``positions`` index
+        ``prompt_ids``, ``groups`` are their ``[n]`` completions, ``groups_per_part`` of them at a
+        time (the rest with the last prompt), and ``call_s`` the engine's seconds so far in this
+        call: ``generate_s`` stepping vLLM, ``rows_s`` building rows from its outputs.
+
+        vLLM's own loop (``LLM.generate``), with the finished requests handed out as they come:
+        a request with n samples finishes when its last sample does, so a part holds whole
+        groups. A caller that stops early leaves no request behind (they are aborted)."""
         sampling.validate()
         check_prompts(prompt_ids, self.max_model_len, sampling.max_new_tokens)
+        self.last_call_s = {"generate_s": 0.0, "rows_s": 0.0}
         if not prompt_ids:
-            return []
+            return
         self.wake_up()
-        prompts = [{"prompt_token_ids": list(p)} for p in prompt_ids]
         params = [self._params(sampling, i) for i in range(len(prompt_ids))]
         if sampling.seed is not None and self.seed_mode == "batch":
             import torch
 
             torch.manual_seed(batch_seed(sampling.seed, sampling.prompt_offset))
-        t = time.perf_counter()
-        outs = self.llm.generate(prompts, params, lora_request=self._lora, use_tqdm=False)
-        t1 = time.perf_counter()
-        rows = completion_rows(self._tokenizer, prompt_ids, outs,
-                               decoded=self._output_options.get("detokenize", True))
-        self.last_call_s = {"generate_s": t1 - t, "rows_s": time.perf_counter() - t1}
-        # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
-        return [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows]
+        call_s, t = dict(self.last_call_s), time.perf_counter()
+        ids = self.llm.enqueue([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
+                               lora_request=self._lora, use_tqdm=False)
+        # enqueue returns vLLM's internal ids (the caller's id and a random suffix); outputs carry the caller's.
+        position = {**{rid.rsplit("-", 1)[0]: i for i, rid in enumerate(ids)}, **{rid: i for i, rid in enumerate(ids)}}
+        engine, finished, left = self.llm.llm_engine, [], len(ids)
+        try:
+            while left:
+                done = [o for o in engine.step() if o.finished]
+                finished += done
+                left -= len(done)
+                if finished and (len(finished) >= groups_per_part or not left):
+                    t1 = time.perf_counter()
+                    positions = [position[o.request_id] for o in finished]
+                    rows = completion_rows(self._tokenizer, [prompt_ids[i] for i in positions], finished,
+                                           decoded=self._output_options.get("detokenize", True))
+                    call_s["generate_s"] += t1 - t
+                    call_s["rows_s"] += time.perf_counter() - t1
+                    self.last_call_s = dict(call_s)
+                    # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
+                    yield positions, [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows], dict(call_s)
+                    finished, t = [], time.perf_counter()
+        finally:
+            if left:
+                engine.abort_request(list(ids), internal=True)
 
     # ------------------------------------------------------------------ adapters
 

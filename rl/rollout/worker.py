@@ -49,12 +49,26 @@ class LocalRolloutWorker:
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> Groups:
         groups = self.engine.generate(prompt_ids, sampling)
+        return self._stamped(groups, getattr(self.engine, "last_call_s", {}))
+
+    def generate_parts(self, prompt_ids: list[list[int]], sampling: SamplingSpec, groups_per_part: int):
+        """Yield ``(positions, Groups)`` as prompts' groups finish, ``groups_per_part`` at a time
+        (``trainer.stream_groups``; a Ray streaming generator). An engine that cannot stream
+        (the hf engine) yields one part: the whole call."""
+        stream = getattr(self.engine, "generate_stream", None)
+        if stream is None:
+            yield list(range(len(prompt_ids))), self.generate(prompt_ids, sampling)
+            return
+        for positions, groups, call_s in stream(prompt_ids, sampling, groups_per_part):
+            yield positions, self._stamped(groups, call_s)
+
+    def _stamped(self, groups: list, call_s: dict) -> Groups:
         # The actor runs one call at a time, so no adapter load happened during this generate.
         version = self.engine.adapter_version() or 0
         for group in groups:
             for c in group:
                 c.adapter_version = version
-        return Groups(groups, getattr(self.engine, "last_call_s", {}))
+        return Groups(groups, call_s)
 
     def load_adapter(self, payload: AdapterPayload, requested_at: float | None = None) -> dict[str, float]:
         """Serve ``payload``; returns ``version`` and seconds per sync stage: the learner's
