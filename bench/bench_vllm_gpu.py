@@ -35,6 +35,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
   step-placerl-compile (not in the default set: compiling takes minutes)
       the recipe with ``learner.compile=true`` (each decoder layer compiled before FSDP2); the
       compile lands in the first step, which the means leave out and ``steps`` keeps;
+  step-placerl-stream, step-placerl-stream-compile (not in the default set)
+      the recipe with ``trainer.stream_groups`` (a micro-batch of groups at a time, vLLM awake):
+      on-policy, the learner starts on finished groups while the longest ones decode;
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -71,7 +74,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap", "step-placerl-compile"]
+PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap", "step-placerl-compile", "step-placerl-stream",
+                         "step-placerl-stream-compile"]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 
@@ -278,7 +282,7 @@ def run_part(args) -> None:
 
         part_step_placerl(s, rec, sleep=name in ("step-placerl", "step-placerl-compile"),
                           two_gpus=name.endswith("2gpu"), overlap=name.endswith("overlap"),
-                          compile_layers=name.endswith("compile"))
+                          compile_layers=name.endswith("compile"), stream="-stream" in name)
     elif name == "step-trl":
         from bench.vllm_step import part_step_trl
 

@@ -1,5 +1,6 @@
 """The GRPO step parts of bench/bench_vllm_gpu.py: placerl's recipe for a few steps (colocated with
-or without sleep mode, disaggregated, one step off-policy, with compiled decoder layers) and TRL's
+or without sleep mode, disaggregated, one step off-policy, with compiled decoder layers, with
+groups streamed to the learner as they finish) and TRL's
 GRPOTrainer on the same batch."""
 from __future__ import annotations
 
@@ -20,14 +21,14 @@ def step_overrides(s: Sizes) -> list[str]:
 
 STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
              "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
-             "rollout/response_tokens_mean", "time/rollout_generate_s", "time/rollout_rows_s")
+             "rollout/response_tokens_mean", "time/rollout_generate_s", "time/rollout_rows_s", "rollout/stream_parts")
 # Reported with the first step: Ray, the actors and the engines (with learner.compile, the
 # rank's compile warm-up over the rollout engine's start; learner/warm_up_s is its own time).
 STARTUP_KEYS = ("time/startup_s", "learner/warm_up_s", "learner/compiled_graphs")
 
 
 def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False,
-                      compile_layers: bool = False) -> None:
+                      compile_layers: bool = False, stream: bool = False) -> None:
     """The recipe for ``s.steps`` timed steps, then (unless ``--no-learner-profile``) one more under
     the profiler (rl/learner/profiling.py), left out of the means: the profiler slows the step it watches."""
     import json
@@ -38,6 +39,8 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
                  "rollout.gpu_memory_utilization=0.8"] if two_gpus else []
     placement += ["trainer.max_staleness=1"] if overlap else []
     placement += ["learner.compile=true"] if compile_layers else []
+    # One part per full micro-batch of rows: the learner's micro-batches stay as large as in the whole step.
+    placement += [f"trainer.stream_groups={max(1, s.micro_batch // s.step_group)}"] if stream else []
     memory = PeakMemory()
     profiled = s.steps + 1 if s.learner_profile else 0
     if profiled:

@@ -168,7 +168,7 @@ class VLLMEngine:
     def generate_stream(self, prompt_ids: list[list[int]], sampling: SamplingSpec, groups_per_part: int):
         """Yield ``(positions, groups, call_s)`` as prompts finish: ``positions`` index
         ``prompt_ids``, ``groups`` are their ``[n]`` completions, ``groups_per_part`` of them at a
-        time (the rest with the last prompt), and ``call_s`` the engine's seconds so far in this
+        time (fewer in the last part), and ``call_s`` the engine's seconds so far in this
         call: ``generate_s`` stepping vLLM, ``rows_s`` building rows from its outputs.
 
         vLLM's own loop (``LLM.generate``), with the finished requests handed out as they come:
@@ -196,17 +196,19 @@ class VLLMEngine:
                 done = [o for o in engine.step() if o.finished]
                 finished += done
                 left -= len(done)
-                if finished and (len(finished) >= groups_per_part or not left):
+                # Parts of exactly groups_per_part (the learner's micro-batches stay full), the rest last.
+                while finished and (len(finished) >= groups_per_part or not left):
+                    part, finished = finished[:groups_per_part], finished[groups_per_part:]
                     t1 = time.perf_counter()
-                    positions = [position[o.request_id] for o in finished]
-                    rows = completion_rows(self._tokenizer, [prompt_ids[i] for i in positions], finished,
+                    positions = [position[o.request_id] for o in part]
+                    rows = completion_rows(self._tokenizer, [prompt_ids[i] for i in positions], part,
                                            decoded=self._output_options.get("detokenize", True))
                     call_s["generate_s"] += t1 - t
                     call_s["rows_s"] += time.perf_counter() - t1
                     self.last_call_s = dict(call_s)
                     # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
                     yield positions, [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows], dict(call_s)
-                    finished, t = [], time.perf_counter()
+                    t = time.perf_counter()
         finally:
             if left:
                 engine.abort_request(list(ids), internal=True)
