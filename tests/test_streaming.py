@@ -131,13 +131,27 @@ STEPS = ["trainer.save_every=1", "trainer.eval_size=0", "rollout.max_new_tokens=
          "rollout.max_num_seqs=4"]
 
 
-def _run(tmp_path, name: str, *extra: str):
+def _run(tmp_path, name: str, *extra: str, kill_after_first_part_of: int = 0):
+    """A tiny run; with ``kill_after_first_part_of=s`` the rollout worker is killed once step s's
+    first part has reached the driver, while it still decodes the rest."""
+    import ray
+
     from rl.trainer import Trainer
 
     cfg = load_config(TINY, [f"logging.output_dir={tmp_path}", f"logging.run_name={name}", *STEPS, *extra])
     # The random tiny model never solves the task; a length reward varies within a group.
     cfg.reward.functions = [{"name": "length_penalty", "weight": 1.0, "kwargs": {"max_len": 64, "unit": "chars"}}]
     trainer = Trainer(cfg, tmp_path / name)
+    if kill_after_first_part_of:
+        stream = trainer.rollout.stream
+
+        def stream_then_kill(*args, **kwargs):
+            for i, part in enumerate(stream(*args, **kwargs)):
+                yield part
+                if i == 0 and trainer.step + 1 == kill_after_first_part_of:
+                    ray.kill(trainer.rollout.workers[0], no_restart=True)
+
+        trainer.rollout.stream = stream_then_kill
     try:
         trainer.fit()
     finally:
@@ -146,12 +160,14 @@ def _run(tmp_path, name: str, *extra: str):
 
 
 @pytest.mark.slow
-def test_a_streamed_run_is_the_whole_batch_run_and_resumes(ray_local, tiny_model_path, tmp_path):
+def test_a_streamed_run_is_the_whole_batch_run_survives_a_killed_worker_and_resumes(ray_local, tiny_model_path,
+                                                                                    tmp_path):
     whole, whole_m = _run(tmp_path, "whole", "trainer.steps=2")
-    streamed, streamed_m = _run(tmp_path, "streamed", "trainer.steps=2", "trainer.stream_groups=1")
+    streamed, streamed_m = _run(tmp_path, "streamed", "trainer.steps=2", "trainer.stream_groups=1",
+                                kill_after_first_part_of=2)
     assert [m["step"] for m in streamed_m] == [1, 2]
     # Four prompts, one group at a time: four parts, each sent to the learner as it finished.
-    assert [m["rollout/stream_parts"] for m in streamed_m] == [4.0, 4.0]
+    assert streamed_m[0]["rollout/stream_parts"] == 4.0
     assert streamed.trained_prompts == whole.trained_prompts
     first, ref = streamed_m[0], whole_m[0]
     # Step 1: the same prompts, seeds and adapter, so the same completions and rewards ...
@@ -161,6 +177,12 @@ def test_a_streamed_run_is_the_whole_batch_run_and_resumes(ray_local, tiny_model
     for k in ("learner/loss", "learner/grad_norm", "learner/entropy", "learner/logprob_mismatch_abs_diff_mean"):
         assert math.isclose(first[k], ref[k], rel_tol=1e-4, abs_tol=1e-6), k
     assert all(m["rollout/staleness"] == 0.0 and m["time/rollout_generate_s"] > 0 for m in streamed_m)
-    # The same command with more steps resumes from step 2's checkpoint.
-    again, again_m = _run(tmp_path, "streamed", "trainer.steps=3", "trainer.stream_groups=1")
+    # Step 2 lost its worker after one part: a fresh one generated the other three prompts' groups,
+    # so the step still learned from all four (tokens from 16 completions, none repeated).
+    second = streamed_m[1]
+    assert second["rollout/worker_restarts"] == 1.0 and second["rollout/stream_parts"] >= 2
+    assert second["learner/tokens"] > 0 and second["rollout/response_tokens_mean"] > 0
+    # The same command with more steps resumes from step 2's checkpoint; two workers now stream at once.
+    again, again_m = _run(tmp_path, "streamed", "trainer.steps=3", "trainer.stream_groups=1", "rollout.num_workers=2")
     assert sorted(again.trained_prompts) == [3] and [m["step"] for m in again_m] == [1, 2, 3]
+    assert again_m[-1]["rollout/stream_parts"] == 4.0
