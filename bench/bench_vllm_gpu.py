@@ -35,9 +35,10 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
   step-placerl-compile (not in the default set: compiling takes minutes)
       the recipe with ``learner.compile=true`` (each decoder layer compiled before FSDP2); the
       compile lands in the first step, which the means leave out and ``steps`` keeps;
-  step-placerl-stream, step-placerl-stream-compile (not in the default set)
+  step-placerl-stream, step-placerl-stream-compile, step-placerl-stream-2gpu (not in the default set)
       the recipe with ``trainer.stream_groups`` (a micro-batch of groups at a time, vLLM awake):
-      on-policy, the learner starts on finished groups while the longest ones decode;
+      on-policy, the learner starts on finished groups while the longest ones decode; colocated,
+      with compiled layers, or disaggregated on two GPUs;
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -75,7 +76,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
 PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap", "step-placerl-compile", "step-placerl-stream",
-                         "step-placerl-stream-compile"]
+                         "step-placerl-stream-compile", "step-placerl-stream-2gpu"]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 

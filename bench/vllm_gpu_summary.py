@@ -64,6 +64,9 @@ def summarise(results: dict) -> dict:
     two = get("step-placerl-2gpu", "mean_after_first")
     if ours and two:
         out["step_s_2gpu_over_colocated"] = round(two["step_s"] / ours["step_s"], 3)
+    two_streamed = get("step-placerl-stream-2gpu", "mean_after_first")
+    if two and two_streamed:
+        out["step_s_2gpu_streamed_over_whole"] = round(two_streamed["step_s"] / two["step_s"], 3)
     compiled = get("step-placerl-compile", "mean_after_first")
     if compiled and theirs:
         out["placerl_compiled_over_trl_step"] = round(compiled["step_s"] / theirs["step_s"], 3)
