@@ -14,7 +14,10 @@ on a new batch each round (new lengths, as in training), the same one for every 
   no_cudnn   cuDNN's attention off (PyTorch's own kernels), still gathering per micro-batch;
   now        cuDNN's attention off, the gathered weights kept until the update (the default);
   compiled   (with ``--compile``) now, and each decoder layer compiled (``learner.compile``);
-             its warm-up step compiles, and is reported apart (``warm_up_s``).
+             its warm-up step compiles, and is reported apart (``warm_up_s``);
+  released   now, after the caching allocator gave its blocks back to the GPU
+             (``torch.cuda.empty_cache()`` before the step): what the learner does after each
+             step beside a sleeping vLLM (``rollout.sleep_mode``), so each step allocates anew.
 
 ``before`` is reproduced by switching the rank back (the cuDNN flag, and FSDP2's reshard
 after backward); on a CPU the attention flag does nothing and only the gathering differs.
@@ -40,7 +43,8 @@ from bench.bench_micro_batch_tokens import add_batch_args, grpo_batch_shape, one
 
 # variant -> (cuDNN attention on, gathered weights kept across micro-batches, layers compiled)
 VARIANTS = {"before": (True, False, False), "no_cudnn": (False, False, False), "now": (False, True, False),
-            "compiled": (False, True, True)}
+            "compiled": (False, True, True), "released": (False, True, False)}
+RELEASED = "released"  # "now" after torch.cuda.empty_cache()
 
 
 def use_variant(rank, name: str, compiled_calls: list) -> None:
@@ -100,6 +104,8 @@ def main() -> None:
             for name in variants:
                 use_variant(rank, name, compiled_calls)
                 _sync()
+                if cuda and name == RELEASED:
+                    torch.cuda.empty_cache()  # the state a sleep-mode learner leaves after its step
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 t0 = time.perf_counter()
@@ -118,6 +124,7 @@ def main() -> None:
               "no_cudnn_over_before": round(median["no_cudnn"] / median["before"], 3),
               "now_over_no_cudnn": round(median["now"] / median["no_cudnn"], 3),
               "compiled_over_now": round(median["compiled"] / median["now"], 3) if args.compile else None,
+              "released_over_now": round(median[RELEASED] / median["now"], 3),
               "max_logprob_diff_vs_before": {k: float((logprobs[k] - logprobs["before"]).abs().max())
                                              for k in variants if k != "before"}}
     for k in variants:
@@ -125,6 +132,7 @@ def main() -> None:
         print(f"{k:9s} step {median[k]:.3f} s (median of {args.steps}{peak})")
     print(f"now / before {result['now_over_before']}   no_cudnn / before {result['no_cudnn_over_before']}   "
           f"now / no_cudnn {result['now_over_no_cudnn']}   compiled / now {result['compiled_over_now']}   "
+          f"released / now {result['released_over_now']}   "
           f"max |logprob - before's| {result['max_logprob_diff_vs_before']}")
     if args.out:
         with open(args.out, "w") as f:
