@@ -350,7 +350,8 @@ class Config:
         if not self.trainer.stream_groups:
             return
         for field_name, value, ok, fix in (
-                ("algorithm.loss", self.algorithm.loss, self.algorithm.loss == "grpo", "SFT has no rollouts to stream; set trainer.stream_groups=0"),
+                ("algorithm.loss", self.algorithm.loss, self.algorithm.loss == "grpo",
+                 "SFT has no rollouts to stream; set trainer.stream_groups=0"),
                 ("trainer.max_staleness", self.trainer.max_staleness, self.trainer.max_staleness == 0,
                  "streaming is on-policy; set trainer.max_staleness=0 or trainer.stream_groups=0"),
                 ("learner.updates_per_batch", self.learner.updates_per_batch, self.learner.updates_per_batch == 1,

@@ -39,7 +39,9 @@ def score_groups(cfg, reward_runner, pad_id: int, rows: list[dict], groups: list
     rewards = torch.tensor(result.total, dtype=torch.float64)
     adv = group_advantages(rewards, G, std_normalize=cfg.algorithm.std_normalize)
     flat = zero_variance_groups(rewards, G)
-    keep = ~flat.repeat_interleave(G) if cfg.algorithm.filter_zero_variance else torch.ones(len(completions), dtype=torch.bool)
+    keep = torch.ones(len(completions), dtype=torch.bool)
+    if cfg.algorithm.filter_zero_variance:
+        keep = ~flat.repeat_interleave(G)
     train_batch = None
     if keep.any():
         idx = keep.nonzero().flatten().tolist()

@@ -16,9 +16,7 @@ samples is the one that learns, up to the logprob mismatch measured every step. 
 ``max_staleness=k > 0`` the rollouts of the next k steps are launched before a step trains
 (rl/rollout/overlap.py), so they overlap learning and are up to k adapter versions old; the
 staleness is logged every step and ``algorithm.is_correction`` weighs the gap. With
-``trainer.stream_groups=k`` a step stays on-policy but its groups reach the learner k at a
-time as they finish generating (:meth:`Trainer.streamed_grpo_step`), so learning overlaps the
-longest samples' decoding (docs/async.md).
+``trainer.stream_groups=k`` groups reach the learner k at a time as they finish, on-policy (docs/async.md).
 
 Left out on purpose: generation-time reward shaping beyond what the reward library does,
 and multi-turn / tool-use rollouts.
@@ -264,24 +262,21 @@ class Trainer:
         return m
 
     def streamed_grpo_step(self, step: int) -> tuple[list[int], dict[str, float]]:
-        """One update learned in parts (``trainer.stream_groups``): each part of the rollout is
-        scored and sent to the learner as its groups finish, so learning overlaps the decoding of
-        the longest samples. Still on-policy: the adapter changes once, after the last part.
-        ``time/learner_s`` is the learning left after the last part arrived."""
+        """One update learned in parts (``trainer.stream_groups``): each part of the rollout is scored
+        and sent to the learner as its groups finish, so learning overlaps the longest samples'
+        decoding; on-policy. ``time/learner_s`` is the learning left after the last part arrived."""
         from rl.rollout.overlap import staleness
         from rl.step_scoring import score_groups, step_metrics
 
         batch, parts = self.rollouts.stream(step, self.cfg.trainer.stream_groups)
-        scored, sent, reward_s = [], [], 0.0
-        groups: list = [None] * len(batch.indices)
+        scored, sent, reward_s, groups = [], [], 0.0, [None] * len(batch.indices)
         for positions, part in parts:
             t = time.perf_counter()
-            s = score_groups(self.cfg, self.rewards, self.tok.pad_token_id,
-                             [self.train_rows[batch.indices[p]] for p in positions], part)
+            scored.append(score_groups(self.cfg, self.rewards, self.tok.pad_token_id,
+                                       [self.train_rows[batch.indices[p]] for p in positions], part))
             reward_s += time.perf_counter() - t
-            if s.train_batch is not None:
-                sent.append((s.train_batch, self.learner.accumulate(s.train_batch)))
-            scored.append(s)
+            if scored[-1].train_batch is not None:
+                sent.append((scored[-1].train_batch, self.learner.accumulate(scored[-1].train_batch)))
             for p, g in zip(positions, part):
                 groups[p] = g
         done = time.perf_counter()

@@ -273,14 +273,12 @@ class LearnerRank(RankState):
         divides the gradient by them (rl.grpo.batch_normaliser). Returns the part's pre-update
         logprobs, in row order."""
         if self._streamed is None:
-            self._streamed = {"sums": self._zero_sums(), "lr": self.optimizer.param_groups[0]["lr"],
-                              "loss": torch.zeros((), device=self.device)}
+            self._streamed = {"sums": self._zero_sums(), "lr": self.optimizer.param_groups[0]["lr"]}
         plan = self._plan(shard)
         mbs = self._micro_batches(shard, "response_mask", plan)
         summed = {"num_sequences": 1, "num_tokens": 1.0, "max_tokens": max_tokens}
         # Which micro-batch is the step's last is not known yet: every one reduces over the ranks.
-        loss, lps = self._backward_pass(mbs, summed, self._streamed["sums"], first=True, share=1.0, sync_each=True)
-        self._streamed["loss"] = self._streamed["loss"] + loss
+        _, lps = self._backward_pass(mbs, summed, self._streamed["sums"], first=True, share=1.0, sync_each=True)
         return in_row_order(lps, plan, shard["input_ids"].shape[1]).cpu()
 
     def apply(self, totals: dict) -> dict:
@@ -294,7 +292,7 @@ class LearnerRank(RankState):
             if p.grad is not None:
                 p.grad.mul_(scale)
         sums = streamed["sums"]
-        sums["loss"], sums["pg_loss"] = streamed["loss"] * scale, sums["pg_loss"] * scale
+        sums["loss"], sums["pg_loss"] = sums["loss"] * scale, sums["pg_loss"] * scale
         norm, skipped, diag = self._update(sums["loss"])
         return self._step_out(sums, streamed["lr"], [norm], skipped, diag)
 

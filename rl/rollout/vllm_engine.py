@@ -207,7 +207,8 @@ class VLLMEngine:
                     call_s["rows_s"] += time.perf_counter() - t1
                     self.last_call_s = dict(call_s)
                     # vLLM refuses n > 1 for greedy; the n greedy completions are one completion, repeated.
-                    yield positions, [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows], dict(call_s)
+                    groups = [row * sampling.n if len(row) == 1 < sampling.n else row for row in rows]
+                    yield positions, groups, dict(call_s)
                     t = time.perf_counter()
         finally:
             if left:
