@@ -72,7 +72,8 @@ def summarise(results: dict) -> dict:
         out["placerl_compiled_over_trl_step"] = round(compiled["step_s"] / theirs["step_s"], 3)
         out["placerl_compiled_over_trl_goal_0.5"] = "met" if compiled["step_s"] / theirs["step_s"] <= 0.5 else "NOT met"
         out["placerl_compiled_first_step_s"] = get("step-placerl-compile", "steps")[0]["step_s"]
-    # Streamed: on-policy, the same update as the whole batch (tests/test_streaming.py), so it is the goal's comparison too.
+    # Streamed: on-policy, the same update as the whole batch (tests/test_streaming.py), so the
+    # goal's comparison too.
     for part, name in (("step-placerl-stream", "placerl_streamed"),
                        ("step-placerl-stream-compile", "placerl_streamed_compiled")):
         streamed = get(part, "mean_after_first")
