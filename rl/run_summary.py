@@ -42,6 +42,8 @@ def step_times(records: list[dict]) -> dict[str, float]:
     # Overlapped rollouts (trainer.max_staleness > 0): the part of the rollout the driver waited for.
     out["rollout_wait"] = _mean([r.get("time/rollout_wait_s", float("nan")) for r in steps])
     out["overlapped"] = float(any(r.get("rollout/staleness", 0) > 0 for r in steps))
+    # Streamed steps (trainer.stream_groups): their time/learner_s is only what ran after the rollout.
+    out["streamed"] = float(any(r.get("rollout/stream_parts", 0) > 0 for r in steps))
     out["steps_averaged"] = float(len(steps))
     return out
 
@@ -96,6 +98,8 @@ def summarize(run_dir: str | Path, title: str = "") -> str:
         parts = ", ".join(f"{name} {t[name]:.1f} s" for name, _ in PHASES if math.isfinite(t[name]))
         if t["overlapped"] and math.isfinite(t["rollout_wait"]):
             parts += f" (rollout overlapped with learning: {t['rollout_wait']:.1f} s of it waited for)"
+        if t["streamed"]:
+            parts += " (groups streamed to the learner: its time is the learning left after the rollout)"
         lines.append(f"step time {t['step']:.1f} s: {parts} (mean of {int(t['steps_averaged'])} steps)")
     curve = plot_reward_curve(records, run_dir / CURVE) if records else None
     lines += [f"{'metrics':13}{run_dir / 'metrics.jsonl'}",

@@ -73,6 +73,21 @@ def test_what_streaming_cannot_go_with_is_refused_in_one_line(override, field):
     Config().validate()  # streaming off: nothing is refused
 
 
+def test_the_run_summary_says_a_streamed_learner_time_is_what_followed_the_rollout(tmp_path):
+    import json
+
+    from rl.run_summary import summarize
+
+    def step(i: int, parts: float) -> str:
+        return json.dumps({"step": i, "time/step_s": 2.0, "time/rollout_s": 1.5, "time/reward_s": 0.1,
+                           "time/learner_s": 0.3, "time/sync_s": 0.05, "rollout/stream_parts": parts})
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(step(i, 4.0) for i in (1, 2)) + "\n")
+    assert "groups streamed to the learner" in summarize(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(step(i, 0.0) for i in (1, 2)) + "\n")
+    assert "streamed" not in summarize(tmp_path)
+
+
 def test_streaming_puts_no_rollout_to_sleep():
     from rl.config import config_from_dict
     from rl.startup import rollout_settings
