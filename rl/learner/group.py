@@ -74,17 +74,20 @@ def split_batch(batch: TrainBatch, n: int) -> list[dict[str, Tensor]]:
     return [{k: v[r * per:(r + 1) * per].contiguous() for k, v in tensors.items()} for r in range(n)]
 
 
+def cat_columns(tensors: list[Tensor]) -> Tensor:
+    """[b_i, t_i] tensors stacked by rows, each right-padded with zeros to the longest t (pure)."""
+    T = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, T - t.shape[1])) for t in tensors])
+
+
 def concat_batches(batches: list[TrainBatch]) -> TrainBatch:
     """One TrainBatch of several parts' rows, in order, right-padded to the longest (pure); the
-    padding's ids are 0 (masked out of attention, as any padding)."""
-    T = max(b.input_ids.shape[1] for b in batches)
+    padding is 0 everywhere (ids included: masked out of attention, as any padding)."""
+    def cat(name: str) -> Tensor:
+        return cat_columns([getattr(b, name) for b in batches])
 
-    def cat(name: str, pad_value) -> Tensor:
-        return torch.cat([torch.nn.functional.pad(getattr(b, name), (0, T - b.input_ids.shape[1]), value=pad_value)
-                          for b in batches])
-
-    return TrainBatch(cat("input_ids", 0), cat("attention_mask", 0), cat("response_mask", 0),
-                      torch.cat([b.advantages for b in batches]), cat("rollout_logprobs", 0.0), batches[0].max_tokens)
+    return TrainBatch(cat("input_ids"), cat("attention_mask"), cat("response_mask"),
+                      torch.cat([b.advantages for b in batches]), cat("rollout_logprobs"), batches[0].max_tokens)
 
 
 def combine_metrics(outs: list[dict], num_tokens: float, algorithm_loss: str, kl_on: bool) -> dict[str, float]:
@@ -200,7 +203,7 @@ class LearnerGroup:
         shards = split_batch(batch, self.n)
         outs = self._all([r.train_step.remote(s, totals) for r, s in zip(self.ranks, shards)])
         learner_lp = torch.cat([o["learner_logprobs"] for o in outs])[: batch.input_ids.shape[0]]
-        m = self._step_metrics(batch, outs, learner_lp)
+        m = self._step_metrics(batch, outs, learner_lp, num_tokens)
         if cap:
             m["capped_tokens"] = float(capped)
         m["time_s"] = time.perf_counter() - t0
@@ -219,20 +222,19 @@ class LearnerGroup:
         if not parts:
             raise RuntimeError("LearnerGroup.apply without accumulate: no part of this step was learned")
         t0 = time.perf_counter()
-        lps = [torch.cat(self._all(refs))[: part.input_ids.shape[0]] for part, refs in parts]
-        T = max(lp.shape[1] for lp in lps)
-        learner_lp = torch.cat([torch.nn.functional.pad(lp, (0, T - lp.shape[1])) for lp in lps])
+        learner_lp = cat_columns([torch.cat(self._all(refs))[: part.input_ids.shape[0]] for part, refs in parts])
         batch = concat_batches([part for part, _ in parts])
         num_tokens = float(batch.response_mask.sum())
         totals = {"num_sequences": batch.input_ids.shape[0], "num_tokens": max(num_tokens, 1.0)}
-        m = self._step_metrics(batch, self._call("apply", totals), learner_lp)
+        m = self._step_metrics(batch, self._call("apply", totals), learner_lp, num_tokens)
         m["time_s"] = time.perf_counter() - t0
         return m
 
-    def _step_metrics(self, batch: TrainBatch, outs: list[dict], learner_lp: Tensor) -> dict[str, float]:
+    def _step_metrics(self, batch: TrainBatch, outs: list[dict], learner_lp: Tensor,
+                      num_tokens: float) -> dict[str, float]:
         """The ranks' results combined, and the rollout/learner mismatch over the whole batch."""
         a = self.cfg.algorithm
-        m = combine_metrics(outs, float(batch.response_mask.sum()), a.loss, a.kl_coef > 0)
+        m = combine_metrics(outs, num_tokens, a.loss, a.kl_coef > 0)
         if a.loss != "sft":
             from rl.grpo import configured_correction, logprob_mismatch, masked_fractions
 

@@ -159,10 +159,10 @@ class VLLMEngine:
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingSpec) -> list[list[Completion]]:
         rows: list = [None] * len(prompt_ids)
-        for positions, groups, call_s in self.generate_stream(prompt_ids, sampling, max(len(prompt_ids), 1)):
+        # One part, the whole call; generate_stream leaves its seconds in last_call_s.
+        for positions, groups, _ in self.generate_stream(prompt_ids, sampling, max(len(prompt_ids), 1)):
             for i, group in zip(positions, groups):
                 rows[i] = group
-            self.last_call_s = call_s
         return rows
 
     def generate_stream(self, prompt_ids: list[list[int]], sampling: SamplingSpec, groups_per_part: int):
