@@ -39,6 +39,10 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       the recipe with ``trainer.stream_groups`` (a micro-batch of groups at a time, vLLM awake):
       on-policy, the learner starts on finished groups while the longest ones decode; colocated,
       with compiled layers, or disaggregated on two GPUs;
+  step-placerl-merged, step-placerl-merged-compile (not in the default set)
+      the recipe (sleep mode; eager or compiled layers) with ``rollout.weight_sync=merged``: vLLM
+      decodes without LoRA kernels, each adapter version merged into its weights in place, as
+      TRL serves it; the steps also carry the rollout/learner logprob mismatch;
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -76,7 +80,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
 PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap", "step-placerl-compile", "step-placerl-stream",
-                         "step-placerl-stream-compile", "step-placerl-stream-2gpu"]
+                         "step-placerl-stream-compile", "step-placerl-stream-2gpu", "step-placerl-merged",
+                         "step-placerl-merged-compile"]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 
@@ -281,9 +286,9 @@ def run_part(args) -> None:
     elif name.startswith("step-placerl"):
         from bench.vllm_step import part_step_placerl
 
-        part_step_placerl(s, rec, sleep=name in ("step-placerl", "step-placerl-compile"),
+        part_step_placerl(s, rec, sleep=name in ("step-placerl", "step-placerl-compile") or "-merged" in name,
                           two_gpus=name.endswith("2gpu"), overlap=name.endswith("overlap"),
-                          compile_layers=name.endswith("compile"), stream="-stream" in name)
+                          compile_layers=name.endswith("compile"), stream="-stream" in name, merged="-merged" in name)
     elif name == "step-trl":
         from bench.vllm_step import part_step_trl
 

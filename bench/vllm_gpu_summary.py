@@ -73,14 +73,24 @@ def summarise(results: dict) -> dict:
         out["placerl_compiled_over_trl_goal_0.5"] = "met" if compiled["step_s"] / theirs["step_s"] <= 0.5 else "NOT met"
         out["placerl_compiled_first_step_s"] = get("step-placerl-compile", "steps")[0]["step_s"]
     # Streamed: on-policy, the same update as the whole batch (tests/test_streaming.py), so the
-    # goal's comparison too.
+    # goal's comparison too. Merged: on-policy up to bf16's rounding of the merged weights (as
+    # TRL serves its adapter), so also the goal's comparison; its logprob mismatch is beside it.
     for part, name in (("step-placerl-stream", "placerl_streamed"),
-                       ("step-placerl-stream-compile", "placerl_streamed_compiled")):
-        streamed = get(part, "mean_after_first")
-        if streamed and theirs:
-            ratio = streamed["step_s"] / theirs["step_s"]
+                       ("step-placerl-stream-compile", "placerl_streamed_compiled"),
+                       ("step-placerl-merged", "placerl_merged"),
+                       ("step-placerl-merged-compile", "placerl_merged_compiled")):
+        variant = get(part, "mean_after_first")
+        if variant and theirs:
+            ratio = variant["step_s"] / theirs["step_s"]
             out[f"{name}_over_trl_step"] = round(ratio, 3)
             out[f"{name}_over_trl_goal_0.5"] = "met" if ratio <= 0.5 else "NOT met"
+    # Merged against the adapter path in the same call: the step, the rollout and the mismatch.
+    for merged, adapter in (("step-placerl-merged", "step-placerl"), ("step-placerl-merged-compile", "step-placerl-compile")):
+        m, a = get(merged, "mean_after_first"), get(adapter, "mean_after_first")
+        if m and a:
+            out[f"{merged}_over_{adapter}"] = {k: round(m[k] / a[k], 3) for k in ("step_s", "rollout_s") if a.get(k)}
+            key = "logprob_mismatch_abs_diff_mean"
+            out[f"{merged}_vs_{adapter}_{key}"] = [m.get(key), a.get(key)]
     for part, name in (("step-placerl", "placerl"), ("step-placerl-compile", "placerl_compiled")):
         startup = get(part, "startup") or {}
         for k in ("startup_s", "warm_up_s"):

@@ -1,10 +1,12 @@
 """The GRPO step parts of bench/bench_vllm_gpu.py: placerl's recipe for a few steps (colocated with
 or without sleep mode, disaggregated, one step off-policy, with compiled decoder layers, with
-groups streamed to the learner as they finish) and TRL's
+groups streamed to the learner as they finish, with the adapter merged into vLLM's weights) and TRL's
 GRPOTrainer on the same batch."""
 from __future__ import annotations
 
 import statistics
+
+import torch
 
 from bench.bench_vllm_gpu import Sizes
 from bench.gpu_measure import PeakMemory, Recorder
@@ -21,14 +23,21 @@ def step_overrides(s: Sizes) -> list[str]:
 
 STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s", "time/sync_s", "time/sleep_s",
              "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
-             "rollout/response_tokens_mean", "time/rollout_generate_s", "time/rollout_rows_s", "rollout/stream_parts")
+             "rollout/response_tokens_mean", "time/rollout_generate_s", "time/rollout_rows_s", "rollout/stream_parts",
+             # How far the rollout's logprobs are from the learner's: merged bf16 weights round small updates away.
+             "learner/logprob_mismatch_abs_diff_mean", "learner/logprob_mismatch_kl_k3")
 # Reported with the first step: Ray, the actors and the engines (with learner.compile, the
 # rank's compile warm-up over the rollout engine's start; learner/warm_up_s is its own time).
 STARTUP_KEYS = ("time/startup_s", "learner/warm_up_s", "learner/compiled_graphs")
 
 
+def _rounded(key: str, value: float) -> float:
+    """Seconds to 0.1 ms; a logprob mismatch (1e-7 on CPU in fp32) to 9 places."""
+    return round(value, 9 if "mismatch" in key else 4)
+
+
 def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = False, overlap: bool = False,
-                      compile_layers: bool = False, stream: bool = False) -> None:
+                      compile_layers: bool = False, stream: bool = False, merged: bool = False) -> None:
     """The recipe for ``s.steps`` timed steps, then (unless ``--no-learner-profile``) one more under
     the profiler (rl/learner/profiling.py), left out of the means: the profiler slows the step it watches."""
     import json
@@ -41,12 +50,15 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     placement += ["learner.compile=true"] if compile_layers else []
     # One part per full micro-batch of rows: the learner's micro-batches stay as large as in the whole step.
     placement += [f"trainer.stream_groups={max(1, s.micro_batch // s.step_group)}"] if stream else []
+    placement += ["rollout.weight_sync=merged"] if merged else []
     memory = PeakMemory()
     profiled = s.steps + 1 if s.learner_profile else 0
     if profiled:
         placement += [f"trainer.steps={profiled}", f"trainer.save_every={profiled + 1}",
                       f"learner.profile_step={profiled}"]
-    steps, run_dir = recipe_run(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={str(sleep).lower()}"] + placement)
+    # A CPU (--smoke) has no sleep mode: auto there, so that every part runs end to end.
+    sleep_mode = ("true" if torch.cuda.is_available() else "auto") if sleep else "false"
+    steps, run_dir = recipe_run(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={sleep_mode}"] + placement)
     if profiled:
         profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
         rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
@@ -58,9 +70,9 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     # The sync's own stages (time/sync_<stage>_s: export, transfer, the engine's load steps) say
     # where a sync that misses its share goes.
     keys = STEP_KEYS + tuple(sorted({k for m in steps for k in m if k.startswith("time/sync_") and k != "time/sync_s"}))
-    rec("steps", [{k.split("/")[-1]: round(m.get(k, 0.0), 4) for k in keys} for m in steps])
+    rec("steps", [{k.split("/")[-1]: _rounded(k, m.get(k, 0.0)) for k in keys} for m in steps])
     timed = steps[1:] or steps
-    mean = {k.split("/")[-1]: round(statistics.mean(m.get(k, 0.0) for m in timed), 4) for k in keys}
+    mean = {k.split("/")[-1]: _rounded(k, statistics.mean(m.get(k, 0.0) for m in timed)) for k in keys}
     mean["sync_over_step"] = round(mean["sync_s"] / mean["step_s"], 5)
     rec("mean_after_first", mean)
     rec("memory", memory.result())

@@ -127,7 +127,7 @@ def test_vllm_after_sync_matches_learner(case, folded, base, vllm_engine):
 
 @pytest.mark.parametrize("case", ["single-module", "mixed-rank-alpha", "rslora-mixed-rank"])
 def test_merged_weights_are_peft_merge_and_unload(case, base):
-    from rl.rollout.merged import merged_weights
+    from rl.rollout.merged import adapted_weights, merged_weights
 
     model = learner_model(base, CASES[case], seed=7)
     payload = make_payload(model, version=1)
@@ -139,6 +139,10 @@ def test_merged_weights_are_peft_merge_and_unload(case, base):
     for k, v in reference.items():
         torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5)
     assert all(torch.equal(base_sd[k], v) for k, v in base.state_dict().items())  # the base copy is kept
+    # What a GPU engine writes in place: exactly the changed weights, the same values.
+    adapted = adapted_weights(base_sd, payload.tensors, payload.peft_config)
+    assert sorted(adapted) == sorted(changed)
+    assert all(torch.equal(adapted[k], merged[k]) for k in adapted)
 
 
 @pytest.mark.timeout(120)

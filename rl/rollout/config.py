@@ -40,8 +40,9 @@ class RolloutConfig:
     dtype: str = "auto"  # auto: bfloat16 on a GPU, else the learner's model.dtype
     eval_max_new_tokens: int = 256
     # How a vLLM worker serves each adapter version: "adapter" (vLLM's LoRA kernels),
-    # "merged" (folded into a copy of the base weights and reloaded in place: 3-4x faster
-    # decoding on CPU), "auto" (merged on CPU hosts, adapter on GPUs). rl/rollout/merged.py
+    # "merged" (folded into a copy of the base weights and written into the engine: 3-4x
+    # faster decoding on CPU, no LoRA kernels on a GPU; bf16 rounds small updates away),
+    # "auto" (merged on CPU hosts, adapter on GPUs). rl/rollout/merged.py
     weight_sync: str = "auto"
     # weight_sync=adapter: a version with the same modules and ranks as the served one (every
     # version after a run's first) is written into vLLM's LoRA slot in place, skipping the PEFT

@@ -1,25 +1,42 @@
-"""Serving the adapter merged into the base weights: vLLM without LoRA, for CPU hosts.
+"""Serving the adapter merged into the base weights: vLLM without its LoRA kernels.
 
-vLLM's LoRA path on CPU decodes SmolLM2 3-4x slower than the plain model (every
-adapted projection runs a padded LoRA kernel beside the base matmul). Here the worker
-keeps a copy of the base weights, and each adapter version that arrives (the same
-small :class:`AdapterPayload` that the LoRA path receives through Ray's object store)
-is folded in, ``W' = W + scale * B @ A``, and loaded into the running engine with
-vLLM's in-place ``reload_weights``. Only the adapter crosses the object store; the
-merge and the reload happen in the worker, in well under a second for 135M
-parameters.
+vLLM's LoRA path runs a LoRA kernel pair beside every adapted projection: on CPU it decodes
+SmolLM2 3-4x slower than the plain model, and on a GPU a 0.5B model's projections are small
+enough that the extra kernels are a visible share of each decode step. Here the worker keeps
+a copy of the base weights, and each adapter version that arrives (the same small
+:class:`AdapterPayload` that the LoRA path receives through Ray's object store) is folded
+in, ``W' = W + scale * B @ A``, and written into the running engine. Only the adapter crosses
+the object store; the merge happens in the worker, on the engine's device.
+
+How the merged weights reach the engine depends on where it runs:
+
+- on a GPU, straight into the served parameters through the model's own ``load_weights``
+  (it knows vLLM's fused q/k/v and gate/up layout), only the adapted modules' weights. The
+  parameters are written in place, so CUDA graphs captured on them stay valid. The base
+  copy of those modules lives on the GPU (for an all-linear adapter, most of the model once
+  more: about 1 GB for 0.5B parameters in bf16);
+- on CPU, vLLM repacks each linear weight for its CPU kernels when it loads it and drops
+  the original, so a write into the parameter would not be seen: every weight goes through
+  vLLM's ``reload_weights``, which repeats that processing. Every weight, not only the
+  adapted ones, because that reload rebuilds a fused layer from what it is given, and a
+  fused layer loaded in part would keep garbage in the other part.
 
 What stays the same as the LoRA path: the learner, the payload, the versioning, the
 one-line errors for adapters vLLM cannot serve. What differs:
 
-- every weight is reloaded, not only the adapted ones: vLLM fuses q/k/v and gate/up,
-  and a fused layer loaded in part would keep garbage in the other part;
-- the prefix cache is reset after each reload (its key knows nothing of the weights,
-  so the shared chat-template prefix would otherwise be served from the old policy);
-- merging in a low-precision dtype rounds small updates away, so GPUs (bf16 serving)
-  keep the adapter path: ``rollout.weight_sync=auto`` merges on CPU only.
+- the prefix cache is reset after each version (its key knows nothing of the weights, so
+  the shared chat-template prefix would otherwise be served from the old policy);
+- in sleep mode the engine is woken before the write (the parameters are not on the GPU
+  while it sleeps);
+- the merge rounds to the serving dtype: in bf16, an update smaller than half a unit in
+  the last place of its base weight is rounded away (W has 8 significant bits), so early,
+  small updates reach the rollouts late. The learner scores the rollout's tokens with the
+  exact adapter, so the gap shows in ``learner/logprob_mismatch_*``. TRL's colocated vLLM
+  serves LoRA the same way. ``rollout.weight_sync=auto`` merges on CPU only.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -36,23 +53,31 @@ def merges_weights(rollout_cfg) -> bool:
     return mode == "merged"
 
 
-def merged_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                   peft_config: dict) -> dict[str, torch.Tensor]:
-    """``base`` with each adapted module's ``scale * B @ A`` added (pure; ``base`` is not modified).
+def adapted_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                    peft_config: dict) -> dict[str, torch.Tensor]:
+    """Each adapted module's weight ``W + scale * B @ A`` (pure): only those, in W's dtype and
+    on W's device, summed in float32 and rounded once.
 
     ``tensors`` are PEFT state-dict names (``base_model.model.<module>.lora_A.weight``);
     the scale is the module's own PEFT scale (alpha / r, patterns and rsLoRA resolved).
     """
-    out = dict(base)
+    out = {}
     for module, scale in module_scales(tensors, peft_config).items():
         name = f"{module}.weight"
         if name not in base:
             raise ValueError(f"adapter module {module!r} has no weight {name!r} in the base model; "
                              "the adapter was trained on another model")
-        a, b = tensors[f"{_PREFIX}{module}{_A}"], tensors[f"{_PREFIX}{module}{_B}"]
         w = base[name]
-        out[name] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        a = tensors[f"{_PREFIX}{module}{_A}"].to(w.device, torch.float32)
+        b = tensors[f"{_PREFIX}{module}{_B}"].to(w.device, torch.float32)
+        out[name] = (w.float() + scale * (b @ a)).to(w.dtype)
     return out
+
+
+def merged_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
+                   peft_config: dict) -> dict[str, torch.Tensor]:
+    """``base`` with each adapted module's weight merged (pure; ``base`` is not modified)."""
+    return {**base, **adapted_weights(base, tensors, peft_config)}
 
 
 def load_base_weights(model_path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -71,24 +96,68 @@ def load_base_weights(model_path: str, dtype: torch.dtype) -> dict[str, torch.Te
     return out
 
 
+def write_weights_in_place(worker, weights: dict[str, torch.Tensor]) -> int:
+    """Runs in vLLM's worker (``LLM.collective_rpc``): copy ``weights`` (checkpoint names) into
+    the served model's parameters with the model's own loader; returns how many parameters
+    it wrote."""
+    return len(worker.model_runner.get_model().load_weights(iter(weights.items())))
+
+
 class MergedVLLMEngine(VLLMEngine):
     """A :class:`VLLMEngine` that serves each adapter version merged into the base weights."""
 
     def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int):
         super().__init__(rollout_cfg, model_path, dtype, seed)
+        from vllm.platforms import current_platform
+
+        self._in_place = current_platform.is_cuda_alike()
         self._base = load_base_weights(model_path, getattr(torch, dtype) if dtype != "auto" else torch.float32)
+        self._device_base: dict[str, torch.Tensor] = {}  # the adapted modules' base weights, on the GPU
 
     def _lora_args(self, rollout_cfg) -> dict:
         return {}  # no LoRA kernels: the adapter is in the weights
 
-    def load_adapter(self, payload: AdapterPayload) -> None:
+    def load_adapter(self, payload: AdapterPayload) -> dict:
+        """Serve ``payload`` merged; returns seconds per stage (check, wake, merge, load, reset)
+        and ``sync_path`` ("merged")."""
+        timings, t = {}, time.perf_counter()
+
+        def stage(name: str) -> None:
+            nonlocal t
+            if self._in_place:
+                torch.cuda.synchronize()  # a stage's GPU work is charged to it, not to the next
+            now = time.perf_counter()
+            timings[f"{name}_s"], t = now - t, now
+
         check_servable(payload.peft_config)
         check_unfolded(payload)
         # Not needed to serve it, but the adapter path refuses these and a run must not
         # depend on which path serves it.
         check_ranks(payload.peft_config, self.max_lora_rank, payload.tensors)
-        weights = merged_weights(self._base, payload.tensors, payload.peft_config)
-        # In-process engine (uni executor): the tensors are handed over, not serialised.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        stage("check")
+        self.wake_up()  # asleep, the parameters are not on the GPU
+        stage("wake")
+        if self._in_place:
+            weights = adapted_weights(self._adapted_base(payload), payload.tensors, payload.peft_config)
+            stage("merge")
+            written = self.llm.collective_rpc(write_weights_in_place, args=(weights,))
+            if not all(written):
+                raise RuntimeError(f"vLLM's model loaded none of adapter version {payload.version}'s weights")
+        else:
+            weights = merged_weights(self._base, payload.tensors, payload.peft_config)
+            stage("merge")
+            # In-process engine (uni executor): the tensors are handed over, not serialised.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        stage("load")
         self.llm.reset_prefix_cache()
+        stage("reset")
         self._version = payload.version
+        return dict(timings, sync_path="merged")
+
+    def _adapted_base(self, payload: AdapterPayload) -> dict[str, torch.Tensor]:
+        """The base weights of ``payload``'s modules on the GPU, copied there the first time."""
+        for module in module_scales(payload.tensors, payload.peft_config):
+            name = f"{module}.weight"
+            if name not in self._device_base and name in self._base:
+                self._device_base[name] = self._base[name].to("cuda")
+        return self._device_base

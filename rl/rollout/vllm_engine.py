@@ -78,7 +78,8 @@ class VLLMEngine:
             raise ValueError(f"rollout.sleep_mode=true: vLLM has no sleep mode on {current_platform.device_type}; "
                              "set rollout.sleep_mode=false")
         eager = resolve_enforce_eager(rollout_cfg.enforce_eager, on_gpu)
-        extra = {} if eager else graph_options(enable_lora=True, max_batch=rollout_cfg.cudagraph_max_batch)
+        extra = {} if eager else graph_options(enable_lora=bool(self._lora_args(rollout_cfg)),
+                                                  max_batch=rollout_cfg.cudagraph_max_batch)
         if current_platform.is_cpu():
             # Whatever the seed mode: the bench and tests switch an engine's seed_mode in place.
             extra.update(whole_prefill_args(rollout_cfg.max_model_len))
