@@ -40,9 +40,8 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       on-policy, the learner starts on finished groups while the longest ones decode; colocated,
       with compiled layers, or disaggregated on two GPUs;
   step-placerl-merged, step-placerl-merged-compile (not in the default set)
-      the recipe (sleep mode; eager or compiled layers) with ``rollout.weight_sync=merged``: vLLM
-      decodes without LoRA kernels, each adapter version merged into its weights in place, as
-      TRL serves it; the steps also carry the rollout/learner logprob mismatch;
+      the recipe (sleep mode) with ``rollout.weight_sync=merged``: vLLM without LoRA kernels,
+      each adapter version merged into its weights, as TRL serves it;
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same

@@ -27,3 +27,16 @@ def test_compiled_step_ratio_keeps_the_compiling_first_step_apart():
     assert out["placerl_compiled_over_trl_step"] == 0.5
     assert out["placerl_compiled_first_step_s"] == 120.0
     assert "placerl_over_trl_step" not in out
+
+
+def test_merged_against_the_adapter_path_in_the_same_call():
+    adapter = {"step_s": 4.8, "rollout_s": 2.85, "logprob_mismatch_abs_diff_mean": 0.0139}
+    merged = {"step_s": 4.35, "rollout_s": 2.43, "logprob_mismatch_abs_diff_mean": 0.0143}
+    out = summarise({"step-placerl-compile": {"mean_after_first": adapter, "steps": [{"step_s": 9.0}]},
+                     "step-placerl-merged-compile": {"mean_after_first": merged},
+                     "step-trl": {"mean_after_first": {"step_s": 7.2}}})
+    assert out["step-placerl-merged-compile_over_step-placerl-compile"] == {"step_s": round(4.35 / 4.8, 3),
+                                                                            "rollout_s": round(2.43 / 2.85, 3)}
+    assert out["step-placerl-merged-compile_vs_step-placerl-compile_logprob_mismatch_abs_diff_mean"] == [0.0143, 0.0139]
+    assert out["placerl_merged_compiled_over_trl_step"] == round(4.35 / 7.2, 3)
+    assert "step-placerl-merged_over_step-placerl" not in out  # the eager pair did not run

@@ -284,8 +284,10 @@ def test_adapter_changes_outputs_and_each_version_is_served(engine, base_model, 
     other = dict(r=4, lora_alpha=4, target_modules=["o_proj", "up_proj"])
     for version, seed, kw in ((first, 1, {}), (first + 1, 2, {}), (first + 2, 3, other)):
         peft_model, payload = lora_payload(copy.deepcopy(base_model), _lora_config(**kw), seed, version)
-        engine.load_adapter(payload)
+        report = engine.load_adapter(payload)
         assert engine.adapter_version() == version
+        if type(engine).__name__ == "MergedVLLMEngine":  # its stages reach the trainer as time/sync_<stage>_s
+            assert report["sync_path"] == "merged" and {"merge_s", "load_s", "reset_s"} <= set(report), report
         if type(engine).__name__ == "VLLMEngine":  # vLLM's LoRA path: the previous id is gone
             assert len(engine.loaded_lora_ids()) == 1
         # The served weights are this version's: logprobs match its PEFT model, not the last one's.
