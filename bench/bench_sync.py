@@ -117,14 +117,14 @@ def old_load(worker, raw: dict) -> dict:
 def old_sync(trainer) -> dict:
     import ray
 
-    from rl.rollout.pool import slowest_stages
+    from rl.rollout.pool import slowest_stages, sync_metrics
 
     t = time.perf_counter()
     trainer.adapter_version += 1
     refs = [r.__ray_call__.remote(old_export, trainer.adapter_version) for r in trainer.learner.ranks]
     ray.get(refs[1:])
     reports = [ray.get(w.__ray_call__.remote(old_load, refs[0])) for w in trainer.rollout.workers]  # one by one
-    return {"time/sync_s": time.perf_counter() - t, **{f"time/sync_{k}": v for k, v in slowest_stages(reports).items()}}
+    return {"time/sync_s": time.perf_counter() - t, **sync_metrics(slowest_stages(reports))}
 
 
 # ----------------------------------------------------------------------------- the run

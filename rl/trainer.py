@@ -43,7 +43,8 @@ from rl.data import PromptSampler, attach_prompts, load_task
 from rl.evaluate import accuracy, eval_runner, graded
 from rl.metrics_log import MetricsLog
 from core.models import load_tokenizer, resolve_model
-from rl.rollout.engine import served_config
+from rl.rollout.engine import payload_dtype, served_config
+from rl.rollout.pool import sync_metrics
 from rl.startup import make_plan, rollout_settings
 
 log = logging.getLogger("placerl")
@@ -190,12 +191,10 @@ class Trainer:
                                     keep=self.cfg.trainer.keep_checkpoints)
 
     def _sync(self) -> dict[str, float]:
-        """Serve the learner's adapter on the rollout workers; ``time/sync_s`` and, per stage
-        (rl/rollout/worker.py load_adapter), ``time/sync_<stage>_s``."""
+        """Serve the learner's adapter on the rollout workers; ``time/sync_s``, per stage (rl/rollout/worker.py
+        load_adapter) ``time/sync_<stage>_s``, and served merged, ``rollout/merged_update_error``."""
         if self.rollout is None:
             return {}
-        from rl.rollout.engine import payload_dtype
-
         overlapped = self.cfg.trainer.max_staleness > 0
         self.adapter_version += 1
         # Asked for first: the learner gathers the adapter while the rollout wakes (another
@@ -208,7 +207,7 @@ class Trainer:
         t = time.perf_counter()
         # Overlapped: queued behind the rollouts in flight, which keep their older adapter (no stages then).
         stages = self.rollout.sync(ref, wait=not overlapped)
-        return {"time/sync_s": time.perf_counter() - t, **{f"time/sync_{k}": v for k, v in stages.items()}}
+        return {"time/sync_s": time.perf_counter() - t, **sync_metrics(stages)}
 
     # ------------------------------------------------------------------ phases
 

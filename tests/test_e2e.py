@@ -78,6 +78,10 @@ def test_ray_job_submit_writes_checkpoint_then_resumes(ray_head, tmp_path):
     # Each process reports its start-up (Ray, actors, engines) with the first step it takes.
     started = [m["step"] for m in read_metrics(run) if m.get("time/startup_s", 0) > 0]
     assert started == [1, 3]
+    # On CPU each version is served merged into the weights (rl/rollout/merged.py): every sync
+    # times its merge and says what float32 kept of the update (tests/test_sync.py the math).
+    trained = [m for m in read_metrics(run) if "learner/loss" in m]
+    assert all(0 <= m["rollout/merged_update_error"] < 0.01 and m["time/sync_merge_s"] > 0 for m in trained)
     final = json.loads((run / "checkpoints" / "step-000004" / "driver.json").read_text())
     assert final["sampler"]["position"] == 4 * 4 and final["adapter_version"] > state["adapter_version"]
 

@@ -54,7 +54,8 @@ def test_merged_vllm_on_gpu_after_sync_matches_learner_mixed_rank_alpha(merged_v
     d, gap = vllm_vs_learner(merged_vllm, model, PROMPTS,
                              SamplingSpec(n=4, max_new_tokens=24, temperature=1.0, seed=3))
     print(f"merged vLLM bf16 vs fp32 PEFT: mean {d.mean():.2e} median {d.median():.2e} max {d.max():.2e} "
-          f"over {d.numel()} tokens; vs the base model mean {gap.mean():.2e}; sync stages "
+          f"over {d.numel()} tokens; vs the base model mean {gap.mean():.2e}; the update's error as served "
+          f"{stages['merged_update_error']:.2e}; sync stages "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in stages.items() if k.endswith("_s")))
     assert float(d.mean()) < 0.05 and float(d.median()) < 0.03
     assert float(gap.mean()) > max(2 * float(d.mean()), 0.02), "the adapter barely changes the model"

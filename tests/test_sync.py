@@ -18,7 +18,7 @@ import torch
 from core.lora import lora_config_from_dict
 from rl.config import RolloutConfig
 from rl.rollout.engine import SamplingSpec, make_engine
-from rl.rollout.pool import slowest_stages
+from rl.rollout.pool import slowest_stages, sync_metrics
 from rl.rollout.vllm_inplace import PARTS
 from rl.rollout.sync import (
     AdapterPayload,
@@ -132,7 +132,7 @@ def test_merged_weights_are_peft_merge_and_unload(case, base):
     model = learner_model(base, CASES[case], seed=7)
     payload = make_payload(model, version=1)
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
-    merged = merged_weights(base_sd, payload.tensors, payload.peft_config)
+    merged, error = merged_weights(base_sd, payload.tensors, payload.peft_config)
     reference = copy.deepcopy(model).merge_and_unload().state_dict()
     changed = [k for k in merged if not torch.equal(merged[k], base_sd[k])]
     assert len(changed) == len(payload.tensors) // 2  # one weight per adapted module, the rest untouched
@@ -140,9 +140,32 @@ def test_merged_weights_are_peft_merge_and_unload(case, base):
         torch.testing.assert_close(merged[k], v, atol=1e-6, rtol=1e-5)
     assert all(torch.equal(base_sd[k], v) for k, v in base.state_dict().items())  # the base copy is kept
     # What a GPU engine writes in place: exactly the changed weights, the same values.
-    adapted = adapted_weights(base_sd, payload.tensors, payload.peft_config)
+    adapted, same_error = adapted_weights(base_sd, payload.tensors, payload.peft_config)
     assert sorted(adapted) == sorted(changed)
     assert all(torch.equal(adapted[k], merged[k]) for k in adapted)
+    assert error == same_error < 1e-4  # float32 keeps the update, up to float32's own rounding
+
+
+def test_merged_update_error_is_what_bf16_rounding_takes_from_the_update():
+    from rl.rollout.merged import adapted_weights
+
+    torch.manual_seed(0)
+    module = "model.layers.0.mlp.down_proj"
+    base = {f"{module}.weight": torch.randn(64, 32).to(torch.bfloat16)}
+    config = {"r": 4, "lora_alpha": 4, "target_modules": ["down_proj"]}
+
+    def error(b_scale: float) -> float:
+        tensors = {f"base_model.model.{module}.lora_A.weight": torch.randn(4, 32),
+                   f"base_model.model.{module}.lora_B.weight": b_scale * torch.randn(64, 4)}
+        return adapted_weights(base, tensors, config)[1]
+
+    # bf16 keeps 8 significant bits: an update far below half a unit in the last place of
+    # weights of order 1 (about 2e-3) is rounded away whole; one far above it survives to within
+    # that half unit; a zero update (B = 0, a run's first version) has no error.
+    assert error(1e-6) == pytest.approx(1.0, abs=1e-3)
+    assert error(1.0) < 0.01
+    assert 0.01 < error(1e-3) < 1.0
+    assert error(0.0) == 0.0
 
 
 @pytest.mark.timeout(120)
@@ -230,6 +253,10 @@ def test_slowest_stages_takes_each_stage_from_the_slowest_worker():
     reports = [{"version": 3, "add_lora_s": 0.2, "fold_s": 0.01}, {"version": 3, "add_lora_s": 0.1, "fold_s": 0.05}]
     assert slowest_stages(reports) == {"add_lora_s": 0.2, "fold_s": 0.05}
     assert slowest_stages([]) == {}
+    # Merged weights: the worst worker's error, and each kind of value under its own metric name.
+    merged = [{"sync_path": "merged", "merge_s": 0.1, "merged_update_error": 0.2},
+              {"sync_path": "merged", "merge_s": 0.3, "merged_update_error": 0.1}]
+    assert sync_metrics(slowest_stages(merged)) == {"time/sync_merge_s": 0.3, "rollout/merged_update_error": 0.2}
 
 
 def test_written_adapter_loads_in_peft_and_computes_the_same(base, tmp_path):

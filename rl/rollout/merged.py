@@ -30,8 +30,9 @@ one-line errors for adapters vLLM cannot serve. What differs:
   while it sleeps);
 - the merge rounds to the serving dtype: in bf16, an update smaller than half a unit in
   the last place of its base weight is rounded away (W has 8 significant bits), so early,
-  small updates reach the rollouts late. The learner scores the rollout's tokens with the
-  exact adapter, so the gap shows in ``learner/logprob_mismatch_*``. TRL's colocated vLLM
+  small updates reach the rollouts late. Each sync measures it (``rollout/merged_update_error``:
+  the served update's relative error), and the learner scores the rollout's tokens with the
+  exact adapter, so its effect shows in ``learner/logprob_mismatch_*``. TRL's colocated vLLM
   serves LoRA the same way. ``rollout.weight_sync=auto`` merges on CPU only.
 """
 from __future__ import annotations
@@ -54,14 +55,16 @@ def merges_weights(rollout_cfg) -> bool:
 
 
 def adapted_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                    peft_config: dict) -> dict[str, torch.Tensor]:
+                    peft_config: dict) -> tuple[dict[str, torch.Tensor], float]:
     """Each adapted module's weight ``W + scale * B @ A`` (pure): only those, in W's dtype and
-    on W's device, summed in float32 and rounded once.
+    on W's device, summed in float32 and rounded once; and the update's error as served,
+    ``|(W' - W) - scale * B @ A| / |scale * B @ A|`` over all of them (Frobenius norms; 0 when
+    the update is exact or zero, 1 when the rounding dropped all of it).
 
     ``tensors`` are PEFT state-dict names (``base_model.model.<module>.lora_A.weight``);
     the scale is the module's own PEFT scale (alpha / r, patterns and rsLoRA resolved).
     """
-    out = {}
+    out, lost_sq, update_sq = {}, 0.0, 0.0
     for module, scale in module_scales(tensors, peft_config).items():
         name = f"{module}.weight"
         if name not in base:
@@ -70,14 +73,20 @@ def adapted_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
         w = base[name]
         a = tensors[f"{_PREFIX}{module}{_A}"].to(w.device, torch.float32)
         b = tensors[f"{_PREFIX}{module}{_B}"].to(w.device, torch.float32)
-        out[name] = (w.float() + scale * (b @ a)).to(w.dtype)
-    return out
+        update = scale * (b @ a)
+        out[name] = (w.float() + update).to(w.dtype)
+        lost_sq = lost_sq + (out[name].float() - w.float() - update).square().sum()
+        update_sq = update_sq + update.square().sum()
+    update_norm = float(update_sq) ** 0.5  # read once every module is merged: one wait for the device
+    return out, (float(lost_sq) ** 0.5 / update_norm if update_norm > 0 else 0.0)
 
 
 def merged_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
-                   peft_config: dict) -> dict[str, torch.Tensor]:
-    """``base`` with each adapted module's weight merged (pure; ``base`` is not modified)."""
-    return {**base, **adapted_weights(base, tensors, peft_config)}
+                   peft_config: dict) -> tuple[dict[str, torch.Tensor], float]:
+    """``base`` with each adapted module's weight merged (pure; ``base`` is not modified), and
+    the update's error as served (:func:`adapted_weights`)."""
+    adapted, error = adapted_weights(base, tensors, peft_config)
+    return {**base, **adapted}, error
 
 
 def load_base_weights(model_path: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -118,8 +127,10 @@ class MergedVLLMEngine(VLLMEngine):
         return {}  # no LoRA kernels: the adapter is in the weights
 
     def load_adapter(self, payload: AdapterPayload) -> dict:
-        """Serve ``payload`` merged; returns seconds per stage (check, wake, merge, load, reset)
-        and ``sync_path`` ("merged")."""
+        """Serve ``payload`` merged; returns seconds per stage (check, wake, merge, load, reset),
+        ``sync_path`` ("merged") and ``merged_update_error`` (what the serving dtype's rounding
+        made of the update, :func:`adapted_weights`; the trainer logs it as
+        ``rollout/merged_update_error``)."""
         timings, t = {}, time.perf_counter()
 
         def stage(name: str) -> None:
@@ -138,13 +149,13 @@ class MergedVLLMEngine(VLLMEngine):
         self.wake_up()  # asleep, the parameters are not on the GPU
         stage("wake")
         if self._in_place:
-            weights = adapted_weights(self._adapted_base(payload), payload.tensors, payload.peft_config)
+            weights, error = adapted_weights(self._adapted_base(payload), payload.tensors, payload.peft_config)
             stage("merge")
             written = self.llm.collective_rpc(write_weights_in_place, args=(weights,))
             if not all(written):
                 raise RuntimeError(f"vLLM's model loaded none of adapter version {payload.version}'s weights")
         else:
-            weights = merged_weights(self._base, payload.tensors, payload.peft_config)
+            weights, error = merged_weights(self._base, payload.tensors, payload.peft_config)
             stage("merge")
             # In-process engine (uni executor): the tensors are handed over, not serialised.
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
@@ -152,7 +163,7 @@ class MergedVLLMEngine(VLLMEngine):
         self.llm.reset_prefix_cache()
         stage("reset")
         self._version = payload.version
-        return dict(timings, sync_path="merged")
+        return dict(timings, sync_path="merged", merged_update_error=error)
 
     def _adapted_base(self, payload: AdapterPayload) -> dict[str, torch.Tensor]:
         """The base weights of ``payload``'s modules on the GPU, copied there the first time."""

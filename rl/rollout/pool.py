@@ -35,13 +35,19 @@ def chunk_specs(sampling, sizes: list[int]) -> list:
 
 
 def slowest_stages(reports: list[dict]) -> dict[str, float]:
-    """Per stage, the longest of the workers' times (pure): a sync waits for its slowest worker."""
+    """Per stage, the longest of the workers' times (pure): a sync waits for its slowest worker.
+    Per ``*_error`` (rl/rollout/merged.py), the largest of the workers' errors."""
     out: dict[str, float] = {}
     for report in reports:
         for k, v in report.items():
-            if k.endswith("_s"):
+            if k.endswith(("_s", "_error")):
                 out[k] = max(out.get(k, 0.0), float(v))
     return out
+
+
+def sync_metrics(stages: dict[str, float]) -> dict[str, float]:
+    """A sync's stages as step metrics (pure): seconds as ``time/sync_<stage>``, errors as ``rollout/<name>``."""
+    return {(f"time/sync_{k}" if k.endswith("_s") else f"rollout/{k}"): v for k, v in stages.items()}
 
 
 @dataclass
