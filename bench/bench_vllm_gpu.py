@@ -39,9 +39,8 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       the recipe with ``trainer.stream_groups`` (a micro-batch of groups at a time, vLLM awake):
       on-policy, the learner starts on finished groups while the longest ones decode; colocated,
       with compiled layers, or disaggregated on two GPUs;
-  step-placerl-merged, step-placerl-merged-compile (not in the default set)
-      the recipe (sleep mode) with ``rollout.weight_sync=merged``: vLLM without LoRA kernels,
-      each adapter version merged into its weights, as TRL serves it;
+  step-placerl-merged, step-placerl-merged-compile (not in the default set): the recipe with
+      ``rollout.weight_sync=merged`` (vLLM without LoRA kernels, as TRL serves the adapter);
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -78,9 +77,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + ["step-placerl-2gpu", "step-placerl-overlap", "step-placerl-compile", "step-placerl-stream",
-                         "step-placerl-stream-compile", "step-placerl-stream-2gpu", "step-placerl-merged",
-                         "step-placerl-merged-compile"]
+PARTS = DEFAULT_PARTS + [f"step-placerl-{v}" for v in ("2gpu", "overlap", "compile", "stream", "stream-compile",
+                                                        "stream-2gpu", "merged", "merged-compile")]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 

@@ -37,13 +37,11 @@ one-line errors for adapters vLLM cannot serve. What differs:
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 from rl.rollout.sync import (_A, _B, _PREFIX, AdapterPayload, check_ranks, check_servable, check_unfolded,
                              module_scales)
-from rl.rollout.vllm_engine import VLLMEngine
+from rl.rollout.vllm_engine import StageClock, VLLMEngine
 
 
 def merges_weights(rollout_cfg) -> bool:
@@ -73,9 +71,9 @@ def adapted_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
         w = base[name]
         a = tensors[f"{_PREFIX}{module}{_A}"].to(w.device, torch.float32)
         b = tensors[f"{_PREFIX}{module}{_B}"].to(w.device, torch.float32)
-        update = scale * (b @ a)
-        out[name] = (w.float() + update).to(w.dtype)
-        lost_sq = lost_sq + (out[name].float() - w.float() - update).square().sum()
+        base_w, update = w.float(), scale * (b @ a)
+        out[name] = (base_w + update).to(w.dtype)
+        lost_sq = lost_sq + (out[name].float() - base_w - update).square().sum()
         update_sq = update_sq + update.square().sum()
     update_norm = float(update_sq) ** 0.5  # read once every module is merged: one wait for the device
     return out, (float(lost_sq) ** 0.5 / update_norm if update_norm > 0 else 0.0)
@@ -131,15 +129,7 @@ class MergedVLLMEngine(VLLMEngine):
         ``sync_path`` ("merged") and ``merged_update_error`` (what the serving dtype's rounding
         made of the update, :func:`adapted_weights`; the trainer logs it as
         ``rollout/merged_update_error``)."""
-        timings, t = {}, time.perf_counter()
-
-        def stage(name: str) -> None:
-            nonlocal t
-            if self._in_place:
-                torch.cuda.synchronize()  # a stage's GPU work is charged to it, not to the next
-            now = time.perf_counter()
-            timings[f"{name}_s"], t = now - t, now
-
+        stage = StageClock(wait_for_gpu=self._in_place)
         check_servable(payload.peft_config)
         check_unfolded(payload)
         # Not needed to serve it, but the adapter path refuses these and a run must not
@@ -163,7 +153,7 @@ class MergedVLLMEngine(VLLMEngine):
         self.llm.reset_prefix_cache()
         stage("reset")
         self._version = payload.version
-        return dict(timings, sync_path="merged", merged_update_error=error)
+        return dict(stage.timings, sync_path="merged", merged_update_error=error)
 
     def _adapted_base(self, payload: AdapterPayload) -> dict[str, torch.Tensor]:
         """The base weights of ``payload``'s modules on the GPU, copied there the first time."""

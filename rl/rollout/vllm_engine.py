@@ -64,6 +64,25 @@ from rl.rollout.vllm_settings import (adapter_root, async_scheduling_args, check
 log = logging.getLogger(__name__)
 
 
+class StageClock:
+    """Seconds per stage of one adapter load, each since the previous stage: ``clock("check")``
+    records ``timings["check_s"]``. ``wait_for_gpu``: each stage first waits for the GPU work it
+    queued, so that the work is charged to it and not to the next."""
+
+    def __init__(self, wait_for_gpu: bool = False):
+        self.timings: dict[str, float] = {}
+        self.wait_for_gpu = wait_for_gpu
+        self._t = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        if self.wait_for_gpu:
+            import torch
+
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[f"{name}_s"], self._t = now - self._t, now
+
+
 class VLLMEngine:
     def __init__(self, rollout_cfg, model_path: str, dtype: str, seed: int):
         use_in_process_engine()
@@ -222,13 +241,8 @@ class VLLMEngine:
         ``inplace_direct`` or ``inplace`` with its parts, ``rl.rollout.vllm_inplace.PARTS``, or
         write, add_lora, remove) and ``sync_path`` ("inplace", whichever of the two in-place
         stages ran, or "add_lora") for the sync's timing report."""
-        timings, t = {}, time.perf_counter()
-
-        def stage(name: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            timings[f"{name}_s"], t = now - t, now
-
+        stage = StageClock()
+        timings = stage.timings
         check_servable(payload.peft_config)
         check_ranks(payload.peft_config, self.max_lora_rank, payload.tensors)
         stage("check")
