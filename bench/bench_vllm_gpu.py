@@ -39,8 +39,8 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       the recipe with ``trainer.stream_groups`` (a micro-batch of groups at a time, vLLM awake):
       on-policy, the learner starts on finished groups while the longest ones decode; colocated,
       with compiled layers, or disaggregated on two GPUs;
-  step-placerl-merged, step-placerl-merged-compile (not in the default set): the recipe with
-      ``rollout.weight_sync=merged`` (vLLM without LoRA kernels, as TRL serves the adapter);
+  step-placerl-merged, step-placerl-merged-compile, step-placerl-merged-compile-nosleep (not in the default
+      set): ``rollout.weight_sync=merged`` (vLLM without LoRA kernels, as TRL serves the adapter), compiled, awake;
   step-trl
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
@@ -77,8 +77,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + [f"step-placerl-{v}" for v in ("2gpu", "overlap", "compile", "stream", "stream-compile",
-                                                        "stream-2gpu", "merged", "merged-compile")]
+PARTS = DEFAULT_PARTS + [f"step-placerl-{v}" for v in ("2gpu", "overlap", "compile", "stream", "stream-compile", "stream-2gpu",
+                                                        "merged", "merged-compile", "merged-compile-nosleep")]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 
@@ -283,9 +283,10 @@ def run_part(args) -> None:
     elif name.startswith("step-placerl"):
         from bench.vllm_step import part_step_placerl
 
-        part_step_placerl(s, rec, sleep=name in ("step-placerl", "step-placerl-compile") or "-merged" in name,
+        awake = ("-nosleep", "-2gpu", "-overlap", "-stream")  # nothing shares the GPU, or vLLM decodes while learning
+        part_step_placerl(s, rec, sleep=not any(a in name for a in awake),
                           two_gpus=name.endswith("2gpu"), overlap=name.endswith("overlap"),
-                          compile_layers=name.endswith("compile"), stream="-stream" in name, merged="-merged" in name)
+                          compile_layers="-compile" in name, stream="-stream" in name, merged="-merged" in name)
     elif name == "step-trl":
         from bench.vllm_step import part_step_trl
 

@@ -78,7 +78,8 @@ def summarise(results: dict) -> dict:
     for part, name in (("step-placerl-stream", "placerl_streamed"),
                        ("step-placerl-stream-compile", "placerl_streamed_compiled"),
                        ("step-placerl-merged", "placerl_merged"),
-                       ("step-placerl-merged-compile", "placerl_merged_compiled")):
+                       ("step-placerl-merged-compile", "placerl_merged_compiled"),
+                       ("step-placerl-merged-compile-nosleep", "placerl_merged_compiled_nosleep")):
         variant = get(part, "mean_after_first")
         if variant and theirs:
             ratio = variant["step_s"] / theirs["step_s"]

@@ -146,6 +146,23 @@ def test_merged_weights_are_peft_merge_and_unload(case, base):
     assert error == same_error < 1e-4  # float32 keeps the update, up to float32's own rounding
 
 
+def test_merge_chunks_give_the_same_weights(base, monkeypatch):
+    """Modules of one shape and rank are merged together, in chunks bounded by size: a chunk of one
+    module and chunks of all of them give the same weights and the same error."""
+    import rl.rollout.merged as merged_mod
+
+    model = learner_model(base, CASES["rslora-mixed-rank"], seed=3)
+    payload = make_payload(model, version=1)
+    base_sd = {k: v.clone().to(torch.bfloat16) for k, v in base.state_dict().items()}
+    together, error = merged_mod.adapted_weights(base_sd, payload.tensors, payload.peft_config)
+    monkeypatch.setattr(merged_mod, "_CHUNK_ELEMENTS", 1)
+    alone, error_alone = merged_mod.adapted_weights(base_sd, payload.tensors, payload.peft_config)
+    assert sorted(together) == sorted(alone) and len(together) == len(payload.tensors) // 2
+    assert all(w.dtype == torch.bfloat16 for w in together.values())
+    torch.testing.assert_close(together, alone, atol=0, rtol=0)
+    assert error == pytest.approx(error_alone, rel=1e-5)
+
+
 def test_merged_update_error_is_what_bf16_rounding_takes_from_the_update():
     from rl.rollout.merged import adapted_weights
 
