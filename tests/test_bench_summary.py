@@ -40,3 +40,14 @@ def test_merged_against_the_adapter_path_in_the_same_call():
     assert out["step-placerl-merged-compile_vs_step-placerl-compile_logprob_mismatch_abs_diff_mean"] == [0.0143, 0.0139]
     assert out["placerl_merged_compiled_over_trl_step"] == round(4.35 / 7.2, 3)
     assert "step-placerl-merged_over_step-placerl" not in out  # the eager pair did not run
+
+
+def test_awake_merged_step_against_trl_is_reported_without_a_goal_verdict():
+    # TRL's vLLM sleeps while it trains; placerl's awake run keeps its KV cache beside the
+    # learner, so its ratio comes with both peaks and no verdict on the 0.5 goal.
+    out = summarise({"step-placerl-merged-compile-nosleep": {"mean_after_first": {"step_s": 3.77},
+                                                             "memory": {"peak_gpu_used_gib": 78.55}},
+                     "step-trl": {"mean_after_first": {"step_s": 7.88}, "memory": {"peak_gpu_used_gib": 46.69}}})
+    assert out["placerl_merged_compiled_nosleep_over_trl_step"] == round(3.77 / 7.88, 3)
+    assert out["placerl_merged_compiled_nosleep_vs_trl_peak_gpu_gib"] == [78.55, 46.69]
+    assert not any(k.startswith("placerl_merged_compiled_nosleep") and "goal" in k for k in out)
