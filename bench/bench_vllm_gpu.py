@@ -13,6 +13,8 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       largest batch three more times, the two rollout.seed_modes taking turns, and graphs runs it once more in a
       child process with batch seeds and rollout.async_scheduling=true (128x8_async_scheduling,
       with whether vLLM kept it on: its CPU backend turns it off);
+  rollout-sleep (not in the default set)
+      the step's batch on one engine with sleep mode, right after a sleep/wake cycle and awake, by turns;
   overhead
       the framework's rollout (RolloutPool -> RolloutWorker Ray actor -> VLLMEngine) over raw
       ``vllm.LLM.generate`` on an identically configured engine in the driver, same prompts,
@@ -67,7 +69,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from bench.gpu_measure import Recorder  # noqa: E402
+from bench.gpu_measure import Recorder, device_name  # noqa: E402
 from bench.vllm_gpu_summary import summarise  # noqa: E402
 from rl.rollout.vllm_settings import use_in_process_engine  # noqa: E402
 
@@ -77,7 +79,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + [f"step-placerl-{v}" for v in ("2gpu", "overlap", "compile", "stream", "stream-compile", "stream-2gpu",
+PARTS = DEFAULT_PARTS + ["rollout-sleep"] + [f"step-placerl-{v}" for v in ("2gpu", "overlap", "compile", "stream", "stream-compile", "stream-2gpu",
                                                         "merged", "merged-compile", "merged-compile-nosleep")]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
@@ -155,8 +157,8 @@ def rollout_config(s: Sizes, engine: str, eager="auto", **settings):
     # Graphs for every decode batch of the largest rollout (vLLM's default stops at 512 sequences).
     graph_batch = max(p * g for p, g in s.batches)
     return RolloutConfig(engine=engine, max_lora_rank=s.rank, max_model_len=s.max_model_len, enforce_eager=eager,
-                         sleep_mode=False, gpu_memory_utilization=s.gpu_memory_utilization, cpu_kv_cache_gb=1.0,
-                         cudagraph_max_batch=graph_batch, **{"seed_mode": s.seed_mode, **settings})
+                         gpu_memory_utilization=s.gpu_memory_utilization, cpu_kv_cache_gb=1.0,
+                         cudagraph_max_batch=graph_batch, **{"sleep_mode": False, "seed_mode": s.seed_mode, **settings})
 
 
 def tokens_of(rows) -> int:
@@ -272,7 +274,11 @@ def run_part(args) -> None:
     rec, deadline = Recorder(args.part_out), args.deadline
     rec("sizes", asdict(s))
     name = args.part
-    if name.startswith("rollout-"):
+    if name == "rollout-sleep":
+        from bench.vllm_sleep_decode import part_rollout_sleep
+
+        part_rollout_sleep(s, rec, deadline)
+    elif name.startswith("rollout-"):
         child = [sys.executable, "-m", "bench.bench_vllm_gpu", "--model", args.model, "--seed-mode", args.seed_mode]
         child += ["--smoke"] * args.smoke + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         part_rollout(s, name.split("-", 1)[1], rec, deadline, child)
@@ -359,15 +365,6 @@ def orchestrate(args) -> int:
     out.write_text(json.dumps(doc, indent=1))
     print(json.dumps(doc["summary"], indent=1))
     return 0
-
-
-def device_name() -> str:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    except Exception as e:  # noqa: BLE001 - the name is informative only
-        return f"unknown ({e})"
 
 
 def main() -> int:

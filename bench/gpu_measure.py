@@ -59,3 +59,13 @@ class PeakMemory:
         if not self.ok:
             return {"peak_gpu_used_gib": None, "note": "no CUDA device: not measured"}
         return {"peak_gpu_used_gib": round(self.peak / 2**30, 2), "before_run_gib": round(self.base / 2**30, 2)}
+
+
+def device_name() -> str:
+    """CUDA device 0's name, or "cpu"; informative only, so never an error."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    except Exception as e:  # noqa: BLE001 - the name is informative only
+        return f"unknown ({e})"

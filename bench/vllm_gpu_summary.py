@@ -44,6 +44,9 @@ def summarise(results: dict) -> dict:
     top = get("rollout-graphs", "128x8", "tokens_per_s")
     if top:
         out["graphs_128x8_goal_25k_tokens_per_s"] = "met" if top >= 25_000 else "NOT met"
+    after_wake = get("rollout-sleep", "after_wake_over_awake")
+    if after_wake:  # the same batch on one engine, right after a sleep/wake cycle against awake
+        out["rollout_after_wake_over_awake"] = after_wake
     ratio = get("overhead", "result", "framework_over_raw")
     if ratio:
         out["framework_over_raw_vllm"] = ratio

@@ -1,5 +1,6 @@
 """The GPU benchmark's summary: ratios and goal checks from whatever parts ran (pure)."""
 from bench.vllm_gpu_summary import summarise
+from bench.vllm_sleep_decode import after_wake_over_awake
 
 
 def test_seed_modes_compared_by_median_over_turns():
@@ -51,3 +52,13 @@ def test_awake_merged_step_against_trl_is_reported_without_a_goal_verdict():
     assert out["placerl_merged_compiled_nosleep_over_trl_step"] == round(3.77 / 7.88, 3)
     assert out["placerl_merged_compiled_nosleep_vs_trl_peak_gpu_gib"] == [78.55, 46.69]
     assert not any(k.startswith("placerl_merged_compiled_nosleep") and "goal" in k for k in out)
+
+
+def test_rollout_after_a_wake_against_awake_by_medians():
+    calls = [{"turn": "after_wake", "seconds": 2.8}, {"turn": "awake", "seconds": 2.2},
+             {"turn": "awake", "seconds": 2.4}, {"turn": "after_wake", "seconds": 2.6},
+             {"turn": "after_wake", "seconds": 9.0}]  # one slow call moves a median less than a mean
+    assert after_wake_over_awake(calls) == round(2.8 / 2.3, 3)
+    assert after_wake_over_awake([c for c in calls if c["turn"] == "awake"]) is None  # one kind only: no ratio
+    out = summarise({"rollout-sleep": {"after_wake_over_awake": 1.217}})
+    assert out["rollout_after_wake_over_awake"] == 1.217
