@@ -79,8 +79,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + ["rollout-sleep"] + [f"step-placerl-{v}" for v in ("2gpu", "overlap", "compile", "stream", "stream-compile", "stream-2gpu",
-                                                        "merged", "merged-compile", "merged-compile-nosleep")]
+PARTS = DEFAULT_PARTS + ["rollout-sleep"] + [f"step-placerl-{v}" for v in (
+    "2gpu", "overlap", "compile", "stream", "stream-compile", "stream-2gpu", "merged", "merged-compile",
+    "merged-compile-nosleep")]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 

@@ -68,7 +68,7 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, rounds: int = 4) -> No
         out = {"turn": turn, "seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt, 1)}
         return out | ({"sleep_wake_s": round(cycle_s, 3)} if turn == "after_wake" else {})
 
-    warm = call("awake")  # the first full-size call after start captures nothing new but pays first-use costs
+    warm = call("awake")  # left out: the first full-size call pays first-use costs (allocations, kernel choice)
     rec("warm_up", warm)
     calls: list[dict] = []
     for turn in [t for r in range(rounds) for t in (TURNS if r % 2 == 0 else TURNS[::-1])]:
