@@ -2,7 +2,7 @@
 (the ``rollout-sleep`` part of bench/bench_vllm_gpu.py).
 
 The recipe's colocated step decoded 14.9-16.1k tokens/s with vLLM's sleep mode and 18.3-20.0k
-without it, for the same completions (reports/gpu/README.md 18): most of what sleep mode costs a
+without it, for completions of the same mean length (reports/gpu/README.md 18): most of what sleep mode costs a
 step is a slower rollout, not the wake. This part asks whether the cycle itself leaves vLLM
 slower. One engine with sleep mode serves the step's batch (the recipe's prompts x samples x new
 tokens, one seed, batch seeds: the same completions every time) again and again, the calls taking
@@ -11,8 +11,8 @@ last call. Same engine, same allocator, same work, so the ratio of the two media
 cycle costs the decode. The prefix cache is reset before every call: a sleep drops it, and an
 awake engine would otherwise serve the repeated prompts from it.
 
-Against the ``rollout-graphs`` part (an engine without sleep mode, so without vLLM's cumem
-allocator), the awake calls here also say what the allocator costs, across two processes.
+Left out: what vLLM's cumem allocator (on with sleep mode) costs an engine that never sleeps.
+That needs a second engine without sleep mode, in a second process, on the same batch.
 """
 from __future__ import annotations
 
