@@ -13,8 +13,9 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       largest batch three more times, the two rollout.seed_modes taking turns, and graphs runs it once more in a
       child process with batch seeds and rollout.async_scheduling=true (128x8_async_scheduling,
       with whether vLLM kept it on: its CPU backend turns it off);
-  rollout-sleep (not in the default set)
-      the step's batch on one engine with sleep mode, right after a sleep/wake cycle and awake, by turns;
+  rollout-sleep, rollout-awake (not in the default set)
+      the step's batch again and again on one engine with sleep mode, right after a sleep/wake cycle
+      and awake by turns, and on one without sleep mode (bench/vllm_sleep_decode.py);
   overhead
       the framework's rollout (RolloutPool -> RolloutWorker Ray actor -> VLLMEngine) over raw
       ``vllm.LLM.generate`` on an identically configured engine in the driver, same prompts,
@@ -79,7 +80,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + ["rollout-sleep"] + [f"step-placerl-{v}" for v in (
+PARTS = DEFAULT_PARTS + ["rollout-sleep", "rollout-awake"] + [f"step-placerl-{v}" for v in (
     "2gpu", "overlap", "compile", "stream", "stream-compile", "stream-2gpu", "merged", "merged-compile",
     "merged-compile-nosleep")]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
@@ -275,10 +276,10 @@ def run_part(args) -> None:
     rec, deadline = Recorder(args.part_out), args.deadline
     rec("sizes", asdict(s))
     name = args.part
-    if name == "rollout-sleep":
+    if name in ("rollout-sleep", "rollout-awake"):
         from bench.vllm_sleep_decode import part_rollout_sleep
 
-        part_rollout_sleep(s, rec, deadline)
+        part_rollout_sleep(s, rec, deadline, sleep_mode=name == "rollout-sleep")
     elif name.startswith("rollout-"):
         child = [sys.executable, "-m", "bench.bench_vllm_gpu", "--model", args.model, "--seed-mode", args.seed_mode]
         child += ["--smoke"] * args.smoke + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]

@@ -47,6 +47,9 @@ def summarise(results: dict) -> dict:
     after_wake = get("rollout-sleep", "after_wake_over_awake")
     if after_wake:  # the same batch on one engine, right after a sleep/wake cycle against awake
         out["rollout_after_wake_over_awake"] = after_wake
+    sleep_engine, plain = get("rollout-sleep", "median_s", "awake"), get("rollout-awake", "median_s", "awake")
+    if sleep_engine and plain:  # awake calls both: what the sleep-mode engine's allocator costs
+        out["rollout_sleep_engine_awake_over_plain"] = round(sleep_engine / plain, 3)
     ratio = get("overhead", "result", "framework_over_raw")
     if ratio:
         out["framework_over_raw_vllm"] = ratio

@@ -1,18 +1,21 @@
-"""The rollout right after a sleep/wake cycle against the same rollout awake, on one engine
-(the ``rollout-sleep`` part of bench/bench_vllm_gpu.py).
+"""Why a rollout is slower with vLLM's sleep mode: the ``rollout-sleep`` and ``rollout-awake``
+parts of bench/bench_vllm_gpu.py.
 
-The recipe's colocated step decoded 14.9-16.1k tokens/s with vLLM's sleep mode and 18.3-20.0k
-without it, for completions of the same mean length (reports/gpu/README.md 18): most of what sleep mode costs a
-step is a slower rollout, not the wake. This part asks whether the cycle itself leaves vLLM
-slower. One engine with sleep mode serves the step's batch (the recipe's prompts x samples x new
-tokens, one seed, batch seeds: the same completions every time) again and again, the calls taking
-turns: one right after ``sleep(level=1)`` + ``wake_up()``, one with the engine awake since its
-last call. Same engine, same allocator, same work, so the ratio of the two medians is what the
-cycle costs the decode. The prefix cache is reset before every call: a sleep drops it, and an
-awake engine would otherwise serve the repeated prompts from it.
+The recipe's colocated step decoded 14.9-16.1k tokens/s with sleep mode and 18.3-20.0k without
+it, for completions of the same mean length (reports/gpu/README.md 18): most of what sleep mode
+costs a step is a slower rollout, not the wake. Two suspects, one part each, both decoding the
+step's batch (the recipe's prompts x samples x new tokens, batch seeds: the same completions in
+every call) again and again, with the prefix cache reset before each call (a sleep drops it, and
+an awake engine would otherwise serve the repeated prompts from it):
 
-Left out: what vLLM's cumem allocator (on with sleep mode) costs an engine that never sleeps.
-That needs a second engine without sleep mode, in a second process, on the same batch.
+- ``rollout-sleep``: one engine with sleep mode, the calls taking turns between right after
+  ``sleep(level=1)`` + ``wake_up()`` and awake since the last call. Same engine, same
+  allocator, same work: ``after_wake_over_awake``, the ratio of the two medians, is what the
+  cycle costs the decode.
+- ``rollout-awake``: the same calls on an engine without sleep mode, so without vLLM's cumem
+  allocator (sleep mode puts the weights and the KV cache in memory it maps itself). Its median
+  against ``rollout-sleep``'s awake calls (``sleep_engine_awake_over_plain``, two processes,
+  one after the other) is what that allocator costs an engine that is not woken.
 """
 from __future__ import annotations
 
@@ -24,18 +27,23 @@ from bench.gpu_measure import Recorder
 TURNS = ("after_wake", "awake")
 
 
+def median_seconds(calls: list[dict], turn: str) -> float | None:
+    """The median seconds of the calls of one turn (pure); None when there is none."""
+    seconds = [c["seconds"] for c in calls if c.get("turn") == turn]
+    return statistics.median(seconds) if seconds else None
+
+
 def after_wake_over_awake(calls: list[dict]) -> float | None:
     """Median seconds of the calls right after a wake over the median of the awake ones (pure);
     None until both kinds have a call."""
-    by_kind = {k: [c["seconds"] for c in calls if c.get("turn") == k] for k in TURNS}
-    if not all(by_kind.values()):
-        return None
-    return round(statistics.median(by_kind["after_wake"]) / statistics.median(by_kind["awake"]), 3)
+    woken, awake = median_seconds(calls, "after_wake"), median_seconds(calls, "awake")
+    return round(woken / awake, 3) if woken and awake else None
 
 
-def part_rollout_sleep(s, rec: Recorder, deadline: float, rounds: int = 4) -> None:
-    """``rounds`` pairs of calls (the first of each pair alternating between the two turns)
-    after one warm-up call; records each call and the ratio (``after_wake_over_awake``)."""
+def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = True, rounds: int = 4) -> None:
+    """After one warm-up call, ``2 * rounds`` calls: with ``sleep_mode``, pairs whose first call
+    alternates between the two turns, else all awake. Records each call, their medians and,
+    with sleep mode, ``after_wake_over_awake``."""
     import torch
 
     from bench.bench_vllm_gpu import model_and_adapter, prompt_ids, rollout_config, tokens_of
@@ -43,11 +51,10 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, rounds: int = 4) -> No
 
     path, tok, payload = model_and_adapter(s)
     t = time.perf_counter()
-    # Batch seeds: one seed for the whole call, so every call decodes the same completions. A CPU
-    # (--smoke) has neither sleep mode nor CUDA graphs: there the part checks its plumbing only.
+    # A CPU (--smoke) has neither sleep mode nor CUDA graphs: there the part checks its plumbing only.
     on_gpu = torch.cuda.is_available()
-    config = rollout_config(s, "vllm", False if on_gpu else "auto", sleep_mode=True if on_gpu else "auto",
-                            seed_mode="batch")
+    sleeps = (True if on_gpu else "auto") if sleep_mode else False
+    config = rollout_config(s, "vllm", False if on_gpu else "auto", sleep_mode=sleeps, seed_mode="batch")
     engine = make_engine(config, path, s.dtype, 0)
     engine.load_adapter(payload)
     rec("engine_start_s", round(time.perf_counter() - t, 1))
@@ -56,25 +63,29 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, rounds: int = 4) -> No
     spec = SamplingSpec(n=s.step_group, max_new_tokens=s.step_tokens, temperature=1.0, seed=1)
 
     def call(turn: str) -> dict:
+        extra = {}
         if turn == "after_wake":
             t0 = time.perf_counter()
             engine.sleep()
             engine.wake_up()
-            cycle_s = time.perf_counter() - t0
+            extra["sleep_wake_s"] = round(time.perf_counter() - t0, 3)
         engine.llm.reset_prefix_cache()
         t0 = time.perf_counter()
         n = tokens_of(engine.generate(ids, spec))
         dt = time.perf_counter() - t0
-        out = {"turn": turn, "seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt, 1)}
-        return out | ({"sleep_wake_s": round(cycle_s, 3)} if turn == "after_wake" else {})
+        return {"turn": turn, "seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt, 1), **extra}
 
     warm = call("awake")  # left out: the first full-size call pays first-use costs (allocations, kernel choice)
     rec("warm_up", warm)
+    order = [t for r in range(rounds) for t in (TURNS if r % 2 == 0 else TURNS[::-1])] if sleep_mode \
+        else ["awake"] * (2 * rounds)
     calls: list[dict] = []
-    for turn in [t for r in range(rounds) for t in (TURNS if r % 2 == 0 else TURNS[::-1])]:
+    for turn in order:
         if deadline - time.time() < 3 * warm["seconds"] + 10:
-            rec("stopped", f"budget: {len(calls)} of {2 * rounds} calls made")
+            rec("stopped", f"budget: {len(calls)} of {len(order)} calls made")
             break
         calls.append(call(turn))
         rec("calls", calls)
-    rec("after_wake_over_awake", after_wake_over_awake(calls))
+    rec("median_s", {turn: median_seconds(calls, turn) for turn in TURNS if median_seconds(calls, turn)})
+    if sleep_mode:
+        rec("after_wake_over_awake", after_wake_over_awake(calls))

@@ -60,5 +60,8 @@ def test_rollout_after_a_wake_against_awake_by_medians():
              {"turn": "after_wake", "seconds": 9.0}]  # one slow call moves a median less than a mean
     assert after_wake_over_awake(calls) == round(2.8 / 2.3, 3)
     assert after_wake_over_awake([c for c in calls if c["turn"] == "awake"]) is None  # one kind only: no ratio
-    out = summarise({"rollout-sleep": {"after_wake_over_awake": 1.217}})
+    out = summarise({"rollout-sleep": {"after_wake_over_awake": 1.217, "median_s": {"after_wake": 2.8, "awake": 2.3}},
+                     "rollout-awake": {"median_s": {"awake": 2.0}}})
     assert out["rollout_after_wake_over_awake"] == 1.217
+    assert out["rollout_sleep_engine_awake_over_plain"] == 1.15
+    assert "rollout_sleep_engine_awake_over_plain" not in summarise({"rollout-sleep": {"median_s": {"awake": 2.3}}})
