@@ -14,7 +14,7 @@ an awake engine would otherwise serve the repeated prompts from it):
   cycle costs the decode.
 - ``rollout-awake``: the same calls on an engine without sleep mode, so without vLLM's cumem
   allocator (sleep mode puts the weights and the KV cache in memory it maps itself). Its median
-  against ``rollout-sleep``'s awake calls (``sleep_engine_awake_over_plain``, two processes,
+  against ``rollout-sleep``'s awake calls (the summary's ``rollout_sleep_engine_awake_over_plain``, two processes,
   one after the other) is what that allocator costs an engine that is not woken.
 """
 from __future__ import annotations
@@ -86,6 +86,7 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
             break
         calls.append(call(turn))
         rec("calls", calls)
-    rec("median_s", {turn: median_seconds(calls, turn) for turn in TURNS if median_seconds(calls, turn)})
+    medians = {turn: median_seconds(calls, turn) for turn in TURNS}
+    rec("median_s", {turn: m for turn, m in medians.items() if m})
     if sleep_mode:
         rec("after_wake_over_awake", after_wake_over_awake(calls))
