@@ -44,9 +44,9 @@ def summarise(results: dict) -> dict:
     top = get("rollout-graphs", "128x8", "tokens_per_s")
     if top:
         out["graphs_128x8_goal_25k_tokens_per_s"] = "met" if top >= 25_000 else "NOT met"
-    after_wake = get("rollout-sleep", "after_wake_over_awake")
-    if after_wake:  # the same batch on one engine, right after a sleep/wake cycle against awake
-        out["rollout_after_wake_over_awake"] = after_wake
+    for key in ("after_wake_over_awake", "churn_over_awake"):  # one engine, the same batch: woken against awake
+        if get("rollout-sleep", key):
+            out[f"rollout_{key}"] = get("rollout-sleep", key)
     sleep_engine, plain = get("rollout-sleep", "median_s", "awake"), get("rollout-awake", "median_s", "awake")
     if sleep_engine and plain:  # awake calls both: what the sleep-mode engine's allocator costs
         out["rollout_sleep_engine_awake_over_plain"] = round(sleep_engine / plain, 3)

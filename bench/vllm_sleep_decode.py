@@ -12,6 +12,10 @@ an awake engine would otherwise serve the repeated prompts from it):
   ``sleep(level=1)`` + ``wake_up()`` and awake since the last call. Same engine, same
   allocator, same work: ``after_wake_over_awake``, the ratio of the two medians, is what the
   cycle costs the decode.
+- ``rollout-sleep`` also has a third turn, ``after_wake_churn``: between the sleep and the wake
+  the process fills and frees as much memory as the sleep released (torch's allocator, then
+  ``empty_cache``), as a colocated learner does with it. ``churn_over_awake`` tells whether the
+  decode slows when the engine's memory has been someone else's meanwhile.
 - ``rollout-awake``: the same calls on an engine without sleep mode, so without vLLM's cumem
   allocator (sleep mode puts the weights and the KV cache in memory it maps itself). Its median
   against ``rollout-sleep``'s awake calls (the summary's ``rollout_sleep_engine_awake_over_plain``, two processes,
@@ -24,7 +28,7 @@ import time
 
 from bench.gpu_measure import Recorder
 
-TURNS = ("after_wake", "awake")
+TURNS = ("after_wake", "awake", "after_wake_churn")
 
 
 def median_seconds(calls: list[dict], turn: str) -> float | None:
@@ -33,17 +37,34 @@ def median_seconds(calls: list[dict], turn: str) -> float | None:
     return statistics.median(seconds) if seconds else None
 
 
-def after_wake_over_awake(calls: list[dict]) -> float | None:
-    """Median seconds of the calls right after a wake over the median of the awake ones (pure);
-    None until both kinds have a call."""
-    woken, awake = median_seconds(calls, "after_wake"), median_seconds(calls, "awake")
+def after_wake_over_awake(calls: list[dict], turn: str = "after_wake") -> float | None:
+    """Median seconds of the calls of ``turn`` (right after a wake) over the median of the awake
+    ones (pure); None until both kinds have a call."""
+    woken, awake = median_seconds(calls, turn), median_seconds(calls, "awake")
     return round(woken / awake, 3) if woken and awake else None
 
 
+def turn_order(rounds: int, sleep_mode: bool) -> list[str]:
+    """Each round makes one call of every turn, the round's first turn rotating so that no turn
+    always follows the same one (pure); without sleep mode, awake calls only."""
+    if not sleep_mode:
+        return ["awake"] * (len(TURNS) * rounds)
+    return [TURNS[(r + i) % len(TURNS)] for r in range(rounds) for i in range(len(TURNS))]
+
+
+def fill_and_free(torch, n_bytes: int) -> None:
+    """Take ``n_bytes`` of device memory through torch's allocator, write it and give it back to
+    the device: what a colocated learner does with the memory a sleeping engine released."""
+    block = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
+    block.fill_(1)
+    torch.cuda.synchronize()
+    del block
+    torch.cuda.empty_cache()
+
+
 def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = True, rounds: int = 4) -> None:
-    """After one warm-up call, ``2 * rounds`` calls: with ``sleep_mode``, pairs whose first call
-    alternates between the two turns, else all awake. Records each call, their medians and,
-    with sleep mode, ``after_wake_over_awake``."""
+    """After one warm-up call, ``rounds`` rounds of one call per turn (turn_order). Records each
+    call, the medians and, with sleep mode, each woken turn over the awake one."""
     import torch
 
     from bench.bench_vllm_gpu import model_and_adapter, prompt_ids, rollout_config, tokens_of
@@ -64,9 +85,13 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
 
     def call(turn: str) -> dict:
         extra = {}
-        if turn == "after_wake":
+        if turn != "awake":
             t0 = time.perf_counter()
+            free_before = torch.cuda.mem_get_info()[0] if on_gpu else 0
             engine.sleep()
+            if turn == "after_wake_churn" and on_gpu:
+                extra["churn_gib"] = round((torch.cuda.mem_get_info()[0] - free_before) / 2**30, 2)
+                fill_and_free(torch, torch.cuda.mem_get_info()[0] - free_before)
             engine.wake_up()
             extra["sleep_wake_s"] = round(time.perf_counter() - t0, 3)
         engine.llm.reset_prefix_cache()
@@ -77,8 +102,7 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
 
     warm = call("awake")  # left out: the first full-size call pays first-use costs (allocations, kernel choice)
     rec("warm_up", warm)
-    order = [t for r in range(rounds) for t in (TURNS if r % 2 == 0 else TURNS[::-1])] if sleep_mode \
-        else ["awake"] * (2 * rounds)
+    order = turn_order(rounds, sleep_mode)
     calls: list[dict] = []
     for turn in order:
         if deadline - time.time() < 3 * warm["seconds"] + 10:
@@ -90,3 +114,4 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
     rec("median_s", {turn: m for turn, m in medians.items() if m})
     if sleep_mode:
         rec("after_wake_over_awake", after_wake_over_awake(calls))
+        rec("churn_over_awake", after_wake_over_awake(calls, "after_wake_churn"))

@@ -1,6 +1,6 @@
 """The GPU benchmark's summary: ratios and goal checks from whatever parts ran (pure)."""
 from bench.vllm_gpu_summary import summarise
-from bench.vllm_sleep_decode import after_wake_over_awake
+from bench.vllm_sleep_decode import after_wake_over_awake, turn_order
 
 
 def test_seed_modes_compared_by_median_over_turns():
@@ -60,8 +60,12 @@ def test_rollout_after_a_wake_against_awake_by_medians():
              {"turn": "after_wake", "seconds": 9.0}]  # one slow call moves a median less than a mean
     assert after_wake_over_awake(calls) == round(2.8 / 2.3, 3)
     assert after_wake_over_awake([c for c in calls if c["turn"] == "awake"]) is None  # one kind only: no ratio
-    out = summarise({"rollout-sleep": {"after_wake_over_awake": 1.217, "median_s": {"after_wake": 2.8, "awake": 2.3}},
+    assert after_wake_over_awake(calls, "after_wake_churn") is None
+    assert turn_order(2, True) == ["after_wake", "awake", "after_wake_churn", "awake", "after_wake_churn", "after_wake"]
+    assert turn_order(2, False) == ["awake"] * 6
+    out = summarise({"rollout-sleep": {"after_wake_over_awake": 1.217, "churn_over_awake": 1.3, "median_s": {"after_wake": 2.8, "awake": 2.3}},
                      "rollout-awake": {"median_s": {"awake": 2.0}}})
     assert out["rollout_after_wake_over_awake"] == 1.217
+    assert out["rollout_churn_over_awake"] == 1.3
     assert out["rollout_sleep_engine_awake_over_plain"] == 1.15
     assert "rollout_sleep_engine_awake_over_plain" not in summarise({"rollout-sleep": {"median_s": {"awake": 2.3}}})
