@@ -13,9 +13,10 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       largest batch three more times, the two rollout.seed_modes taking turns, and graphs runs it once more in a
       child process with batch seeds and rollout.async_scheduling=true (128x8_async_scheduling,
       with whether vLLM kept it on: its CPU backend turns it off);
-  rollout-sleep, rollout-awake (not in the default set)
+  rollout-sleep, rollout-sleep-async, rollout-awake (not in the default set)
       the step's batch again and again on one engine with sleep mode, right after a sleep/wake cycle
-      and awake by turns, and on one without sleep mode (bench/vllm_sleep_decode.py);
+      and awake by turns (-async: with vLLM's async scheduling), and on one without sleep mode,
+      each call with its engine steps' profile (bench/vllm_sleep_decode.py);
   overhead
       the framework's rollout (RolloutPool -> RolloutWorker Ray actor -> VLLMEngine) over raw
       ``vllm.LLM.generate`` on an identically configured engine in the driver, same prompts,
@@ -44,7 +45,7 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       with compiled layers, or disaggregated on two GPUs;
   step-placerl-merged, step-placerl-merged-compile, step-placerl-merged-compile-nosleep (not in the default
       set): ``rollout.weight_sync=merged`` (vLLM without LoRA kernels, as TRL serves the adapter), compiled, awake;
-  step-trl
+  step-trl, step-trl-nosleep (not in the default set: TRL's own default, vLLM awake throughout)
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
       breakdown (its generation, reward, weight sync; learner = the rest of the step). Both run
@@ -80,9 +81,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DEFAULT_PARTS = ["rollout-graphs", "rollout-eager", "rollout-hf", "overhead", "step-placerl", "step-placerl-nosleep",
                  "step-trl"]
-PARTS = DEFAULT_PARTS + ["rollout-sleep", "rollout-awake"] + [f"step-placerl-{v}" for v in (
+PARTS = DEFAULT_PARTS + ["rollout-sleep", "rollout-sleep-async", "rollout-awake"] + [f"step-placerl-{v}" for v in (
     "2gpu", "overlap", "compile", "stream", "stream-compile", "stream-2gpu", "merged", "merged-compile",
-    "merged-compile-nosleep")]
+    "merged-compile-nosleep")] + ["step-trl-nosleep"]
 GPU_RECIPE = "launch/configs/qwen2.5-coder-0.5b_gsm8k_grpo_gpu.yaml"
 SMOKE_RECIPE = "launch/configs/tiny.yaml"
 
@@ -107,6 +108,7 @@ class Sizes:
     micro_batch: int = 32
     steps: int = 5  # the first is warm-up
     learner_profile: bool = True  # the step parts run one more step with the learner under torch's profiler
+    step_settings: list = field(default_factory=list)  # --set: recipe overrides for placerl's step parts
 
 
 def sizes_for(args) -> Sizes:
@@ -116,6 +118,7 @@ def sizes_for(args) -> Sizes:
         raise SystemExit(f"--gpu-memory-utilization={args.gpu_memory_utilization}: choose a share in (0, 0.95]")
     s.gpu_memory_utilization = args.gpu_memory_utilization
     s.learner_profile = not args.no_learner_profile
+    s.step_settings = list(args.set)
     if args.overhead_size:
         try:
             s.overhead_batch = tuple(int(x) for x in args.overhead_size.lower().split("x"))
@@ -276,10 +279,11 @@ def run_part(args) -> None:
     rec, deadline = Recorder(args.part_out), args.deadline
     rec("sizes", asdict(s))
     name = args.part
-    if name in ("rollout-sleep", "rollout-awake"):
+    if name in ("rollout-sleep", "rollout-sleep-async", "rollout-awake"):
         from bench.vllm_sleep_decode import part_rollout_sleep
 
-        part_rollout_sleep(s, rec, deadline, sleep_mode=name == "rollout-sleep")
+        part_rollout_sleep(s, rec, deadline, sleep_mode=name != "rollout-awake",
+                           async_scheduling=True if name.endswith("async") else "auto")
     elif name.startswith("rollout-"):
         child = [sys.executable, "-m", "bench.bench_vllm_gpu", "--model", args.model, "--seed-mode", args.seed_mode]
         child += ["--smoke"] * args.smoke + ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
@@ -295,10 +299,10 @@ def run_part(args) -> None:
         part_step_placerl(s, rec, sleep=not any(a in name for a in awake),
                           two_gpus=name.endswith("2gpu"), overlap=name.endswith("overlap"),
                           compile_layers="-compile" in name, stream="-stream" in name, merged="-merged" in name)
-    elif name == "step-trl":
+    elif name.startswith("step-trl"):
         from bench.vllm_step import part_step_trl
 
-        part_step_trl(s, rec)
+        part_step_trl(s, rec, sleep=name != "step-trl-nosleep")
     else:
         raise SystemExit(f"--part={name!r} is not known; choose one of {', '.join(PARTS)}")
 
@@ -335,7 +339,7 @@ def orchestrate(args) -> int:
                "--deadline", str(deadline - 15), "--model", args.model] + (["--smoke"] if args.smoke else [])
         cmd += (["--overhead-size", args.overhead_size] if args.overhead_size else []) + ["--seed-mode", args.seed_mode]
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-        cmd += ["--no-learner-profile"] * args.no_learner_profile
+        cmd += ["--no-learner-profile"] * args.no_learner_profile + [a for kv in args.set for a in ("--set", kv)]
         print(f"=== {part} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
@@ -385,6 +389,8 @@ def main() -> int:
                     help="vLLM's share of the GPU in every part (the step parts: for placerl and TRL alike)")
     ap.add_argument("--no-learner-profile", action="store_true",
                     help="the placerl step parts skip their extra profiled step (a profiled step took 13-41 s on an H200)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for placerl's step parts, after each part's own (repeatable)")
     ap.add_argument("--part", help=argparse.SUPPRESS)
     ap.add_argument("--part-out", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)

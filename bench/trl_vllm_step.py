@@ -7,7 +7,7 @@ TRL's shuffling off), the group size, the completion length, the micro-batch, th
 learning rate, clip-higher, activation checkpointing, the vLLM memory share and context length. TRL generates a
 whole step's completions at once (micro-batch x accumulation = prompts x group) and
 trains micro-batch by micro-batch, as placerl does. Its vLLM sleeps while it trains
-when ours does (on a GPU).
+(``vllm_enable_sleep_mode``, on a GPU) unless ``sleep=False``, TRL's own default.
 
 The breakdown comes from TRL's own profiling timers (``trl.extras.profiling``): vLLM
 generation, weight sync (TRL merges the adapter into the base weights and loads them
@@ -22,7 +22,7 @@ import time
 from collections import defaultdict
 
 
-def trl_vllm_steps(recipe: str, overrides: list[str], steps: int) -> list[dict]:
+def trl_vllm_steps(recipe: str, overrides: list[str], steps: int, sleep: bool = True) -> list[dict]:
     """One dict of seconds per optimizer step: step, rollout, reward, sync, learner."""
     import torch
     from peft import LoraConfig
@@ -73,7 +73,7 @@ def trl_vllm_steps(recipe: str, overrides: list[str], steps: int) -> list[dict]:
     from rl.cluster import free_port
 
     os.environ.setdefault("MASTER_PORT", str(free_port()))
-    args = grpo_config(cfg, steps, cuda)
+    args = grpo_config(cfg, steps, cuda, sleep)
     lora = LoraConfig(r=pc.rank, lora_alpha=pc.alpha, target_modules=list(pc.target_modules), task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=load_model(path, cfg.model.dtype), reward_funcs=gsm8k_reward, args=args,
                           train_dataset=ds, processing_class=tok, peft_config=lora, callbacks=[StepTimer()])
@@ -96,7 +96,7 @@ def recipe_dataset(cfg, tok, steps: int):
     return Dataset.from_list([{k: rows[i][k] for k in ("prompt", "question", "answer", "gold")} for i in order])
 
 
-def grpo_config(cfg, steps: int, cuda: bool):
+def grpo_config(cfg, steps: int, cuda: bool, sleep: bool = True):
     """TRL's GRPOConfig with the recipe's batch, sampling, clipping, vLLM and learner settings."""
     from trl import GRPOConfig
 
@@ -109,7 +109,7 @@ def grpo_config(cfg, steps: int, cuda: bool):
         gradient_accumulation_steps=batch // lc.micro_batch_size, num_generations=r.group_size,
         max_completion_length=r.max_new_tokens, max_steps=steps, learning_rate=lc.lr, temperature=r.temperature,
         top_p=r.top_p, beta=0.0, epsilon=cfg.algorithm.epsilon_low, epsilon_high=cfg.algorithm.epsilon_high,
-        shuffle_dataset=False, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=cuda,
+        shuffle_dataset=False, use_vllm=True, vllm_mode="colocate", vllm_enable_sleep_mode=cuda and sleep,
         vllm_gpu_memory_utilization=r.gpu_memory_utilization, vllm_max_model_length=r.max_model_len,
         gradient_checkpointing=lc.gradient_checkpointing, bf16=cuda, use_cpu=not cuda, report_to=[],
         logging_steps=1, save_strategy="no", dataloader_num_workers=0, seed=cfg.trainer.seed)

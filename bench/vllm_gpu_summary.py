@@ -98,6 +98,18 @@ def summarise(results: dict) -> dict:
         out["placerl_merged_compiled_nosleep_vs_trl_peak_gpu_gib"] = [
             get("step-placerl-merged-compile-nosleep", "memory", "peak_gpu_used_gib"),
             get("step-trl", "memory", "peak_gpu_used_gib")]
+    # Both with vLLM awake beside the learner (TRL's default, vllm_enable_sleep_mode off): the
+    # goal's comparison with memory held alike on both sides, both peaks beside it.
+    trl_awake = get("step-trl-nosleep", "mean_after_first")
+    for part, name in (("step-placerl-nosleep", "placerl_nosleep"),
+                       ("step-placerl-merged-compile-nosleep", "placerl_merged_compiled_nosleep")):
+        variant = get(part, "mean_after_first")
+        if variant and trl_awake:
+            ratio = variant["step_s"] / trl_awake["step_s"]
+            out[f"{name}_over_trl_nosleep_step"] = round(ratio, 3)
+            out[f"{name}_over_trl_nosleep_goal_0.5"] = "met" if ratio <= 0.5 else "NOT met"
+            out[f"{name}_vs_trl_nosleep_peak_gpu_gib"] = [get(part, "memory", "peak_gpu_used_gib"),
+                                                          get("step-trl-nosleep", "memory", "peak_gpu_used_gib")]
     # Merged against the adapter path in the same call: the step, the rollout and the mismatch.
     for merged, adapter in (("step-placerl-merged", "step-placerl"), ("step-placerl-merged-compile", "step-placerl-compile")):
         m, a = get(merged, "mean_after_first"), get(adapter, "mean_after_first")

@@ -62,12 +62,15 @@ def fill_and_free(torch, n_bytes: int) -> None:
     torch.cuda.empty_cache()
 
 
-def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = True, rounds: int = 4) -> None:
+def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = True, rounds: int = 4,
+                       async_scheduling: bool | str = "auto") -> None:
     """After one warm-up call, ``rounds`` rounds of one call per turn (turn_order). Records each
-    call, the medians and, with sleep mode, each woken turn over the awake one."""
+    call with its engine steps' profile (bench/vllm_step_timer.py), the medians and, with sleep
+    mode, each woken turn over the awake one."""
     import torch
 
     from bench.bench_vllm_gpu import model_and_adapter, prompt_ids, rollout_config, tokens_of
+    from bench.vllm_step_timer import EngineStepTimer, step_profile
     from rl.rollout.engine import SamplingSpec, make_engine
 
     path, tok, payload = model_and_adapter(s)
@@ -75,7 +78,8 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
     # A CPU (--smoke) has neither sleep mode nor CUDA graphs: there the part checks its plumbing only.
     on_gpu = torch.cuda.is_available()
     sleeps = (True if on_gpu else "auto") if sleep_mode else False
-    config = rollout_config(s, "vllm", False if on_gpu else "auto", sleep_mode=sleeps, seed_mode="batch")
+    config = rollout_config(s, "vllm", False if on_gpu else "auto", sleep_mode=sleeps, seed_mode="batch",
+                            async_scheduling=async_scheduling)
     engine = make_engine(config, path, s.dtype, 0)
     engine.load_adapter(payload)
     rec("engine_start_s", round(time.perf_counter() - t, 1))
@@ -95,10 +99,12 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
             engine.wake_up()
             extra["sleep_wake_s"] = round(time.perf_counter() - t0, 3)
         engine.llm.reset_prefix_cache()
-        t0 = time.perf_counter()
-        n = tokens_of(engine.generate(ids, spec))
-        dt = time.perf_counter() - t0
-        return {"turn": turn, "seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt, 1), **extra}
+        with EngineStepTimer(engine.llm.llm_engine) as timer:
+            t0 = time.perf_counter()
+            n = tokens_of(engine.generate(ids, spec))
+            dt = time.perf_counter() - t0
+        return {"turn": turn, "seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt, 1), **extra,
+                "gc_s": round(timer.gc_s, 3), "engine_steps": step_profile(timer.steps)}
 
     warm = call("awake")  # left out: the first full-size call pays first-use costs (allocations, kernel choice)
     rec("warm_up", warm)
@@ -109,7 +115,8 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
             rec("stopped", f"budget: {len(calls)} of {len(order)} calls made")
             break
         calls.append(call(turn))
-        rec("calls", calls)
+        rec(f"call_{len(calls)}", calls[-1])  # printed as it comes; a stopped run keeps what it made
+    rec("calls", calls)
     medians = {turn: median_seconds(calls, turn) for turn in TURNS}
     rec("median_s", {turn: m for turn, m in medians.items() if m})
     if sleep_mode:

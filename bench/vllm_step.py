@@ -58,7 +58,8 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
                       f"learner.profile_step={profiled}"]
     # A CPU (--smoke) has no sleep mode: auto there, so that every part runs end to end.
     sleep_mode = ("true" if torch.cuda.is_available() else "auto") if sleep else "false"
-    steps, run_dir = recipe_run(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={sleep_mode}"] + placement)
+    steps, run_dir = recipe_run(s.recipe, step_overrides(s) + [f"rollout.sleep_mode={sleep_mode}"] + placement
+                                 + s.step_settings)
     if profiled:
         profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
         rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
@@ -78,11 +79,11 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     rec("memory", memory.result())
 
 
-def part_step_trl(s: Sizes, rec: Recorder) -> None:
+def part_step_trl(s: Sizes, rec: Recorder, sleep: bool = True) -> None:
     from bench.trl_vllm_step import trl_vllm_steps
 
     memory = PeakMemory()
-    rec("steps", trl_vllm_steps(s.recipe, step_overrides(s), s.steps))
+    rec("steps", trl_vllm_steps(s.recipe, step_overrides(s), s.steps, sleep))
     timed = rec.data["steps"][1:] or rec.data["steps"]
     rec("mean_after_first", {k: round(statistics.mean(m[k] for m in timed), 4) for k in timed[0]})
     rec("memory", memory.result())

@@ -69,3 +69,13 @@ def test_rollout_after_a_wake_against_awake_by_medians():
     assert out["rollout_churn_over_awake"] == 1.3
     assert out["rollout_sleep_engine_awake_over_plain"] == 1.15
     assert "rollout_sleep_engine_awake_over_plain" not in summarise({"rollout-sleep": {"median_s": {"awake": 2.3}}})
+
+
+def test_both_awake_against_trl_awake_with_both_peaks():
+    out = summarise({"step-placerl-merged-compile-nosleep": {"mean_after_first": {"step_s": 3.5},
+                                                             "memory": {"peak_gpu_used_gib": 78.5}},
+                     "step-trl-nosleep": {"mean_after_first": {"step_s": 7.2}, "memory": {"peak_gpu_used_gib": 80.1}}})
+    assert out["placerl_merged_compiled_nosleep_over_trl_nosleep_step"] == round(3.5 / 7.2, 3)
+    assert out["placerl_merged_compiled_nosleep_over_trl_nosleep_goal_0.5"] == "met"
+    assert out["placerl_merged_compiled_nosleep_vs_trl_nosleep_peak_gpu_gib"] == [78.5, 80.1]
+    assert "placerl_nosleep_over_trl_nosleep_step" not in out  # no such part ran
