@@ -10,13 +10,11 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       temperature 1) for the model serving an all-linear r=16 adapter: vLLM with CUDA
       graphs, vLLM eager, the plain-transformers engine (hf: 128 new tokens, it is slow;
       tokens/s of a launch-bound engine hardly depends on the length); graphs and eager run the
-      largest batch three more times, the two rollout.seed_modes taking turns, and graphs runs it once more in a
-      child process with batch seeds and rollout.async_scheduling=true (128x8_async_scheduling,
-      with whether vLLM kept it on: its CPU backend turns it off);
+      largest batch three more times, the rollout.seed_modes taking turns, and graphs once more in
+      a child process with rollout.async_scheduling=true (128x8_async_scheduling);
   rollout-sleep, rollout-sleep-async, rollout-awake (not in the default set)
-      the step's batch again and again on one engine with sleep mode, right after a sleep/wake cycle
-      and awake by turns (-async: with vLLM's async scheduling), and on one without sleep mode,
-      each call with its engine steps' profile (bench/vllm_sleep_decode.py);
+      the step's batch again and again, woken or awake by turns, each call with its engine
+      steps' profile (bench/vllm_sleep_decode.py);
   overhead
       the framework's rollout (RolloutPool -> RolloutWorker Ray actor -> VLLMEngine) over raw
       ``vllm.LLM.generate`` on an identically configured engine in the driver, same prompts,
@@ -34,8 +32,7 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       the same run disaggregated: the learner rank on one GPU, the vLLM worker on the other
       (no sleep mode: nothing shares a GPU), for the same breakdown against colocated;
   step-placerl-overlap (not in the default set: one step off-policy)
-      colocated without sleep mode and with ``trainer.max_staleness=1``: the next step's
-      rollout decodes on the same GPU while the learner steps (docs/async.md);
+      awake with ``trainer.max_staleness=1``: the next rollout decodes while the learner steps;
   step-placerl-compile (not in the default set: compiling takes minutes)
       the recipe with ``learner.compile=true`` (each decoder layer compiled before FSDP2); the
       compile lands in the first step, which the means leave out and ``steps`` keeps;
@@ -43,19 +40,18 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       the recipe with ``trainer.stream_groups`` (a micro-batch of groups at a time, vLLM awake):
       on-policy, the learner starts on finished groups while the longest ones decode; colocated,
       with compiled layers, or disaggregated on two GPUs;
-  step-placerl-merged, step-placerl-merged-compile, step-placerl-merged-compile-nosleep (not in the default
-      set): ``rollout.weight_sync=merged`` (vLLM without LoRA kernels, as TRL serves the adapter), compiled, awake;
-  step-trl, step-trl-nosleep (not in the default set: TRL's own default, vLLM awake throughout)
+  step-placerl-merged, -merged-compile, -merged-compile-nosleep (not in the default set):
+      ``rollout.weight_sync=merged`` (no LoRA kernels, as TRL serves the adapter), compiled, awake;
+  step-trl, step-trl-nosleep (not in the default set: TRL's default, vLLM awake throughout)
       TRL's GRPOTrainer(use_vllm=True, vllm_mode="colocate", sleep mode on) on the same model,
       LoRA, prompts (in placerl's order), group, lengths and micro-batches, with the same
       breakdown (its generation, reward, weight sync; learner = the rest of the step). Both run
       with the recipe's ``learner.gradient_checkpointing``; placerl packs micro-batches by tokens
       (``learner.micro_batch_tokens``) while TRL pads each micro-batch of 32 rows.
-The JSON (``--out``) is rewritten after every part and merged with what the file already
-holds, so parts can be spread over several calls and a killed call keeps what it finished;
-``summary`` holds the ratios computed from what is there. A part that fails is recorded
-with a one-line error and the others go on; ``--budget-s`` bounds the whole call (a part
-that would not fit is recorded as skipped).
+The JSON (``--out``) is rewritten after every part and merged with what the file holds (parts
+spread over calls; a killed call keeps what it finished); ``summary`` holds the ratios. A part
+that fails is recorded with a one-line error and the others go on; ``--budget-s`` bounds the
+whole call (a part that would not fit is recorded as skipped).
 """
 from __future__ import annotations
 

@@ -1,25 +1,23 @@
-"""Why a rollout is slower with vLLM's sleep mode: the ``rollout-sleep`` and ``rollout-awake``
-parts of bench/bench_vllm_gpu.py.
+"""Does vLLM's sleep mode slow a rollout? The ``rollout-sleep``, ``rollout-sleep-async`` and
+``rollout-awake`` parts of bench/bench_vllm_gpu.py.
 
-The recipe's colocated step decoded 14.9-16.1k tokens/s with sleep mode and 18.3-20.0k without
-it, for completions of the same mean length (reports/gpu/README.md 18): most of what sleep mode
-costs a step is a slower rollout, not the wake. Two suspects, one part each, both decoding the
-step's batch (the recipe's prompts x samples x new tokens, batch seeds: the same completions in
-every call) again and again, with the prefix cache reset before each call (a sleep drops it, and
-an awake engine would otherwise serve the repeated prompts from it):
+Each part decodes the step's batch (the recipe's prompts x samples x new tokens, batch seeds:
+the same completions in every call since the engine also seeds numpy, from which vLLM's GPU
+runner draws request seeds) again and again, with the prefix cache reset before each call (a
+sleep drops it, and an awake engine would otherwise serve the repeated prompts from it). Every
+call carries its engine steps' profile (bench/vllm_step_timer.py).
 
 - ``rollout-sleep``: one engine with sleep mode, the calls taking turns between right after
   ``sleep(level=1)`` + ``wake_up()`` and awake since the last call. Same engine, same
   allocator, same work: ``after_wake_over_awake``, the ratio of the two medians, is what the
-  cycle costs the decode.
-- ``rollout-sleep`` also has a third turn, ``after_wake_churn``: between the sleep and the wake
+  cycle costs the decode. A third turn, ``after_wake_churn``: between the sleep and the wake
   the process fills and frees as much memory as the sleep released (torch's allocator, then
-  ``empty_cache``), as a colocated learner does with it. ``churn_over_awake`` tells whether the
-  decode slows when the engine's memory has been someone else's meanwhile.
+  ``empty_cache``), as a colocated learner does with it (``churn_over_awake``).
+- ``rollout-sleep-async``: the same with vLLM's async scheduling.
 - ``rollout-awake``: the same calls on an engine without sleep mode, so without vLLM's cumem
   allocator (sleep mode puts the weights and the KV cache in memory it maps itself). Its median
-  against ``rollout-sleep``'s awake calls (the summary's ``rollout_sleep_engine_awake_over_plain``, two processes,
-  one after the other) is what that allocator costs an engine that is not woken.
+  against ``rollout-sleep``'s awake calls (the summary's ``rollout_sleep_engine_awake_over_plain``,
+  two processes, one after the other) is what that allocator costs an engine that is not woken.
 """
 from __future__ import annotations
 

@@ -5,7 +5,8 @@ call of a few hundred engine steps. Most samples finish within about 200 tokens,
 steps decode a handful of sequences while the longest ones finish: the call's time is the
 number of steps times the latency of a nearly empty step. :class:`EngineStepTimer` wraps the
 in-process engine's methods for the length of one call and records, for each engine step,
-its wall time, the sequences running in it, and its parts:
+its wall time, the sequences it runs (the scheduler's running list once it has scheduled the
+step), and its parts:
 
 - ``schedule``: the scheduler choosing the step's work (``Scheduler.schedule``);
 - ``update``: the scheduler taking the step's sampled tokens (``Scheduler.update_from_output``);
@@ -69,13 +70,15 @@ class EngineStepTimer:
                 return inner(*args, **kwargs)
             finally:
                 self._current[key] = self._current.get(key, 0.0) + time.perf_counter() - t
+                if key == "schedule":  # after scheduling: the step's first holds the new requests too
+                    self._current["running"] = len(self.core.scheduler.running)
 
         setattr(owner, name, timed)
         self._patched.append((owner, name))
 
     def _step(self, inner):
         def timed_step(*args, **kwargs):
-            self._current = {"running": len(self.core.scheduler.running)}
+            self._current = {"running": 0}
             t = time.perf_counter()
             out = inner(*args, **kwargs)
             c = self._current

@@ -79,3 +79,20 @@ def test_both_awake_against_trl_awake_with_both_peaks():
     assert out["placerl_merged_compiled_nosleep_over_trl_nosleep_goal_0.5"] == "met"
     assert out["placerl_merged_compiled_nosleep_vs_trl_nosleep_peak_gpu_gib"] == [78.5, 80.1]
     assert "placerl_nosleep_over_trl_nosleep_step" not in out  # no such part ran
+
+
+def test_step_profile_buckets_steps_by_running_sequences():
+    from bench.vllm_step_timer import step_profile
+
+    def step(running, total, schedule=0.001, update=0.001, outputs=0.001):
+        return {"running": running, "total": total, "schedule": schedule, "update": update,
+                "execute": total - schedule - update - outputs, "outputs": outputs}
+
+    steps = [step(256, 0.010), step(250, 0.012), step(40, 0.006), step(3, 0.003), step(1, 0.002), step(1, 0.004)]
+    out = step_profile(steps)
+    assert out["steps"] == 6 and out["seconds"] == 0.037
+    assert out["129+"] == {"steps": 2, "seconds": 0.022, "median_ms": {"total": 11.0, "schedule": 1.0, "execute": 8.0,
+                                                                       "update": 1.0, "outputs": 1.0}}
+    assert out["33-128"]["steps"] == 1 and "9-32" not in out
+    assert out["1-8"]["steps"] == 3 and out["1-8"]["median_ms"]["total"] == 3.0
+    assert step_profile([]) == {"steps": 0, "seconds": 0}

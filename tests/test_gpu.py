@@ -388,6 +388,25 @@ def test_vllm_sleep_wake_keeps_serving_the_current_adapter(gpu_vllm, tiny_model_
     assert float(d_new.mean()) < 0.05
 
 
+def test_vllm_batch_seeds_on_gpu_repeat_a_call_and_differ_across_steps(gpu_vllm):
+    """rollout.seed_mode=batch, the GPU default: vLLM's GPU model runner draws each request's
+    seed from numpy's global generator, so the engine reseeds numpy with torch for every call.
+    Two calls of one step draw the same samples, on the same engine, one after the other."""
+    import dataclasses
+
+    from rl.rollout.engine import SamplingSpec
+
+    assert gpu_vllm.seed_mode == "batch"
+    ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
+    spec = SamplingSpec(n=4, max_new_tokens=24, temperature=1.0, seed=41)
+    prompts = [[1, 100, 200, 300], [1, 42, 43]]
+    one, two = gpu_vllm.generate(prompts, spec), gpu_vllm.generate(prompts, spec)
+    other_step = gpu_vllm.generate(prompts, dataclasses.replace(spec, seed=42))
+    assert ids(one) == ids(two)
+    assert ids(one) != ids(other_step)
+    assert all(len({tuple(c.token_ids) for c in row}) == 4 for row in one), "a prompt's samples are identical"
+
+
 def test_vllm_float32_on_gpu_is_refused_before_starting(tiny_model_path):
     from rl.config import RolloutConfig
     from rl.rollout.vllm_engine import VLLMEngine

@@ -263,6 +263,29 @@ def test_batch_seed_mode_is_reproducible_per_call_without_request_seeds(engine):
     assert all(len({tuple(c.token_ids) for c in row}) == 2 for row in one), "a prompt's samples are identical"
 
 
+def test_engine_step_timer_records_each_decode_step(engine, stop_model):
+    """bench/vllm_step_timer.py on the real engine: one record per engine step that ran a batch
+    (the longest completion's length), the running sequences falling as completions stop, and
+    vLLM's own methods back in place afterwards."""
+    from bench.vllm_step_timer import EngineStepTimer, step_profile
+    from rl.rollout.vllm_engine import VLLMEngine
+
+    if not isinstance(engine, VLLMEngine):
+        pytest.skip("times vLLM's engine steps")
+    _, facts = stop_model
+    llm_engine = engine.llm.llm_engine
+    with EngineStepTimer(llm_engine) as timer:
+        a, b = engine.generate([PROMPT_A, facts["prompt_b"]], SamplingSpec(n=1, max_new_tokens=8, temperature=0))
+    assert len(a[0].token_ids) == len(facts["greedy_a"]) < len(b[0].token_ids) == 8
+    running = [s["running"] for s in timer.steps]
+    assert running == [2] * len(facts["greedy_a"]) + [1] * (8 - len(facts["greedy_a"]))
+    for s in timer.steps:
+        assert min(s.values()) >= 0 and s["total"] >= s["schedule"] + s["update"]
+    profile = step_profile(timer.steps)
+    assert profile["steps"] == 8 and profile["1-8"]["steps"] == 8 and "9-32" not in profile
+    assert "step" not in vars(llm_engine) and "schedule" not in vars(engine.llm.llm_engine.engine_core.engine_core.scheduler)
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.3, 0.8)])
 def test_logprobs_match_teacher_forced_forward(engine, base_model, temperature, top_p):
     spec = SamplingSpec(n=2, max_new_tokens=10, temperature=temperature, top_p=top_p, seed=5)

@@ -202,9 +202,16 @@ class VLLMEngine:
         self.wake_up()
         params = [self._params(sampling, i) for i in range(len(prompt_ids))]
         if sampling.seed is not None and self.seed_mode == "batch":
+            import numpy as np
             import torch
 
-            torch.manual_seed(batch_seed(sampling.seed, sampling.prompt_offset))
+            call_seed = batch_seed(sampling.seed, sampling.prompt_offset)
+            # The CPU model runner samples from torch's default generator. vLLM's GPU model runner
+            # (its V2 runner) gives each request without a seed one drawn from numpy's global
+            # generator when the request joins the batch, and samples from that: seeding only
+            # torch left a GPU call's samples to whatever numpy had drawn before.
+            torch.manual_seed(call_seed)
+            np.random.seed(call_seed % 2**32)
         call_s, t = dict(self.last_call_s), time.perf_counter()
         ids = self.llm.enqueue([{"prompt_token_ids": list(p)} for p in prompt_ids], params,
                                lora_request=self._lora, use_tqdm=False)

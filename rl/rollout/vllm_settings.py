@@ -40,11 +40,14 @@ def resolve_enforce_eager(setting, on_gpu: bool) -> bool:
 def resolve_seed_mode(setting: str, on_gpu: bool, in_process: bool) -> str:
     """``rollout.seed_mode``: auto is one seed per request on CPU, one reseed per call on a GPU.
 
-    vLLM samples a seeded request with its own generator, in a Python loop over the batch's
-    seeded sequences (one small kernel each, every decode step). "batch" reseeds the engine's
-    default generator instead, which only reaches the sampler when the engine runs in this
-    process. On an H200 the two measured alike so far (64 x 8: 18.1k and 18.3k tokens/s in two
-    sessions; 128 x 8: 27.2k request, 24.7k batch in one run, reports/gpu/README.md 6.1).
+    vLLM's CPU model runner samples a seeded request with its own generator, in a Python loop
+    over the batch's seeded sequences (one small kernel each, every decode step). "batch"
+    reseeds the process's default generators instead, which only reach the sampler when the
+    engine runs in this process: torch's (the CPU runner's) and numpy's, from which vLLM's GPU
+    model runner draws the seed of each request that has none (it then samples every request
+    from its own seed in one kernel, seeded or not). On an H200 the two modes measured alike so
+    far (64 x 8: 18.1k and 18.3k tokens/s in two sessions; 128 x 8: 27.2k request, 24.7k batch
+    in one run, reports/gpu/README.md 6.1).
     """
     mode = ("batch" if on_gpu and in_process else "request") if setting == "auto" else setting
     if mode == "batch" and not in_process:
