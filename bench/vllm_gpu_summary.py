@@ -5,6 +5,14 @@ from __future__ import annotations
 import statistics
 
 
+def step_ratio(out: dict, key: str, ours: dict, theirs: dict) -> None:
+    """``out[key + "_step"]``: our mean step over theirs, and ``out[key + "_goal_0.5"]`` its
+    verdict against the goal of at most 0.5."""
+    ratio = ours["step_s"] / theirs["step_s"]
+    out[f"{key}_step"] = round(ratio, 3)
+    out[f"{key}_goal_0.5"] = "met" if ratio <= 0.5 else "NOT met"
+
+
 def summarise(results: dict) -> dict:
     """The ratios that can be computed from the parts that are there (pure)."""
     out = {}
@@ -61,8 +69,7 @@ def summarise(results: dict) -> dict:
         out["sync_over_step"] = ours["sync_over_step"]
         out["sync_over_step_goal_2%"] = "met" if ours["sync_over_step"] < 0.02 else "NOT met"
     if ours and theirs:
-        out["placerl_over_trl_step"] = round(ours["step_s"] / theirs["step_s"], 3)
-        out["placerl_over_trl_goal_0.5"] = "met" if ours["step_s"] / theirs["step_s"] <= 0.5 else "NOT met"
+        step_ratio(out, "placerl_over_trl", ours, theirs)
     with_sleep = get("step-placerl", "memory", "peak_gpu_used_gib")
     without = get("step-placerl-nosleep", "memory", "peak_gpu_used_gib")
     if with_sleep and without:
@@ -75,8 +82,7 @@ def summarise(results: dict) -> dict:
         out["step_s_2gpu_streamed_over_whole"] = round(two_streamed["step_s"] / two["step_s"], 3)
     compiled = get("step-placerl-compile", "mean_after_first")
     if compiled and theirs:
-        out["placerl_compiled_over_trl_step"] = round(compiled["step_s"] / theirs["step_s"], 3)
-        out["placerl_compiled_over_trl_goal_0.5"] = "met" if compiled["step_s"] / theirs["step_s"] <= 0.5 else "NOT met"
+        step_ratio(out, "placerl_compiled_over_trl", compiled, theirs)
         out["placerl_compiled_first_step_s"] = get("step-placerl-compile", "steps")[0]["step_s"]
     # Streamed: on-policy, the same update as the whole batch (tests/test_streaming.py), so the
     # goal's comparison too. Merged: on-policy up to bf16's rounding of the merged weights (as
@@ -87,9 +93,7 @@ def summarise(results: dict) -> dict:
                        ("step-placerl-merged-compile", "placerl_merged_compiled")):
         variant = get(part, "mean_after_first")
         if variant and theirs:
-            ratio = variant["step_s"] / theirs["step_s"]
-            out[f"{name}_over_trl_step"] = round(ratio, 3)
-            out[f"{name}_over_trl_goal_0.5"] = "met" if ratio <= 0.5 else "NOT met"
+            step_ratio(out, f"{name}_over_trl", variant, theirs)
     # vLLM awake beside the learner while TRL's sleeps: a step bought with memory, so not the
     # goal's comparison; the ratio is reported with both peaks beside it.
     awake = get("step-placerl-merged-compile-nosleep", "mean_after_first")
@@ -105,9 +109,7 @@ def summarise(results: dict) -> dict:
                        ("step-placerl-merged-compile-nosleep", "placerl_merged_compiled_nosleep")):
         variant = get(part, "mean_after_first")
         if variant and trl_awake:
-            ratio = variant["step_s"] / trl_awake["step_s"]
-            out[f"{name}_over_trl_nosleep_step"] = round(ratio, 3)
-            out[f"{name}_over_trl_nosleep_goal_0.5"] = "met" if ratio <= 0.5 else "NOT met"
+            step_ratio(out, f"{name}_over_trl_nosleep", variant, trl_awake)
             out[f"{name}_vs_trl_nosleep_peak_gpu_gib"] = [get(part, "memory", "peak_gpu_used_gib"),
                                                           get("step-trl-nosleep", "memory", "peak_gpu_used_gib")]
     # Merged against the adapter path in the same call: the step, the rollout and the mismatch.
