@@ -400,8 +400,12 @@ def test_vllm_batch_seeds_on_gpu_repeat_a_call_and_differ_across_steps(gpu_vllm)
     ids = lambda out: [[c.token_ids for c in row] for row in out]  # noqa: E731
     spec = SamplingSpec(n=4, max_new_tokens=24, temperature=1.0, seed=41)
     prompts = [[1, 100, 200, 300], [1, 42, 43]]
-    one, two = gpu_vllm.generate(prompts, spec), gpu_vllm.generate(prompts, spec)
-    other_step = gpu_vllm.generate(prompts, dataclasses.replace(spec, seed=42))
+
+    def call(sampling):  # the prefix cache reset: a cached prompt's KV in bf16 could tip a near tie
+        gpu_vllm.llm.reset_prefix_cache()
+        return gpu_vllm.generate(prompts, sampling)
+
+    one, two, other_step = call(spec), call(spec), call(dataclasses.replace(spec, seed=42))
     assert ids(one) == ids(two)
     assert ids(one) != ids(other_step)
     assert all(len({tuple(c.token_ids) for c in row}) == 4 for row in one), "a prompt's samples are identical"
