@@ -402,6 +402,7 @@ def test_vllm_batch_seeds_on_gpu_repeat_a_call_and_differ_across_steps(gpu_vllm)
     prompts = [[1, 100, 200, 300], [1, 42, 43]]
 
     def call(sampling):  # the prefix cache reset: a cached prompt's KV in bf16 could tip a near tie
+        gpu_vllm.wake_up()  # an earlier test may leave it asleep
         gpu_vllm.llm.reset_prefix_cache()
         return gpu_vllm.generate(prompts, sampling)
 
