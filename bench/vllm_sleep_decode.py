@@ -92,8 +92,9 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
             free_before = torch.cuda.mem_get_info()[0] if on_gpu else 0
             engine.sleep()
             if turn == "after_wake_churn" and on_gpu:
-                extra["churn_gib"] = round((torch.cuda.mem_get_info()[0] - free_before) / 2**30, 2)
-                fill_and_free(torch, torch.cuda.mem_get_info()[0] - free_before)
+                released = torch.cuda.mem_get_info()[0] - free_before
+                extra["churn_gib"] = round(released / 2**30, 2)
+                fill_and_free(torch, released)
             engine.wake_up()
             extra["sleep_wake_s"] = round(time.perf_counter() - t0, 3)
         engine.llm.reset_prefix_cache()
@@ -102,7 +103,7 @@ def part_rollout_sleep(s, rec: Recorder, deadline: float, sleep_mode: bool = Tru
             n = tokens_of(engine.generate(ids, spec))
             dt = time.perf_counter() - t0
         return {"turn": turn, "seconds": round(dt, 3), "tokens": n, "tokens_per_s": round(n / dt, 1), **extra,
-                "gc_s": round(timer.gc_s, 3), "engine_steps": step_profile(timer.steps)}
+                "gc_s": round(timer.gc.seconds, 3), "engine_steps": step_profile(timer.steps)}
 
     warm = call("awake")  # left out: the first full-size call pays first-use costs (allocations, kernel choice)
     rec("warm_up", warm)

@@ -1,9 +1,9 @@
 """Where a rollout's seconds go inside vLLM's engine, engine step by engine step.
 
 A rollout of the GPU recipe (32 prompts x 8 samples x up to 512 tokens) is one ``generate``
-call of a few hundred engine steps. Most samples finish within about 200 tokens, so most
-steps decode a handful of sequences while the longest ones finish: the call's time is the
-number of steps times the latency of a nearly empty step. :class:`EngineStepTimer` wraps the
+call of a few hundred engine steps, one per token of its longest completion: a first phase
+with the whole batch running, then a tail of a handful of sequences while the longest ones
+finish (reports/gpu/README.md 19 measures both). :class:`EngineStepTimer` wraps the
 in-process engine's methods for the length of one call and records, for each engine step,
 its wall time, the sequences it runs (the scheduler's running list once it has scheduled the
 step), and its parts:
@@ -20,9 +20,10 @@ so there the parts overlap and only the step's wall time reads as before.
 """
 from __future__ import annotations
 
-import gc
 import statistics
 import time
+
+from rl.rollout.gc_pauses import GcPauses
 
 # Buckets of running sequences: the full batch's first steps down to its last few samples.
 BUCKETS = ((129, None), (33, 128), (9, 32), (1, 8))
@@ -49,17 +50,16 @@ def step_profile(steps: list[dict]) -> dict:
 
 class EngineStepTimer:
     """``with EngineStepTimer(llm.llm_engine) as timer: llm.generate(...)``; afterwards
-    ``timer.steps`` holds one record per engine step that ran a batch and ``timer.gc_s`` the
-    collector's seconds inside the block. Needs vLLM's engine in this process."""
+    ``timer.steps`` holds one record per engine step that ran a batch and ``timer.gc.seconds``
+    the collector's seconds inside the block. Needs vLLM's engine in this process."""
 
     def __init__(self, llm_engine) -> None:
         self.engine = llm_engine
         self.core = llm_engine.engine_core.engine_core  # the in-process client's EngineCore
         self.steps: list[dict] = []
-        self.gc_s = 0.0
+        self.gc = GcPauses()
         self._patched: list[tuple[object, str]] = []
         self._current: dict = {}
-        self._gc_start: float | None = None
 
     def _wrap(self, owner, name: str, key: str) -> None:
         inner = getattr(owner, name)
@@ -91,13 +91,6 @@ class EngineStepTimer:
             return out
         return timed_step
 
-    def _gc(self, phase: str, info: dict) -> None:
-        if phase == "start":
-            self._gc_start = time.perf_counter()
-        elif self._gc_start is not None:
-            self.gc_s += time.perf_counter() - self._gc_start
-            self._gc_start = None
-
     def __enter__(self) -> "EngineStepTimer":
         scheduler = self.core.scheduler
         self._wrap(scheduler, "schedule", "schedule")
@@ -105,11 +98,11 @@ class EngineStepTimer:
         self._wrap(self.engine.engine_core, "get_output", "core")
         self.engine.step = self._step(self.engine.step)
         self._patched.append((self.engine, "step"))
-        gc.callbacks.append(self._gc)
+        self.gc.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        gc.callbacks.remove(self._gc)
+        self.gc.__exit__(*exc)
         for owner, name in self._patched:  # the instance attributes go; the class's methods serve again
             delattr(owner, name)
         self._patched.clear()
