@@ -115,6 +115,8 @@ def sizes_for(args) -> Sizes:
     s.gpu_memory_utilization = args.gpu_memory_utilization
     s.learner_profile = not args.no_learner_profile
     s.step_settings = list(args.set)
+    if bad := [kv for kv in s.step_settings if "=" not in kv]:
+        raise SystemExit(f"--set {bad[0]!r}: write KEY=VALUE, e.g. --set rollout.async_scheduling=true")
     if args.overhead_size:
         try:
             s.overhead_batch = tuple(int(x) for x in args.overhead_size.lower().split("x"))
