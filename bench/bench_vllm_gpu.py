@@ -69,7 +69,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from bench.gpu_measure import Recorder, device_name  # noqa: E402
-from bench.vllm_gpu_summary import summarise  # noqa: E402
+from bench.vllm_gpu_summary import step_part_sleeps, summarise  # noqa: E402
 from rl.rollout.vllm_settings import use_in_process_engine  # noqa: E402
 
 use_in_process_engine()
@@ -194,8 +194,7 @@ def run_part(args) -> None:
     elif name.startswith("step-placerl"):
         from bench.vllm_step import part_step_placerl
 
-        awake = ("-nosleep", "-2gpu", "-overlap", "-stream")  # nothing shares the GPU, or vLLM decodes while learning
-        part_step_placerl(s, rec, sleep=not any(a in name for a in awake),
+        part_step_placerl(s, rec, sleep=step_part_sleeps(name),
                           two_gpus=name.endswith("2gpu"), overlap=name.endswith("overlap"),
                           compile_layers="-compile" in name, stream="-stream" in name, merged="-merged" in name)
     elif name.startswith("step-trl"):
@@ -214,6 +213,16 @@ def one_line(text: str) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "no output")[:400]
 
 
+def part_and_settings(spec: str) -> tuple[str, list[str]]:
+    """``NAME@KEY=VALUE@KEY=VALUE``: a part, and recipe overrides for that part alone (after --set's)."""
+    name, *settings = spec.split("@")
+    if settings and not name.startswith("step-placerl"):
+        raise SystemExit(f"--parts {spec!r}: only placerl's step parts take @KEY=VALUE overrides")
+    if bad := [kv for kv in settings if "=" not in kv]:
+        raise SystemExit(f"--parts {spec!r}: write @KEY=VALUE, e.g. {name}@rollout.num_workers=2 (not {bad[0]!r})")
+    return name, settings
+
+
 def orchestrate(args) -> int:
     sizes_for(args)  # a bad size fails here, in one line, before any part starts
     out = Path(args.out)
@@ -222,23 +231,25 @@ def orchestrate(args) -> int:
     doc.setdefault("runs", []).append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:],
                                        "host": os.uname().nodename, "device": device_name(), "smoke": args.smoke})
     parts = args.parts.split(",") if args.parts else DEFAULT_PARTS
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if part_and_settings(p)[0] not in PARTS]
     if unknown:
         raise SystemExit(f"--parts: {unknown} not known; choose from {', '.join(PARTS)}")
     deadline = time.time() + args.budget_s
     min_part = 5 if args.smoke else 60
-    for part in parts:
+    for index, part in enumerate(parts):
         left = deadline - time.time()
         if left < min_part:
             doc["results"][part] = {"skipped": f"budget: {left:.0f} s left of --budget-s {args.budget_s}"}
             continue
-        part_file = out.with_name(f".{out.name}.{part}.part.json")
+        part_file = out.with_name(f".{out.name}.{index}.part.json")
         part_file.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "bench.bench_vllm_gpu", "--part", part, "--part-out", str(part_file),
+        name, own_settings = part_and_settings(part)
+        cmd = [sys.executable, "-m", "bench.bench_vllm_gpu", "--part", name, "--part-out", str(part_file),
                "--deadline", str(deadline - 15), "--model", args.model] + (["--smoke"] if args.smoke else [])
         cmd += (["--overhead-size", args.overhead_size] if args.overhead_size else []) + ["--seed-mode", args.seed_mode]
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-        cmd += ["--no-learner-profile"] * args.no_learner_profile + [a for kv in args.set for a in ("--set", kv)]
+        cmd += ["--no-learner-profile"] * args.no_learner_profile
+        cmd += [a for kv in args.set + own_settings for a in ("--set", kv)]
         print(f"=== {part} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
@@ -276,7 +287,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen2.5-coder-0.5b-instruct",
                     help="model.name: a builtin, a folder or a .gguf file")
-    ap.add_argument("--parts", default="", help=f"comma-separated from {','.join(PARTS)}; default all but step-placerl-2gpu")
+    ap.add_argument("--parts", default="", help=f"comma-separated from {','.join(PARTS)}; default all but "
+                    "step-placerl-2gpu; a step-placerl part may carry overrides of its own: NAME@KEY=VALUE@KEY=VALUE")
     ap.add_argument("--out", default="bench_vllm_gpu.json", help="the JSON, merged with what it already holds")
     ap.add_argument("--budget-s", type=float, default=540, help="wall-clock bound of this call, all parts together")
     ap.add_argument("--smoke", action="store_true", help="the tiny model and tiny sizes (a CPU check of every part)")

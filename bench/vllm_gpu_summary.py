@@ -5,6 +5,14 @@ from __future__ import annotations
 import statistics
 
 
+def step_part_sleeps(spec: str) -> bool:
+    """Whether a placerl step part (``NAME`` or ``NAME@KEY=VALUE...``) runs vLLM with sleep mode:
+    not where nothing shares its GPU (-2gpu) or where it decodes while the learner steps."""
+    name = spec.split("@")[0]
+    awake = any(a in name for a in ("-nosleep", "-2gpu", "-overlap", "-stream"))
+    return not awake and "rollout.sleep_mode=false" not in spec
+
+
 def step_ratio(out: dict, key: str, ours: dict, theirs: dict) -> None:
     """``out[key + "_step"]``: our mean step over theirs, and ``out[key + "_goal_0.5"]`` its
     verdict against the goal of at most 0.5."""
@@ -124,6 +132,18 @@ def summarise(results: dict) -> dict:
         for k in ("startup_s", "warm_up_s"):
             if k in startup:
                 out[f"{name}_{k}"] = startup[k]
+    # Every placerl step part, variants with overrides of their own included (--parts NAME@KEY=VALUE):
+    # the sync's share of its step, and a variant's step against TRL with vLLM as the variant has it.
+    for part, result in results.items():
+        mean = result.get("mean_after_first") if isinstance(result, dict) else None
+        if not part.startswith("step-placerl") or not mean or "sync_over_step" not in mean:
+            continue
+        out[f"{part}_sync_over_step"] = mean["sync_over_step"]
+        out[f"{part}_sync_goal_2%"] = "met" if mean["sync_over_step"] < 0.02 else "NOT met"
+        if "@" in part:
+            trl = "step-trl" if step_part_sleeps(part) else "step-trl-nosleep"
+            if get(trl, "mean_after_first"):
+                step_ratio(out, f"{part}_over_{trl.replace('-', '_')}", mean, get(trl, "mean_after_first"))
     # One step off-policy, so not the on-policy comparison the 0.5 goal is about: reported beside it.
     overlapped = get("step-placerl-overlap", "mean_after_first")
     if overlapped and theirs:

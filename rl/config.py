@@ -341,6 +341,11 @@ class Config:
         _check(self.trainer.max_staleness == 0 or self.algorithm.loss == "grpo", "trainer.max_staleness",
                self.trainer.max_staleness, "SFT has no rollouts to overlap; set trainer.max_staleness=0")
         self._check_streaming()
+        ipc = self.rollout.weight_transfer == "cuda_ipc"  # the rest of its checks need the actors (device_handoff.py)
+        _check(not ipc or self.rollout.weight_sync == "merged", "rollout.weight_transfer", "cuda_ipc",
+               "hands over the adapter of merged weights only; set rollout.weight_sync=merged or weight_transfer=auto")
+        _check(not ipc or self.trainer.max_staleness == 0, "rollout.weight_transfer", "cuda_ipc",
+               "needs trainer.max_staleness=0 (the learner reuses its buffer); set weight_transfer=auto")
         _check(self.trainer.eval_split != "val" or self.data.val_size > 0, "trainer.eval_split",
                self.trainer.eval_split, "needs data.val_size > 0 (the rows held out of training)")
         return self

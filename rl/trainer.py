@@ -6,7 +6,7 @@ One step::
             --(RewardRunner: isolated, timed-out reward functions)--> rewards
             --(grpo.group_advantages)--> advantages --(batch.grpo_batch)--> TrainBatch
             --(LearnerGroup: FSDP2 ranks, PEFT LoRA)--> one optimizer update
-            --(export_adapter -> Ray object store -> load_adapter)--> rollout workers
+            --(export_adapter -> Ray object store, or CUDA IPC on a shared GPU -> load_adapter)--> rollout workers
 
 With ``algorithm.loss=sft`` the rollout and reward stages are replaced by the gold
 solutions, so SFT and GRPO differ only in the loss (the regime contrast needs that).
@@ -24,7 +24,6 @@ and multi-turn / tool-use rollouts.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import logging
 import signal
@@ -116,6 +115,7 @@ class Trainer:
         from rl.cluster import init_ray
         from rl.learner.group import LearnerGroup
         from rl.resources import reserve
+        from rl.rollout.device_handoff import adapter_stays_on_gpu
         from rl.rollout.overlap import RolloutQueue
         from rl.rollout.pool import RolloutPool
 
@@ -150,6 +150,9 @@ class Trainer:
         served = served_config(self.served, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster, actor_env(cfg.logging.verbose)) if needs_rollout else None
+        # rollout.weight_transfer: versions stay on the learner's GPU where the workers see it.
+        self.adapter_on_gpu = needs_rollout and adapter_stays_on_gpu(served, cfg.trainer.max_staleness, self.learner,
+                                                                     self.rollout)
         if cfg.algorithm.loss == "grpo":
             self.rollouts = RolloutQueue(self.rollout, self.sampler, [r["prompt_ids"] for r in self.train_rows],
                                          cfg.rollout.prompts_per_step, self._sampling, cfg.trainer.max_staleness,
@@ -199,7 +202,8 @@ class Trainer:
         self.adapter_version += 1
         # Asked for first: the learner gathers the adapter while the rollout wakes (another
         # actor), so only what outlasts the wake remains in time/sync_s.
-        ref = self.learner.export_adapter(self.adapter_version, payload_dtype(self.served, self._rollout_dtype()))
+        ref = self.learner.export_adapter(self.adapter_version, payload_dtype(self.served, self._rollout_dtype()),
+                                          self.adapter_on_gpu)
         t = time.perf_counter()
         if not overlapped:  # an overlapped rollout never sleeps (check_overlap)
             self.rollout.wake_up()

@@ -96,3 +96,36 @@ def test_step_profile_buckets_steps_by_running_sequences():
     assert out["33-128"]["steps"] == 1 and "9-32" not in out
     assert out["1-8"]["steps"] == 3 and out["1-8"]["median_ms"]["total"] == 3.0
     assert step_profile([]) == {"steps": 0, "seconds": 0}
+
+
+def test_a_part_with_overrides_of_its_own_is_compared_with_trl_as_it_sleeps():
+    from bench.vllm_gpu_summary import step_part_sleeps
+
+    two = "step-placerl-merged-compile@rollout.num_workers=2@cluster.gpus_per_rollout_worker=0.25"
+    awake = "step-placerl-merged-compile@rollout.sleep_mode=false"
+    assert step_part_sleeps(two) and step_part_sleeps("step-placerl-merged-compile")
+    assert not step_part_sleeps(awake) and not step_part_sleeps("step-placerl-merged-compile-nosleep@x=1")
+    out = summarise({two: {"mean_after_first": {"step_s": 3.5, "sync_over_step": 0.012}},
+                     awake: {"mean_after_first": {"step_s": 3.0, "sync_over_step": 0.03}},
+                     "step-placerl-merged-compile": {"mean_after_first": {"step_s": 4.5, "sync_over_step": 0.025}},
+                     "step-trl": {"mean_after_first": {"step_s": 7.5}},
+                     "step-trl-nosleep": {"mean_after_first": {"step_s": 9.0}}})
+    assert out[f"{two}_over_step_trl_step"] == round(3.5 / 7.5, 3) and out[f"{two}_over_step_trl_goal_0.5"] == "met"
+    assert out[f"{awake}_over_step_trl_nosleep_step"] == round(3.0 / 9.0, 3)
+    assert out[f"{two}_sync_goal_2%"] == "met" and out[f"{awake}_sync_goal_2%"] == "NOT met"
+    assert out["step-placerl-merged-compile_sync_over_step"] == 0.025
+    assert "step-placerl-merged-compile_over_step_trl_step" not in out  # named parts keep their own keys
+
+
+def test_part_overrides_are_checked_before_any_part_starts():
+    import pytest
+
+    from bench.bench_vllm_gpu import part_and_settings
+
+    assert part_and_settings("step-placerl@rollout.num_workers=2@a.b=c") == ("step-placerl", ["rollout.num_workers=2",
+                                                                                              "a.b=c"])
+    assert part_and_settings("step-trl") == ("step-trl", [])
+    with pytest.raises(SystemExit, match="only placerl's step parts"):
+        part_and_settings("step-trl@rollout.num_workers=2")
+    with pytest.raises(SystemExit, match="write @KEY=VALUE"):
+        part_and_settings("step-placerl@rollout.num_workers")

@@ -247,8 +247,9 @@ def engine_device(worker_self):
     return f"{current_platform.device_type} sleeps={engine.sleeps}"
 
 
-def run_tiny(tmp_path, steps: int, before_fit=None, engine: str = "hf") -> tuple[dict, dict]:
-    """The tiny recipe on one GPU (learner rank and rollout worker colocated) for ``steps``."""
+def run_tiny(tmp_path, steps: int, before_fit=None, engine: str = "hf", extra: list[str] = ()) -> tuple[dict, dict]:
+    """The tiny recipe on one GPU (learner rank and rollout worker colocated) for ``steps``;
+    ``extra``: more overrides."""
     import ray
     from ray.util.placement_group import PlacementGroup
 
@@ -258,7 +259,7 @@ def run_tiny(tmp_path, steps: int, before_fit=None, engine: str = "hf") -> tuple
         f"logging.output_dir={tmp_path}", "logging.run_name=gpu", "logging.progress=false",
         "logging.tensorboard=false", f"rollout.engine={engine}", f"trainer.steps={steps}", "trainer.save_every=2",
         "trainer.eval_size=4", "cluster.colocate=true", "cluster.gpus_per_learner_rank=0.5",
-        "cluster.gpus_per_rollout_worker=0.4", "rollout.gpu_memory_utilization=0.25"])
+        "cluster.gpus_per_rollout_worker=0.4", "rollout.gpu_memory_utilization=0.25", *extra])
     groups_before = set(ray.util.placement_group_table())
     trainer = Trainer(cfg, tmp_path / "gpu")
     try:

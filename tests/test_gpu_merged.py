@@ -81,3 +81,67 @@ def test_merged_vllm_sleep_wake_serves_each_version_not_the_sum(merged_vllm, tin
     d_old, _ = vllm_vs_learner(merged_vllm, model, PROMPTS, sample)
     print(f"after a sync while asleep: vs the new version mean {d_new.mean():.2e}, vs the previous {d_old.mean():.2e}")
     assert float(d_new.mean()) < 0.05 and float(d_old.mean()) > 2 * float(d_new.mean())
+
+
+def _open_in_child(requests, replies) -> None:
+    """A worker's side in its own process: open each handoff it is sent, reply with the sums of
+    what it got and of the first handoff's tensors (kept: they must be its own copy)."""
+    from rl.rollout.device_handoff import open_tensors
+
+    first = None
+    while (shared := requests.get()) is not None:
+        got = open_tensors(shared)
+        first = first or got
+        replies.put(({k: float(v.sum()) for k, v in got.items()}, {k: float(v.sum()) for k, v in first.items()},
+                     {k: str(v.device) for k, v in got.items()}))
+
+
+def test_device_buffers_hand_each_version_to_another_process():
+    """CUDA IPC between two processes on one GPU: the learner's buffers are reused (one handle,
+    opened once), so every version must still reach the worker, and the worker's tensors must be its
+    own copy, untouched when the learner writes the next version."""
+    import torch.multiprocessing as mp
+
+    from rl.rollout.device_handoff import DeviceBuffers
+
+    ctx = mp.get_context("spawn")
+    requests, replies = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_open_in_child, args=(requests, replies), daemon=True)
+    child.start()
+    buffers = DeviceBuffers()
+    try:
+        sums = []
+        for version in range(3):
+            g = torch.Generator(device="cuda").manual_seed(version)
+            tensors = {"a": torch.randn(16, 64, device="cuda", generator=g),
+                       "b": torch.randn(128, 16, device="cuda", generator=g),
+                       "half": torch.randn(8, 8, device="cuda", generator=g).to(torch.bfloat16)}
+            requests.put(buffers.share(tensors))
+            got, first, devices = replies.get(timeout=120)
+            want = {k: float(v.sum()) for k, v in tensors.items()}
+            assert got == pytest.approx(want, rel=1e-5), f"version {version}: the worker read another version"
+            assert all(d.startswith("cuda") for d in devices.values())
+            sums.append(want)
+            assert first == pytest.approx(sums[0], rel=1e-5), "the worker's first version changed under it"
+        assert len(buffers._flat) == 2  # one buffer per dtype, reused by every version
+    finally:
+        requests.put(None)
+        child.join(timeout=60)
+
+
+def test_tiny_run_merged_hands_the_adapter_over_on_the_gpu(ray_local, tiny_model_path, tmp_path):
+    """The tiny recipe colocated with merged weights: rollout.weight_transfer=auto takes CUDA IPC,
+    and the served adapter is the learner's at every step (the learner's logprobs of the rollout's
+    tokens stay as close as bf16 allows)."""
+    from rl.metrics_log import read_metrics
+    from test_gpu import run_tiny
+
+    _, seen = run_tiny(tmp_path, steps=3, before_fit=lambda trainer: {"on_gpu": trainer.adapter_on_gpu},
+                       engine="vllm", extra=["rollout.weight_sync=merged"])
+    assert seen["on_gpu"] is True
+    metrics = read_metrics(tmp_path / "gpu")[1:]
+    assert len(metrics) == 3
+    for m in metrics:
+        print({k: round(v, 5) for k, v in m.items() if k.startswith(("time/sync", "learner/logprob_mismatch"))})
+        assert m["learner/logprob_mismatch_abs_diff_mean"] < 0.05
+        assert m["time/sync_s"] > 0 and 0 <= m["rollout/merged_update_error"] <= 1

@@ -252,12 +252,16 @@ class LearnerGroup:
         rows = self._all([r.logprobs.remote(s, t) for r, s in zip(self.ranks, split_batch(batch, self.n))])
         return torch.cat(rows)[: batch.input_ids.shape[0]]
 
-    def export_adapter(self, version: int, serve_dtype: str | None = None):
+    def export_adapter(self, version: int, serve_dtype: str | None = None, on_device: bool = False):
         """ObjectRef of an rl.rollout.sync.AdapterPayload (every rank gathers, rank 0 returns it);
-        ``serve_dtype`` as in LearnerRank.export_adapter (rl.rollout.engine.payload_dtype)."""
-        refs = [r.export_adapter.remote(version, serve_dtype) for r in self.ranks]
+        ``serve_dtype`` and ``on_device`` as in LearnerRank.export_adapter (rl.rollout.engine.payload_dtype)."""
+        refs = [r.export_adapter.remote(version, serve_dtype, on_device) for r in self.ranks]
         self._all(refs[1:])
         return refs[0]
+
+    def gpu_uuid(self) -> str | None:
+        """Rank 0's GPU (the one an exported adapter is on); None on CPU."""
+        return self._all([self.ranks[0].gpu_uuid.remote()])[0]
 
     def lora_state(self) -> dict[str, Tensor]:
         """Full LoRA tensors under the live model's parameter names (for tests and tools)."""

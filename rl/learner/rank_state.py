@@ -18,14 +18,26 @@ class RankState:
         """Full LoRA tensors under the model's parameter names (collective)."""
         return {n: full_tensor(p).cpu().clone() for n, p in self.model.named_parameters() if "lora_" in n}
 
-    def export_adapter(self, version: int, serve_dtype: str | None = None):
+    def export_adapter(self, version: int, serve_dtype: str | None = None, on_device: bool = False):
         """The adapter as an AdapterPayload on rank 0 (collective); None elsewhere.
-        ``serve_dtype``: folded for vLLM and cast to that dtype (rl/rollout/sync.py)."""
+        ``serve_dtype``: folded for vLLM and cast to that dtype (rl/rollout/sync.py).
+        ``on_device``: left on rank 0's GPU, in buffers this rank keeps, for workers that
+        share the GPU (rl/rollout/device_handoff.py)."""
+        from rl.rollout.device_handoff import DeviceBuffers
         from rl.rollout.sync import make_payload
 
         dtype = getattr(torch, serve_dtype) if serve_dtype else None
-        payload = make_payload(self.model, version, serve_dtype=dtype)
+        buffers = None
+        if on_device and self.rank == 0:
+            buffers = self.__dict__.setdefault("_device_buffers", DeviceBuffers())
+        payload = make_payload(self.model, version, serve_dtype=dtype, device_buffers=buffers)
         return payload if self.rank == 0 else None
+
+    def gpu_uuid(self) -> str | None:
+        """The UUID of this rank's GPU; None on CPU."""
+        if not torch.cuda.is_available():
+            return None
+        return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
 
     def state_for_save(self) -> dict | None:
         """Everything a checkpoint holds, gathered to rank 0 (collective); None elsewhere."""

@@ -44,6 +44,10 @@ class RolloutConfig:
     # faster decoding on CPU, no LoRA kernels on a GPU; bf16 rounds small updates away),
     # "auto" (merged on CPU hosts, adapter on GPUs). rl/rollout/merged.py
     weight_sync: str = "auto"
+    # How an adapter version reaches the workers: "object_store" (Ray's, through host memory),
+    # "cuda_ipc" (left on the learner's GPU, handed to workers that share it; merged weights,
+    # trainer.max_staleness=0), "auto" (cuda_ipc wherever it can run). rl/rollout/device_handoff.py
+    weight_transfer: str = "auto"
     # weight_sync=adapter: a version with the same modules and ranks as the served one (every
     # version after a run's first) is written into vLLM's LoRA slot in place, skipping the PEFT
     # folder, add_lora and remove_lora (rl/rollout/vllm_inplace.py); other versions, and any
@@ -87,4 +91,5 @@ class RolloutConfig:
             value = getattr(self, key)
             _check(isinstance(value, bool) or value == "auto", f"{p}.{key}", value, "auto, true or false")
         _one_of(f"{p}.weight_sync", self.weight_sync, ["auto", "adapter", "merged"])
+        _one_of(f"{p}.weight_transfer", self.weight_transfer, ["auto", "object_store", "cuda_ipc"])
         _one_of(f"{p}.seed_mode", self.seed_mode, ["auto", "request", "batch"])

@@ -5,16 +5,18 @@ SmolLM2 3-4x slower than the plain model, and on a GPU a 0.5B model's projection
 enough that the extra kernels are a visible share of each decode step. Here the worker keeps
 a copy of the base weights, and each adapter version that arrives (the same small
 :class:`AdapterPayload` that the LoRA path receives through Ray's object store) is folded
-in, ``W' = W + scale * B @ A``, and written into the running engine. Only the adapter crosses
-the object store; the merge happens in the worker, on the engine's device.
+in, ``W' = W + scale * B @ A``, and written into the running engine. Only the adapter travels
+(through the object store, or as a CUDA IPC handle where the worker shares the learner's GPU:
+rl/rollout/device_handoff.py); the merge happens in the worker, on the engine's device.
 
 How the merged weights reach the engine depends on where it runs:
 
 - on a GPU, straight into the served parameters through the model's own ``load_weights``
   (it knows vLLM's fused q/k/v and gate/up layout), only the adapted modules' weights. The
   parameters are written in place, so CUDA graphs captured on them stay valid. The base
-  copy of those modules lives on the GPU (for an all-linear adapter, most of the model once
-  more: 358M parameters, 0.7 GB in bf16, for Qwen2.5-0.5B);
+  copy of those modules and the merged results live on the GPU (:class:`AdapterMerger`; for
+  an all-linear adapter, most of the model twice more: 358M parameters, 0.7 GB in bf16 each,
+  for Qwen2.5-0.5B);
 - on CPU, vLLM repacks each linear weight for its CPU kernels when it loads it and drops
   the original, so a write into the parameter would not be seen: every weight goes through
   vLLM's ``reload_weights``, which repeats that processing. Every weight, not only the
@@ -40,7 +42,7 @@ from __future__ import annotations
 import torch
 
 from rl.rollout.sync import (_A, _B, _PREFIX, AdapterPayload, check_ranks, check_servable, check_unfolded,
-                             module_scales)
+                             module_ranks, module_scales)
 from rl.rollout.vllm_engine import StageClock, VLLMEngine
 
 
@@ -66,41 +68,86 @@ def adapted_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
 
     ``tensors`` are PEFT state-dict names (``base_model.model.<module>.lora_A.weight``);
     the scale is the module's own PEFT scale (alpha / r, patterns and rsLoRA resolved).
-    The factors reach W's device in one copy, and modules of one shape and rank are merged
-    together in one batched matmul: a module at a time, an all-linear adapter of a 24-layer
-    model took 168 host-to-device round trips and as many small matmuls (about 75 ms a sync
-    on an H200, reports/gpu/README.md 17).
+    A one-off :class:`AdapterMerger`; an engine keeps one across versions.
     """
-    scales = module_scales(tensors, peft_config)
-    for module in scales:
-        if f"{module}.weight" not in base:
-            raise ValueError(f"adapter module {module!r} has no weight {module + '.weight'!r} in the base model; "
-                             "the adapter was trained on another model")
-    if not scales:
-        return {}, 0.0
-    device = base[f"{next(iter(scales))}.weight"].device
-    factors = _on_device([tensors[f"{_PREFIX}{m}{ab}"] for m in scales for ab in (_A, _B)], device)
-    a_of = {m: factors[2 * i] for i, m in enumerate(scales)}
-    b_of = {m: factors[2 * i + 1] for i, m in enumerate(scales)}
-    same_merge: dict[tuple, list[str]] = {}  # (W's shape and dtype, rank) -> modules
-    for m in scales:
-        w = base[f"{m}.weight"]
-        same_merge.setdefault((tuple(w.shape), w.dtype, a_of[m].shape[0]), []).append(m)
-    out: dict[str, torch.Tensor] = {}
-    lost_sq = update_sq = torch.zeros((), device=device)
-    for (shape, dtype, _), modules in same_merge.items():
-        per_chunk = max(1, _CHUNK_ELEMENTS // (shape[0] * shape[1]))
-        for start in range(0, len(modules), per_chunk):
-            chunk = modules[start:start + per_chunk]
-            base_w = torch.stack([base[f"{m}.weight"] for m in chunk]).float()
-            scale = torch.tensor([scales[m] for m in chunk], device=device).view(-1, 1, 1)
-            update = scale * torch.bmm(torch.stack([b_of[m] for m in chunk]), torch.stack([a_of[m] for m in chunk]))
-            merged = (base_w + update).to(dtype)
-            lost_sq = lost_sq + (merged.float() - base_w - update).square().sum()
-            update_sq = update_sq + update.square().sum()
-            out.update((f"{m}.weight", w) for m, w in zip(chunk, merged.unbind(0)))
-    update_norm = float(update_sq) ** 0.5  # read once every module is merged: one wait for the device
-    return out, (float(lost_sq) ** 0.5 / update_norm if update_norm > 0 else 0.0)
+    return AdapterMerger(base, tensors, peft_config).merge(tensors)
+
+
+class AdapterMerger:
+    """Merges the versions of one adapter structure (modules, ranks, scales) into one base.
+
+    The factors reach W's device in one copy, and modules of one shape and rank are merged
+    together in batched matmuls, in chunks of at most ``_CHUNK_ELEMENTS`` float32 elements: a
+    module at a time, an all-linear adapter of a 24-layer model took 168 host-to-device round
+    trips and as many small matmuls (about 75 ms a sync on an H200, reports/gpu/README.md 17).
+    Everything a merge writes is allocated once, here, and reused by every version: the
+    adapted modules' base weights stacked by shape and rank, as many merged weights (the
+    results, overwritten by the next merge), and one float32 chunk of workspace. A merge
+    allocates no large block, so it costs the same after vLLM's sleep has emptied the
+    allocator's cache. For an all-linear adapter of Qwen2.5-0.5B in bf16 that is 0.7 GB of
+    base copy and 0.7 GB of results, beside 128 MiB of workspace.
+    """
+
+    def __init__(self, base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], peft_config: dict,
+                 device: torch.device | str | None = None):
+        """``device``: where the merges run and their results live; default: the base weights' device."""
+        self.scales = module_scales(tensors, peft_config)
+        self.structure = self.signature(tensors, peft_config)
+        for module in self.scales:
+            if f"{module}.weight" not in base:
+                raise ValueError(f"adapter module {module!r} has no weight {module + '.weight'!r} in the base "
+                                 "model; the adapter was trained on another model")
+        ranks = module_ranks(tensors)
+        same_merge: dict[tuple, list[str]] = {}  # (W's shape and dtype, rank) -> modules
+        for m in self.scales:
+            w = base[f"{m}.weight"]
+            same_merge.setdefault((tuple(w.shape), w.dtype, ranks[m]), []).append(m)
+        first = base[f"{next(iter(self.scales))}.weight"].device if self.scales else "cpu"
+        self.device = torch.device(device or first)
+        # (modules, their base weights stacked, the merged results, their scales as a [k, 1, 1] tensor)
+        self.groups = [(modules, torch.stack([base[f"{m}.weight"] for m in modules]).to(self.device),
+                        torch.empty((len(modules), *shape), dtype=dtype, device=self.device),
+                        torch.tensor([self.scales[m] for m in modules], device=self.device).view(-1, 1, 1))
+                       for (shape, dtype, _), modules in same_merge.items()]
+        chunk = max((min(len(m), self._per_chunk(b)) * b[0].numel() for m, b, _, _ in self.groups), default=0)
+        self.workspace = torch.empty(chunk, dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def signature(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple:
+        """What a merger is built for: a version with another signature needs a new one."""
+        return tuple(sorted((m, module_ranks(tensors)[m], s) for m, s in module_scales(tensors, peft_config).items()))
+
+    @staticmethod
+    def _per_chunk(stacked: torch.Tensor) -> int:
+        return max(1, _CHUNK_ELEMENTS // stacked[0].numel())
+
+    def merge(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
+        """``tensors``' merged weights (views of this merger's results: valid until the next merge)
+        and the update's error as served (:func:`adapted_weights`)."""
+        if not self.scales:
+            return {}, 0.0
+        modules = list(self.scales)
+        factors = _on_device([tensors[f"{_PREFIX}{m}{ab}"] for m in modules for ab in (_A, _B)], self.device)
+        a_of = {m: factors[2 * i] for i, m in enumerate(modules)}
+        b_of = {m: factors[2 * i + 1] for i, m in enumerate(modules)}
+        out: dict[str, torch.Tensor] = {}
+        lost_sq = update_sq = torch.zeros((), device=self.device)
+        for group, base_stack, results, scales in self.groups:
+            per_chunk = self._per_chunk(base_stack)
+            for start in range(0, len(group), per_chunk):
+                chunk = group[start:start + per_chunk]
+                a = torch.stack([a_of[m] for m in chunk])
+                b = torch.stack([b_of[m] for m in chunk]).mul_(scales[start:start + len(chunk)])
+                exact = self.workspace[:base_stack[start:start + len(chunk)].numel()].view(len(chunk), *base_stack.shape[1:])
+                exact.copy_(base_stack[start:start + len(chunk)]).baddbmm_(b, a)  # W + scale * B @ A in float32
+                merged = results[start:start + len(chunk)]
+                merged.copy_(exact)  # rounded once, to W's dtype
+                # |scale * B @ A|^2 = sum((A A^T) * (sB^T sB)): two r x r products instead of the update again.
+                update_sq = update_sq + (torch.bmm(a, a.mT) * torch.bmm(b.mT, b)).sum()
+                lost_sq = lost_sq + torch.linalg.vector_norm(exact.sub_(merged)).square()
+                out.update((f"{m}.weight", w) for m, w in zip(chunk, merged.unbind(0)))
+        update_norm = float(update_sq.clamp_min(0)) ** 0.5  # read once every module is merged: one wait for the device
+        return out, (float(lost_sq) ** 0.5 / update_norm if update_norm > 0 else 0.0)
 
 
 def _on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -149,7 +196,9 @@ class MergedVLLMEngine(VLLMEngine):
 
         self._in_place = current_platform.is_cuda_alike()
         self._base = load_base_weights(model_path, getattr(torch, dtype) if dtype != "auto" else torch.float32)
-        self._device_base: dict[str, torch.Tensor] = {}  # the adapted modules' base weights, on the GPU
+        # Built for the first version and kept while versions keep its structure: on a GPU it holds
+        # the adapted modules' base weights there.
+        self._merger: AdapterMerger | None = None
 
     def _lora_args(self, rollout_cfg) -> dict:
         return {}  # no LoRA kernels: the adapter is in the weights
@@ -168,27 +217,22 @@ class MergedVLLMEngine(VLLMEngine):
         stage("check")
         self.wake_up()  # asleep, the parameters are not on the GPU
         stage("wake")
+        if self._merger is None or self._merger.structure != AdapterMerger.signature(payload.tensors,
+                                                                                   payload.peft_config):
+            self._merger = AdapterMerger(self._base, payload.tensors, payload.peft_config,
+                                         device="cuda" if self._in_place else "cpu")
+        weights, error = self._merger.merge(payload.tensors)
+        stage("merge")
         if self._in_place:
-            weights, error = adapted_weights(self._adapted_base(payload), payload.tensors, payload.peft_config)
-            stage("merge")
             written = self.llm.collective_rpc(write_weights_in_place, args=(weights,))
             if not all(written):
                 raise RuntimeError(f"vLLM's model loaded none of adapter version {payload.version}'s weights")
         else:
-            weights, error = merged_weights(self._base, payload.tensors, payload.peft_config)
-            stage("merge")
             # In-process engine (uni executor): the tensors are handed over, not serialised.
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+            every_weight = list({**self._base, **weights}.items())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": every_weight})
         stage("load")
         self.llm.reset_prefix_cache()
         stage("reset")
         self._version = payload.version
         return dict(stage.timings, sync_path="merged", merged_update_error=error)
-
-    def _adapted_base(self, payload: AdapterPayload) -> dict[str, torch.Tensor]:
-        """The base weights of ``payload``'s modules on the GPU, copied there the first time."""
-        for module in module_scales(payload.tensors, payload.peft_config):
-            name = f"{module}.weight"
-            if name not in self._device_base and name in self._base:
-                self._device_base[name] = self._base[name].to("cuda")
-        return self._device_base

@@ -196,6 +196,10 @@ class RolloutPool:
         self.finish(pending)
         return []
 
+    def sees_gpu(self, uuid: str) -> bool:
+        """Whether every worker's process sees the GPU with this UUID."""
+        return all(uuid in seen for seen in ray.get([w.gpu_uuids.remote() for w in self.workers]))
+
     def wake_up(self) -> None:
         self.finish(self._each("wake_up"))
 

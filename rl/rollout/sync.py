@@ -26,7 +26,8 @@ clock when the learner handed it over) so that a sync can report where its time 
 
 Left out: DoRA, LoRA bias and ``modules_to_save`` adapters (vLLM does not serve them;
 :func:`check_servable` says so in one line), and any transport other than Ray's
-object store (NCCL broadcast of the adapter is not needed at LoRA sizes).
+object store and, for a worker on the learner's GPU, CUDA IPC (rl/rollout/device_handoff.py;
+NCCL broadcast of the adapter is not needed at LoRA sizes).
 """
 from __future__ import annotations
 
@@ -54,39 +55,53 @@ class AdapterPayload:
     peft_config: dict  # JSON-able LoraConfig fields, see lora_config_to_dict
     folded: bool = False  # per-module scales already folded into B (fold_scales_for_vllm)
     timings: dict = field(default_factory=dict)  # sync stage -> seconds, and "sent_at" (time.time())
+    # Set by the learner instead of tensors when the workers share its GPU: CUDA IPC handles to
+    # the tensors on the device (rl/rollout/device_handoff.py); the receiver gets tensors again.
+    shared: dict | None = None
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items() if k != "tensors"}
-        state["packed"] = pack_tensors(self.tensors)
+        if self.shared is None:
+            state["packed"] = pack_tensors(self.tensors)
         return state
 
     def __setstate__(self, state: dict) -> None:
         t = time.perf_counter()
-        packed = state.pop("packed")
+        packed = state.pop("packed", None)
         self.__dict__.update(state)
-        self.tensors = unpack_tensors(packed)
+        if packed is not None:
+            self.tensors = unpack_tensors(packed)
+        else:
+            from rl.rollout.device_handoff import open_tensors
+
+            self.tensors, self.shared = open_tensors(self.shared), None
         self.timings = dict(self.timings, unpack_s=time.perf_counter() - t)
 
 
 def make_payload(peft_model, version: int, adapter_name: str = "default",
-                 serve_dtype: torch.dtype | None = None) -> AdapterPayload:
+                 serve_dtype: torch.dtype | None = None, device_buffers=None) -> AdapterPayload:
     """Gather the adapter (collective under FSDP2) and wrap it with its config.
 
     ``serve_dtype``: fold the per-module scales for vLLM (in float32, on the model's
     device) and cast to that dtype before the copy to CPU; None keeps the adapter as
-    PEFT holds it (checkpoints, the hf and merged engines).
+    PEFT holds it (checkpoints, the hf and merged engines). ``device_buffers``
+    (rl.rollout.device_handoff.DeviceBuffers): the tensors stay on the device and travel as
+    CUDA IPC handles to those buffers instead.
     """
     t = time.perf_counter()
     config = lora_config_to_dict(peft_model.peft_config[adapter_name])
-    tensors = gather_lora_state(peft_model, adapter_name, to_cpu=serve_dtype is None)
+    on_device = device_buffers is not None
+    tensors = gather_lora_state(peft_model, adapter_name, to_cpu=serve_dtype is None and not on_device)
     if serve_dtype is not None:
         tensors, config = fold_scales_for_vllm(tensors, config)
-        tensors = to_cpu_at_once({k: v.to(serve_dtype) for k, v in tensors.items()})
-    return AdapterPayload(version, tensors, config, folded=serve_dtype is not None,
-                          timings={"gather_s": time.perf_counter() - t, "sent_at": time.time()})
+        tensors = {k: v.to(serve_dtype) for k, v in tensors.items()}
+        tensors = tensors if on_device else to_cpu_at_once(tensors)
+    shared = device_buffers.share(tensors) if on_device else None
+    return AdapterPayload(version, {} if on_device else tensors, config, folded=serve_dtype is not None,
+                          timings={"gather_s": time.perf_counter() - t, "sent_at": time.time()}, shared=shared)
 
 
 # ----------------------------------------------------------------------------- gathering
@@ -134,11 +149,12 @@ def to_cpu_at_once(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for dtype in dict.fromkeys(t.dtype for t in tensors.values()):
         names = [k for k, t in tensors.items() if t.dtype == dtype]
         flat = torch.cat([tensors[k].detach().reshape(-1) for k in names]).to("cpu")
-        out.update(_split(flat, [(k, tuple(tensors[k].shape)) for k in names]))
+        out.update(split_flat(flat, [(k, tuple(tensors[k].shape)) for k in names]))
     return {k: out[k] for k in tensors}
 
 
-def _split(flat: torch.Tensor, manifest: list[tuple[str, tuple]]) -> dict[str, torch.Tensor]:
+def split_flat(flat: torch.Tensor, manifest: list[tuple[str, tuple]]) -> dict[str, torch.Tensor]:
+    """``{name: view of flat}`` for a manifest of ``(name, shape)`` laid out in order."""
     out, offset = {}, 0
     for name, shape in manifest:
         n = int(np.prod(shape, dtype=np.int64))
@@ -171,7 +187,7 @@ def unpack_tensors(packed: dict) -> dict[str, torch.Tensor]:
         # copy it once, since vLLM scales B in place and other workers read the same object.
         flat = torch.from_numpy(array if array.flags.writeable else array.copy())
         dtype = getattr(torch, dtype_name)
-        out.update(_split(flat.view(dtype) if flat.dtype != dtype else flat, manifest))
+        out.update(split_flat(flat.view(dtype) if flat.dtype != dtype else flat, manifest))
     return {k: out[k] for k in packed["order"]}
 
 

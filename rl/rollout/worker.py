@@ -94,6 +94,12 @@ class LocalRolloutWorker:
     def adapter_version(self) -> int | None:
         return self.engine.adapter_version()
 
+    def gpu_uuids(self) -> list[str]:
+        """The GPUs this worker's process sees (rl/rollout/device_handoff.py)."""
+        from rl.rollout.device_handoff import device_uuids
+
+        return device_uuids()
+
     def sleep(self) -> bool:
         """Release accelerator memory until the next use; False where the engine cannot."""
         return bool(getattr(self.engine, "sleep", lambda: False)())
