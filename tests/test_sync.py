@@ -374,3 +374,23 @@ def test_training_steps_log_each_sync_stage(ray_local, tiny_model_path, tmp_path
         # exceed it. The gather is asked for before the wake and may lie before the sync's clock.
         after_gather = stages - parts - {"time/sync_unpack_s", "time/sync_gather_s"}
         assert sum(m[k] for k in after_gather) <= m["time/sync_s"] + 0.05
+
+
+def test_a_merger_kept_across_versions_merges_each_as_a_fresh_one(base):
+    """The engine keeps one AdapterMerger while versions keep their structure: its buffers are
+    reused, so version 2 must come out exactly as a merger built for it alone would give it,
+    and version 1's results are overwritten, not added to."""
+    from rl.rollout.merged import AdapterMerger, adapted_weights
+
+    base_sd = {k: v.clone().to(torch.bfloat16) for k, v in base.state_dict().items()}
+    first = make_payload(learner_model(base, CASES["mixed-rank-alpha"], seed=1), version=1)
+    second = make_payload(learner_model(base, CASES["mixed-rank-alpha"], seed=2), version=2)
+    kept = AdapterMerger(base_sd, first.tensors, first.peft_config)
+    assert kept.structure == AdapterMerger.signature(second.tensors, second.peft_config)
+    kept.merge(first.tensors)
+    again, error = kept.merge(second.tensors)
+    fresh, fresh_error = adapted_weights(base_sd, second.tensors, second.peft_config)
+    torch.testing.assert_close(again, fresh, atol=0, rtol=0)
+    assert error == pytest.approx(fresh_error, rel=1e-6)
+    other = make_payload(learner_model(base, CASES["uniform"], seed=3), version=3)
+    assert AdapterMerger.signature(other.tensors, other.peft_config) != kept.structure  # a new merger then
