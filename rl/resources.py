@@ -31,6 +31,22 @@ def plan_bundles(num_ranks: int, num_workers: int, colocate: bool, gpus_learner:
     return bundles, list(range(num_ranks)), list(range(num_ranks, num_ranks + num_workers))
 
 
+def gpu_shortfall(bundles: list[dict], cluster_gpus: float, colocate: bool) -> str | None:
+    """Why ``bundles`` cannot fit a cluster with ``cluster_gpus`` GPUs, in one line naming the
+    settings to change; None when they fit (pure). Ray would otherwise wait for them until
+    ``reserve`` gives up."""
+    need = sum(b.get("GPU", 0.0) for b in bundles)
+    if need <= cluster_gpus + 1e-9:
+        return None
+    how = ("colocated, each of the max(learner.num_ranks, rollout.num_workers) bundles takes "
+           "cluster.gpus_per_learner_rank + cluster.gpus_per_rollout_worker; e.g. with one rank and two "
+           "workers on one GPU set both to 0.25" if colocate else
+           "each learner rank takes cluster.gpus_per_learner_rank and each rollout worker "
+           "cluster.gpus_per_rollout_worker")
+    return (f"the run asks for {need:g} GPUs in {len(bundles)} bundles but the cluster has {cluster_gpus:g}: "
+            f"{how}; lower them or learner.num_ranks / rollout.num_workers")
+
+
 def cpu_threads(configured: int, actors: int, host_cores: int | None = None) -> int:
     """Threads for one of ``actors`` CPU actors of a kind on a host (pure but for the core count).
 
@@ -56,6 +72,8 @@ def reserve(cfg, timeout_s: float = 120.0) -> ActorLayout:
 
     bundles, lb, rb = plan_bundles(cfg.learner.num_ranks, cfg.rollout.num_workers, cfg.cluster.colocate,
                                    cfg.cluster.gpus_per_learner_rank, cfg.cluster.gpus_per_rollout_worker)
+    if why := gpu_shortfall(bundles, ray.cluster_resources().get("GPU", 0.0), cfg.cluster.colocate):
+        raise RuntimeError(why)
     # Actors ask for a fraction of a bundle's CPU so that rank and worker can share one.
     pg = placement_group(bundles, strategy="PACK")
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

@@ -5,7 +5,7 @@ import torch
 
 from rl.learner.batch import grpo_batch, pad_sequences, sft_batch
 from rl.evaluate import split_evenly
-from rl.resources import cpu_threads, plan_bundles
+from rl.resources import cpu_threads, gpu_shortfall, plan_bundles
 
 
 def test_pad_sequences_aligns_masks_and_logprobs():
@@ -41,6 +41,19 @@ def test_bundles_colocated_and_separate():
     assert len(bundles) == 4 and rb == [2, 3] and all(b["GPU"] == 1 for b in bundles)
     cpu_only, _, _ = plan_bundles(1, 1, colocate=True, gpus_learner=0, gpus_rollout=0)
     assert cpu_only == [{"CPU": 1.0}]
+
+
+def test_bundles_that_cannot_fit_the_gpus_are_refused_in_one_line_before_ray_waits():
+    # One learner rank and two vLLM workers colocated on one GPU: two bundles.
+    default, _, _ = plan_bundles(1, 2, colocate=True, gpus_learner=0.5, gpus_rollout=0.4)
+    why = gpu_shortfall(default, cluster_gpus=1, colocate=True)
+    assert "\n" not in why and "asks for 1.8 GPUs in 2 bundles but the cluster has 1" in why
+    assert "set both to 0.25" in why
+    quarters, _, _ = plan_bundles(1, 2, colocate=True, gpus_learner=0.25, gpus_rollout=0.25)
+    assert gpu_shortfall(quarters, cluster_gpus=1, colocate=True) is None
+    apart, _, _ = plan_bundles(1, 1, colocate=False, gpus_learner=1, gpus_rollout=1)
+    assert "cluster.gpus_per_rollout_worker" in gpu_shortfall(apart, cluster_gpus=1, colocate=False)
+    assert gpu_shortfall(plan_bundles(1, 1, True, 0, 0)[0], cluster_gpus=0, colocate=True) is None  # CPU only
 
 
 def test_cpu_threads_share_the_host_among_one_kind_of_actor():
