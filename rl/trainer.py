@@ -142,17 +142,16 @@ class Trainer:
         if learner_cfg.profile_step and not learner_cfg.profile_dir:
             learner_cfg = dataclasses.replace(learner_cfg, profile_dir=str(self.run_dir / "profile"))
         self.learner = LearnerGroup(dataclasses.replace(cfg, rollout=self.served, learner=learner_cfg),
-                                    self.model_path, self.lora_dict,
-                                    plan=self.plan, attach=attach,
+                                    self.model_path, self.lora_dict, plan=self.plan, attach=attach,
                                     placement_group=layout.placement_group)
         needs_rollout = cfg.algorithm.loss == "grpo" or cfg.trainer.eval_size > 0
         # The plan never changes during a run: serve at its largest rank (rl/rollout/engine.py says why).
         served = served_config(self.served, self.plan.max_rank())
         self.rollout = RolloutPool(served, self.model_path, self._rollout_dtype(), cfg.trainer.seed,
                                    layout, cfg.cluster, actor_env(cfg.logging.verbose)) if needs_rollout else None
-        # rollout.weight_transfer: versions stay on the learner's GPU where the workers see it.
-        self.adapter_on_gpu = needs_rollout and adapter_stays_on_gpu(served, cfg.trainer.max_staleness, self.learner,
-                                                                     self.rollout)
+        # How each version travels: its dtype, and whether it stays on the GPU (rollout.weight_transfer).
+        self.export_as = (payload_dtype(self.served, self._rollout_dtype()),
+                          adapter_stays_on_gpu(served, cfg.trainer.max_staleness, self.learner, self.rollout))
         if cfg.algorithm.loss == "grpo":
             self.rollouts = RolloutQueue(self.rollout, self.sampler, [r["prompt_ids"] for r in self.train_rows],
                                          cfg.rollout.prompts_per_step, self._sampling, cfg.trainer.max_staleness,
@@ -200,10 +199,8 @@ class Trainer:
             return {}
         overlapped = self.cfg.trainer.max_staleness > 0
         self.adapter_version += 1
-        # Asked for first: the learner gathers the adapter while the rollout wakes (another
-        # actor), so only what outlasts the wake remains in time/sync_s.
-        ref = self.learner.export_adapter(self.adapter_version, payload_dtype(self.served, self._rollout_dtype()),
-                                          self.adapter_on_gpu)
+        # Asked for first: gathered while the rollout wakes, so only what outlasts the wake is in time/sync_s.
+        ref = self.learner.export_adapter(self.adapter_version, *self.export_as)
         t = time.perf_counter()
         if not overlapped:  # an overlapped rollout never sleeps (check_overlap)
             self.rollout.wake_up()

@@ -136,7 +136,7 @@ def test_tiny_run_merged_hands_the_adapter_over_on_the_gpu(ray_local, tiny_model
     from rl.metrics_log import read_metrics
     from test_gpu import run_tiny
 
-    _, seen = run_tiny(tmp_path, steps=3, before_fit=lambda trainer: {"on_gpu": trainer.adapter_on_gpu},
+    _, seen = run_tiny(tmp_path, steps=3, before_fit=lambda trainer: {"on_gpu": trainer.export_as[1]},
                        engine="vllm", extra=["rollout.weight_sync=merged"])
     assert seen["on_gpu"] is True
     metrics = read_metrics(tmp_path / "gpu")[1:]

@@ -28,8 +28,8 @@ class RankState:
 
         dtype = getattr(torch, serve_dtype) if serve_dtype else None
         buffers = None
-        if on_device and self.rank == 0:
-            buffers = self.__dict__.setdefault("_device_buffers", DeviceBuffers())
+        if on_device and self.rank == 0:  # kept from one export to the next: the workers keep its handle open
+            buffers = self._device_buffers = getattr(self, "_device_buffers", None) or DeviceBuffers()
         payload = make_payload(self.model, version, serve_dtype=dtype, device_buffers=buffers)
         return payload if self.rank == 0 else None
 

@@ -121,10 +121,13 @@ def open_tensors(shared: dict) -> dict[str, torch.Tensor]:
 
 def adapter_stays_on_gpu(rollout_cfg, max_staleness: int, learner, pool) -> bool:
     """Whether this run's adapter versions travel as CUDA IPC handles (``rollout.weight_transfer``
-    resolved against the running actors: ``learner`` a LearnerGroup, ``pool`` a RolloutPool)."""
+    resolved against the running actors: ``learner`` a LearnerGroup, ``pool`` a RolloutPool or
+    None where the run has no rollouts)."""
     from rl.rollout.merged import merges_weights
 
-    setting = getattr(rollout_cfg, "weight_transfer", "auto")
+    if pool is None:
+        return False
+    setting = rollout_cfg.weight_transfer
     merged = rollout_cfg.engine == "vllm" and merges_weights(rollout_cfg)
     uuid = learner.gpu_uuid() if setting != "object_store" else None
     sees = None if uuid is None else pool.sees_gpu(uuid)
