@@ -25,7 +25,8 @@ STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s",
              "time/wake_s", "time/rollout_wait_s", "rollout/staleness", "throughput/rollout_tokens_per_s",
              "rollout/response_tokens_mean", "time/rollout_generate_s", "time/rollout_rows_s", "rollout/stream_parts",
              # How far the rollout's logprobs are from the learner's: merged bf16 weights round small updates away.
-             "learner/logprob_mismatch_abs_diff_mean", "learner/logprob_mismatch_kl_k3", "rollout/merged_update_error")
+             "learner/logprob_mismatch_abs_diff_mean", "learner/logprob_mismatch_kl_k3", "rollout/merged_update_error",
+             "rollout/merged_direct_write")
 # Reported with the first step: Ray, the actors and the engines (with learner.compile, the
 # rank's compile warm-up over the rollout engine's start; learner/warm_up_s is its own time).
 STARTUP_KEYS = ("time/startup_s", "learner/warm_up_s", "learner/compiled_graphs")

@@ -75,7 +75,9 @@ def test_merged_vllm_sleep_wake_serves_each_version_not_the_sum(merged_vllm, tin
     # weights and not into the previous version's (each version replaces the last).
     merged_vllm.sleep()
     newer, payload = payload_for(tiny_model_path, "uniform", seed=6, version=merged_vllm.adapter_version() + 1)
-    merged_vllm.load_adapter(payload)
+    # The same weights as the version before: written straight through the map vLLM's loader
+    # taught the worker (rl/rollout/param_map.py), into parameters that went through a sleep.
+    assert merged_vllm.load_adapter(payload)["merged_direct_write"] == 1.0
     sample = SamplingSpec(n=2, max_new_tokens=16, temperature=1.0, seed=9)
     d_new, _ = vllm_vs_learner(merged_vllm, newer, PROMPTS, sample)
     d_old, _ = vllm_vs_learner(merged_vllm, model, PROMPTS, sample)
@@ -141,7 +143,9 @@ def test_tiny_run_merged_hands_the_adapter_over_on_the_gpu(ray_local, tiny_model
     assert seen["on_gpu"] is True
     metrics = read_metrics(tmp_path / "gpu")[1:]
     assert len(metrics) == 3
-    for m in metrics:
-        print({k: round(v, 5) for k, v in m.items() if k.startswith(("time/sync", "learner/logprob_mismatch"))})
+    for i, m in enumerate(metrics):
+        print({k: round(v, 5) for k, v in m.items() if k.startswith(("time/sync", "learner/logprob_mismatch",
+                                                                       "rollout/merged"))})
         assert m["learner/logprob_mismatch_abs_diff_mean"] < 0.05
+        assert i == 0 or m["rollout/merged_direct_write"] == 1.0  # written through the verified map
         assert m["time/sync_s"] > 0 and 0 <= m["rollout/merged_update_error"] <= 1

@@ -271,9 +271,12 @@ def test_slowest_stages_takes_each_stage_from_the_slowest_worker():
     assert slowest_stages(reports) == {"add_lora_s": 0.2, "fold_s": 0.05}
     assert slowest_stages([]) == {}
     # Merged weights: the worst worker's error, and each kind of value under its own metric name.
-    merged = [{"sync_path": "merged", "merge_s": 0.1, "merged_update_error": 0.2},
-              {"sync_path": "merged", "merge_s": 0.3, "merged_update_error": 0.1}]
-    assert sync_metrics(slowest_stages(merged)) == {"time/sync_merge_s": 0.3, "rollout/merged_update_error": 0.2}
+    # A direct write counts only where every worker made it.
+    merged = [{"sync_path": "merged", "merge_s": 0.1, "merged_update_error": 0.2, "merged_direct_write": 1.0},
+              {"sync_path": "merged", "merge_s": 0.3, "merged_update_error": 0.1, "merged_direct_write": 0.0}]
+    assert sync_metrics(slowest_stages(merged)) == {"time/sync_merge_s": 0.3, "rollout/merged_update_error": 0.2,
+                                                    "rollout/merged_direct_write": 0.0}
+    assert slowest_stages(merged[:1])["merged_direct_write"] == 1.0
 
 
 def test_written_adapter_loads_in_peft_and_computes_the_same(base, tmp_path):

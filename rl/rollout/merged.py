@@ -11,8 +11,10 @@ rl/rollout/device_handoff.py); the merge happens in the worker, on the engine's 
 
 How the merged weights reach the engine depends on where it runs:
 
-- on a GPU, straight into the served parameters through the model's own ``load_weights``
-  (it knows vLLM's fused q/k/v and gate/up layout), only the adapted modules' weights. The
+- on a GPU, straight into the served parameters, only the adapted modules' weights: the
+  first version through the model's own ``load_weights`` (it knows vLLM's fused q/k/v and
+  gate/up layout), which also teaches the worker where each weight goes; later versions
+  through that verified map in one multi-tensor copy (rl/rollout/param_map.py). The
   parameters are written in place, so CUDA graphs captured on them stay valid. The base
   copy of those modules and the merged results live on the GPU (:class:`AdapterMerger`; for
   an all-linear adapter, most of the model twice more: 358M parameters, 0.7 GB in bf16 each,
@@ -43,6 +45,7 @@ import torch
 
 from rl.rollout.sync import (_A, _B, _PREFIX, AdapterPayload, check_ranks, check_servable, check_unfolded,
                              module_ranks, module_scales)
+from rl.rollout.param_map import write_served_weights
 from rl.rollout.vllm_engine import StageClock, VLLMEngine
 
 
@@ -76,18 +79,20 @@ def adapted_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tens
 class AdapterMerger:
     """Merges the versions of one adapter structure (modules, ranks, scales) into one base.
 
-    The factors reach W's device in one copy, and modules of one shape and rank are merged
-    together in batched matmuls, in chunks of at most ``_CHUNK_ELEMENTS`` float32 elements: a
-    module at a time, an all-linear adapter of a 24-layer model took 168 host-to-device round
-    trips and as many small matmuls (about 75 ms a sync on an H200, reports/gpu/README.md 17).
+    Modules of one shape and rank are merged together in batched matmuls, in chunks of at most
+    ``_CHUNK_ELEMENTS`` float32 elements: a module at a time, an all-linear adapter of a 24-layer
+    model took 168 host-to-device round trips and as many small matmuls (about 75 ms a sync on
+    an H200, reports/gpu/README.md 17). The factors reach W's device in one buffer, laid out in
+    merge order (each chunk's A factors, then its B factors), so that a chunk's stacked factors
+    are views of it: one concatenation and one cast a version, not a cast and a stack per module.
     Everything a merge writes is allocated once, here, and reused by every version: the
     adapted modules' base weights stacked by shape and rank, as many merged weights (the
-    results, overwritten by the next merge), and one float32 chunk of workspace. A merge
-    allocates no large block, so vLLM's sleep (which empties the allocator's cache) leaves
+    results, overwritten by the next merge), the factors' buffer and one float32 chunk of
+    workspace. A merge allocates no large block, so vLLM's sleep (which empties the allocator's cache) leaves
     it nothing to allocate again: with sleep mode on one H200 the merge took 42-51 ms, where
     allocating per merge it took 67-86 ms (reports/gpu/README.md 18, 20). For an all-linear
     adapter of Qwen2.5-0.5B in bf16 that is 0.7 GB of base copy and 0.7 GB of results,
-    beside 128 MiB of workspace.
+    beside 128 MiB of workspace and 34 MB of factors (r=16).
     """
 
     def __init__(self, base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], peft_config: dict,
@@ -106,13 +111,26 @@ class AdapterMerger:
             same_merge.setdefault((tuple(w.shape), w.dtype, ranks[m]), []).append(m)
         first = base[f"{next(iter(self.scales))}.weight"].device if self.scales else "cpu"
         self.device = torch.device(device or first)
-        # (modules, their base weights stacked, the merged results, their scales as a [k, 1, 1] tensor)
-        self.groups = [(modules, torch.stack([base[f"{m}.weight"] for m in modules]).to(self.device),
-                        torch.empty((len(modules), *shape), dtype=dtype, device=self.device),
-                        torch.tensor([self.scales[m] for m in modules], device=self.device).view(-1, 1, 1))
-                       for (shape, dtype, _), modules in same_merge.items()]
-        chunk = max((min(len(m), self._per_chunk(b)) * b[0].numel() for m, b, _, _ in self.groups), default=0)
-        self.workspace = torch.empty(chunk, dtype=torch.float32, device=self.device)
+        self.factor_keys: list[str] = []  # the payload's factors in merge order (one buffer)
+        # One entry per chunk: (its modules, their rows of the group, the group's base stack, results
+        # and [k, 1, 1] scales, the rank, and where the chunk's A and B factors start in the buffer).
+        self.chunks: list[tuple] = []
+        largest = offset = 0
+        for (shape, dtype, rank), modules in same_merge.items():
+            base_stack = torch.stack([base[f"{m}.weight"] for m in modules]).to(self.device)
+            results = torch.empty((len(modules), *shape), dtype=dtype, device=self.device)
+            scales = torch.tensor([self.scales[m] for m in modules], device=self.device).view(-1, 1, 1)
+            per_chunk = max(1, _CHUNK_ELEMENTS // base_stack[0].numel())
+            for start in range(0, len(modules), per_chunk):
+                chunk = modules[start:start + per_chunk]
+                self.factor_keys += [f"{_PREFIX}{m}{ab}" for ab in (_A, _B) for m in chunk]
+                a_at, b_at = offset, offset + len(chunk) * rank * shape[1]
+                offset = b_at + len(chunk) * shape[0] * rank
+                self.chunks.append((chunk, slice(start, start + len(chunk)), base_stack, results, scales, rank,
+                                    a_at, b_at))
+                largest = max(largest, len(chunk) * base_stack[0].numel())
+        self.workspace = torch.empty(largest, dtype=torch.float32, device=self.device)
+        self.flat = torch.empty(offset, dtype=torch.float32, device=self.device)  # the factors, in merge order
 
     @staticmethod
     def signature(tensors: dict[str, torch.Tensor], peft_config: dict) -> tuple:
@@ -120,44 +138,36 @@ class AdapterMerger:
         ranks = module_ranks(tensors)
         return tuple(sorted((m, ranks[m], s) for m, s in module_scales(tensors, peft_config).items()))
 
-    @staticmethod
-    def _per_chunk(stacked: torch.Tensor) -> int:
-        return max(1, _CHUNK_ELEMENTS // stacked[0].numel())
+    def factors(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``tensors``' factors in merge order, in float32, in this merger's own buffer on its
+        device (the merge scales B there): one concatenation, and one copy from another device."""
+        parts = [tensors[k].reshape(-1) for k in self.factor_keys]
+        if parts[0].device == self.flat.device:  # a concrete device ("cuda:0", not "cuda")
+            return torch.cat(parts, out=self.flat)
+        return self.flat.copy_(torch.cat(parts))
 
     def merge(self, tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], float]:
         """``tensors``' merged weights (views of this merger's results: valid until the next merge)
         and the update's error as served (:func:`adapted_weights`)."""
         if not self.scales:
             return {}, 0.0
-        modules = list(self.scales)
-        factors = _on_device([tensors[f"{_PREFIX}{m}{ab}"] for m in modules for ab in (_A, _B)], self.device)
-        a_of = {m: factors[2 * i] for i, m in enumerate(modules)}
-        b_of = {m: factors[2 * i + 1] for i, m in enumerate(modules)}
+        flat = self.factors(tensors)
         out: dict[str, torch.Tensor] = {}
         lost_sq = update_sq = torch.zeros((), device=self.device)
-        for group, base_stack, results, scales in self.groups:
-            per_chunk = self._per_chunk(base_stack)
-            for start in range(0, len(group), per_chunk):
-                chunk = group[start:start + per_chunk]
-                rows = slice(start, start + len(chunk))
-                a = torch.stack([a_of[m] for m in chunk])
-                b = torch.stack([b_of[m] for m in chunk]).mul_(scales[rows])
-                exact = self.workspace[:base_stack[rows].numel()].view(base_stack[rows].shape)
-                exact.copy_(base_stack[rows]).baddbmm_(b, a)  # W + scale * B @ A in float32
-                merged = results[rows]
-                merged.copy_(exact)  # rounded once, to W's dtype
-                # |scale * B @ A|^2 = sum((A A^T) * (sB^T sB)): two r x r products instead of the update again.
-                update_sq = update_sq + (torch.bmm(a, a.mT) * torch.bmm(b.mT, b)).sum()
-                lost_sq = lost_sq + torch.linalg.vector_norm(exact.sub_(merged)).square()
-                out.update((f"{m}.weight", w) for m, w in zip(chunk, merged.unbind(0)))
+        for chunk, rows, base_stack, results, scales, r, a_at, b_at in self.chunks:
+            k, (n_out, n_in) = len(chunk), base_stack.shape[1:]
+            a = flat[a_at:a_at + k * r * n_in].view(k, r, n_in)
+            b = flat[b_at:b_at + k * n_out * r].view(k, n_out, r).mul_(scales[rows])
+            exact = self.workspace[:k * n_out * n_in].view(k, n_out, n_in)
+            exact.copy_(base_stack[rows]).baddbmm_(b, a)  # W + scale * B @ A in float32
+            merged = results[rows]
+            merged.copy_(exact)  # rounded once, to W's dtype
+            # |scale * B @ A|^2 = sum((A A^T) * (sB^T sB)): two r x r products instead of the update again.
+            update_sq = update_sq + (torch.bmm(a, a.mT) * torch.bmm(b.mT, b)).sum()
+            lost_sq = lost_sq + torch.linalg.vector_norm(exact.sub_(merged)).square()
+            out.update((f"{m}.weight", w) for m, w in zip(chunk, merged.unbind(0)))
         update_norm = float(update_sq.clamp_min(0)) ** 0.5  # read once every module is merged: one wait for the device
         return out, (float(lost_sq) ** 0.5 / update_norm if update_norm > 0 else 0.0)
-
-
-def _on_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """``tensors`` as float32 on ``device``, moved in one copy (views of one buffer there)."""
-    flat = torch.cat([t.reshape(-1).float() for t in tensors]).to(device)
-    return [part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
 def merged_weights(base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor],
@@ -184,13 +194,6 @@ def load_base_weights(model_path: str, dtype: torch.dtype) -> dict[str, torch.Te
     return out
 
 
-def write_weights_in_place(worker, weights: dict[str, torch.Tensor]) -> int:
-    """Runs in vLLM's worker (``LLM.collective_rpc``): copy ``weights`` (checkpoint names) into
-    the served model's parameters with the model's own loader; returns how many parameters
-    it wrote."""
-    return len(worker.model_runner.get_model().load_weights(iter(weights.items())))
-
-
 class MergedVLLMEngine(VLLMEngine):
     """A :class:`VLLMEngine` that serves each adapter version merged into the base weights."""
 
@@ -209,9 +212,10 @@ class MergedVLLMEngine(VLLMEngine):
 
     def load_adapter(self, payload: AdapterPayload) -> dict:
         """Serve ``payload`` merged; returns seconds per stage (check, wake, merge, load, reset),
-        ``sync_path`` ("merged") and ``merged_update_error`` (what the serving dtype's rounding
+        ``sync_path`` ("merged"), ``merged_update_error`` (what the serving dtype's rounding
         made of the update, :func:`adapted_weights`; the trainer logs it as
-        ``rollout/merged_update_error``)."""
+        ``rollout/merged_update_error``) and ``merged_direct_write`` (1 where the weights went
+        straight into the parameters through the verified map, rl/rollout/param_map.py)."""
         stage = StageClock(wait_for_gpu=self._in_place)
         check_servable(payload.peft_config)
         check_unfolded(payload)
@@ -227,10 +231,12 @@ class MergedVLLMEngine(VLLMEngine):
                                          device="cuda" if self._in_place else "cpu")
         weights, error = self._merger.merge(payload.tensors)
         stage("merge")
+        direct = 0.0
         if self._in_place:
-            written = self.llm.collective_rpc(write_weights_in_place, args=(weights,))
-            if not all(written):
+            written = self.llm.collective_rpc(write_served_weights, args=(weights,))
+            if not all(w["written"] for w in written):
                 raise RuntimeError(f"vLLM's model loaded none of adapter version {payload.version}'s weights")
+            direct = float(all(w["direct"] for w in written))
         else:
             # In-process engine (uni executor): the tensors are handed over, not serialised.
             every_weight = list({**self._base, **weights}.items())
@@ -239,4 +245,4 @@ class MergedVLLMEngine(VLLMEngine):
         self.llm.reset_prefix_cache()
         stage("reset")
         self._version = payload.version
-        return dict(stage.timings, sync_path="merged", merged_update_error=error)
+        return dict(stage.timings, sync_path="merged", merged_update_error=error, merged_direct_write=direct)

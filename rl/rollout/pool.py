@@ -36,12 +36,15 @@ def chunk_specs(sampling, sizes: list[int]) -> list:
 
 def slowest_stages(reports: list[dict]) -> dict[str, float]:
     """Per stage, the longest of the workers' times (pure): a sync waits for its slowest worker.
-    Per ``*_error`` (rl/rollout/merged.py), the largest of the workers' errors."""
+    Per ``*_error`` (rl/rollout/merged.py), the largest of the workers' errors; per
+    ``*_direct_write``, the smallest (1 only where every worker wrote directly)."""
     out: dict[str, float] = {}
     for report in reports:
         for k, v in report.items():
             if k.endswith(("_s", "_error")):
                 out[k] = max(out.get(k, 0.0), float(v))
+            elif k.endswith("_direct_write"):
+                out[k] = min(out.get(k, 1.0), float(v))
     return out
 
 
