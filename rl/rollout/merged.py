@@ -88,11 +88,13 @@ class AdapterMerger:
     Everything a merge writes is allocated once, here, and reused by every version: the
     adapted modules' base weights stacked by shape and rank, as many merged weights (the
     results, overwritten by the next merge), the factors' buffer and one float32 chunk of
-    workspace. A merge allocates no large block, so vLLM's sleep (which empties the allocator's cache) leaves
-    it nothing to allocate again: with sleep mode on one H200 the merge took 42-51 ms, where
-    allocating per merge it took 67-86 ms (reports/gpu/README.md 18, 20). For an all-linear
-    adapter of Qwen2.5-0.5B in bf16 that is 0.7 GB of base copy and 0.7 GB of results,
-    beside 128 MiB of workspace and 34 MB of factors (r=16).
+    workspace. A merge allocates nothing large, so vLLM's sleep (which empties the allocator's
+    cache) leaves it nothing to allocate again. With sleep mode on one H200 the merge took
+    67-86 ms allocating everything per merge, 42-51 ms with the stacked weights kept, and 9 ms
+    with nothing allocated (reports/gpu/README.md 18, 20, 21; 16-23 ms where two or three
+    engines merge at once on the GPU). For an all-linear adapter of Qwen2.5-0.5B in bf16 that
+    is 0.7 GB of base copy and 0.7 GB of results, beside 128 MiB of workspace and 34 MB of
+    factors (r=16).
     """
 
     def __init__(self, base: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], peft_config: dict,
