@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from rl.rollout.param_map import ATTR, ParamMap, map_state, write_served_weights
 
@@ -28,8 +29,10 @@ class FusedModel(torch.nn.Module):
         self.o_proj = torch.nn.Parameter(torch.zeros(HIDDEN, Q), requires_grad=False)
         self.scratch = torch.zeros(HIDDEN, Q)  # not a parameter
         self.how = how
+        self.recorded = []  # per load: whether a dispatch mode (the map's recorder) watched it
 
     def load_weights(self, weights):
+        self.recorded.append(_get_current_dispatch_mode() is not None)
         loaded = set()
         for name, w in weights:
             leaf = name.split(".")[-2]
@@ -61,7 +64,7 @@ def worker_of(model) -> SimpleNamespace:
 
 
 def test_the_first_load_teaches_the_map_and_later_versions_land_where_the_loader_puts_them():
-    model, worker = FusedModel(), None
+    model = FusedModel()
     worker = worker_of(model)
     assert write_served_weights(worker, weights(0)) == {"written": 2, "direct": False}
     assert map_state(worker) == "mapped"
@@ -71,6 +74,7 @@ def test_the_first_load_teaches_the_map_and_later_versions_land_where_the_loader
         by_loader = FusedModel()
         by_loader.load_weights(new.items())
         assert torch.equal(model.qkv_proj, by_loader.qkv_proj) and torch.equal(model.o_proj, by_loader.o_proj)
+    assert model.recorded == [True]  # the loader ran once, recorded
 
 
 def test_another_set_of_weights_goes_through_the_loader_and_is_mapped_anew():
@@ -93,6 +97,9 @@ def test_another_set_of_weights_goes_through_the_loader_and_is_mapped_anew():
 def test_a_loader_the_map_cannot_follow_leaves_no_map_and_keeps_loading(how, why):
     model = FusedModel(how)
     worker = worker_of(model)
-    for version in range(2):
+    for version in range(3):
         assert write_served_weights(worker, weights(version))["direct"] is False
         assert why in map_state(worker), map_state(worker)
+    # Recorded once: the same weights are not recorded again after a decline, another set is.
+    write_served_weights(worker, {k: v for k, v in weights(3).items() if "o_proj" not in k})
+    assert model.recorded == [True, False, False, True]

@@ -18,8 +18,9 @@ values change, so:
 - a later version with the same names, shapes and dtypes is copied into the views in one
   ``torch._foreach_copy_`` (:func:`write_served_weights`).
 
-Anything else leaves no map, and ``load_weights`` stays in use: a loader that casts, splits,
-permutes or post-processes a weight, a tensor-parallel shard, another set of weights. The
+Anything else leaves no map, and ``load_weights`` stays in use (without the recording, for the
+weights it was declined for): a loader that casts, splits, permutes or post-processes a weight,
+a tensor-parallel shard. Another set of weights is recorded and mapped anew. The
 views stay valid through vLLM's sleep and wake, which keep the parameters' device addresses
 (the engine's CUDA graphs rely on that as well).
 """
@@ -38,6 +39,12 @@ ATTR = "_placerl_param_map"
 class ParamMap:
     signature: tuple  # (name, shape, dtype) of each weight, in the order of ``destinations``
     destinations: tuple  # views into the model's parameters
+
+
+@dataclass(frozen=True)
+class Declined:
+    signature: tuple  # the weights the recorded load could not map
+    reason: str
 
 
 def weights_signature(weights: dict[str, torch.Tensor]) -> tuple:
@@ -95,19 +102,22 @@ def write_served_weights(worker, weights: dict[str, torch.Tensor]) -> dict:
     served dtype) into the served model's parameters. Straight through the verified map where
     one fits; else with the model's own ``load_weights``, learning the map on the way.
     Returns ``written`` (how many parameters were written) and ``direct`` (through the map)."""
-    found = getattr(worker, ATTR, None)
-    if isinstance(found, ParamMap) and found.signature == weights_signature(weights):
+    found, signature = getattr(worker, ATTR, None), weights_signature(weights)
+    if isinstance(found, ParamMap) and found.signature == signature:
         torch._foreach_copy_(list(found.destinations), list(weights.values()))
         return {"written": len(weights), "direct": True}
     model = worker.model_runner.get_model()
+    if isinstance(found, Declined) and found.signature == signature:
+        return {"written": len(model.load_weights(iter(weights.items()))), "direct": False}
     recorder = CopyRecorder(weights)
     with recorder:
         written = len(model.load_weights(iter(weights.items())))
-    setattr(worker, ATTR, verified_map(weights, recorder.copies, list(model.parameters())))
+    found = verified_map(weights, recorder.copies, list(model.parameters()))
+    setattr(worker, ATTR, found if isinstance(found, ParamMap) else Declined(signature, found))
     return {"written": written, "direct": False}
 
 
 def map_state(worker) -> str:
-    """Runs in vLLM's worker: ``mapped``, ``none yet``, or why the last load left no map."""
+    """Runs in vLLM's worker: ``mapped``, ``none yet``, or why the last recorded load left no map."""
     found = getattr(worker, ATTR, None)
-    return "mapped" if isinstance(found, ParamMap) else (found or "none yet")
+    return "mapped" if isinstance(found, ParamMap) else found.reason if found else "none yet"
