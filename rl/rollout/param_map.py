@@ -43,6 +43,8 @@ class ParamMap:
 
 @dataclass(frozen=True)
 class Declined:
+    """A recorded load that left no map, and why: the same weights then load without recording."""
+
     signature: tuple  # the weights the recorded load could not map
     reason: str
 
@@ -101,7 +103,8 @@ def write_served_weights(worker, weights: dict[str, torch.Tensor]) -> dict:
     """Runs in vLLM's worker (``LLM.collective_rpc``): copy ``weights`` (checkpoint names, the
     served dtype) into the served model's parameters. Straight through the verified map where
     one fits; else with the model's own ``load_weights``, learning the map on the way.
-    Returns ``written`` (how many parameters were written) and ``direct`` (through the map)."""
+    Returns ``written`` (how many were written: weights through the map, parameters through the
+    loader; 0 where the loader took none) and ``direct`` (through the map)."""
     found, signature = getattr(worker, ATTR, None), weights_signature(weights)
     if isinstance(found, ParamMap) and found.signature == signature:
         torch._foreach_copy_(list(found.destinations), list(weights.values()))
