@@ -66,3 +66,28 @@ def test_cpu_threads_share_the_host_among_one_kind_of_actor():
 def test_split_evenly_keeps_order():
     assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert split_evenly([1], 3) == [[1], [], []]
+
+
+def test_pad_sequences_matches_row_by_row_padding_on_ragged_rows():
+    import random
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(1, 99) for _ in range(rng.randrange(1, 9))] for _ in range(13)]
+    responses = [[rng.randrange(1, 99) for _ in range(rng.randrange(0, 12))] for _ in range(13)]
+    logprobs = [[-rng.random() for _ in r] for r in responses]
+    ids, attn, resp, lps = pad_sequences(prompts, responses, pad_id=0, response_logprobs=logprobs)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        n = len(p) + len(r)
+        assert ids[i].tolist() == p + r + [0] * (ids.shape[1] - n)
+        assert attn[i].tolist() == [1] * n + [0] * (ids.shape[1] - n)
+        assert resp[i].tolist() == [0.0] * len(p) + [1.0] * len(r) + [0.0] * (ids.shape[1] - n)
+        assert torch.equal(lps[i, len(p):n], torch.tensor(logprobs[i], dtype=torch.float32))
+        assert not lps[i, :len(p)].any() and not lps[i, n:].any()
+    assert (ids.dtype, attn.dtype, resp.dtype, lps.dtype) == (torch.long, torch.long, torch.float32, torch.float32)
+
+
+def test_pad_sequences_refuses_logprobs_that_do_not_match_the_tokens():
+    import pytest
+
+    with pytest.raises(ValueError, match="row 1: 1 rollout logprobs for 2 response tokens"):
+        pad_sequences([[1], [2]], [[3], [4, 5]], pad_id=0, response_logprobs=[[-0.1], [-0.2]])
