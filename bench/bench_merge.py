@@ -24,12 +24,11 @@ Medians over ``--merges`` merges after one warm-up, all in this one process.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import time
 
 import torch
 
+from bench.in_turns import medians_ms, report, time_in_turns
 from rl.rollout.merged import AdapterMerger
 from rl.rollout.sync import _A, _B, _PREFIX
 
@@ -126,25 +125,16 @@ def main() -> int:
              "merge": lambda: merger.merge(tensors),
              "merge_after_empty_cache": lambda: merger.merge(tensors),
              "write": lambda: torch._foreach_copy_([destinations[n] for n in names], [merged[n] for n in names])}
-    for fn in parts.values():
-        fn()  # warm-up: kernels chosen, allocator filled
-    seconds: dict[str, list[float]] = {name: [] for name in parts}
-    for _ in range(args.merges):
-        for name, fn in parts.items():
-            seconds[name].append(timed(fn, args.device, empty_cache=name.endswith("empty_cache")))
-    medians = {f"{name}_ms": round(1e3 * statistics.median(s), 3) for name, s in seconds.items()}
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-              "modules": len(modules), "rank": args.rank, "dtype": args.dtype,
-              "adapted_parameters": sum(o * i for o, i in modules.values()), "merges": args.merges,
-              "medians": medians, "all_ms": {k: [round(1e3 * x, 3) for x in v] for k, v in seconds.items()},
-              "error": merger.merge(tensors)[1]}
-    print(json.dumps(result, indent=1))
+    seconds = time_in_turns(parts, args.merges,
+                            lambda name, fn: timed(fn, args.device, empty_cache=name.endswith("empty_cache")))
+    report({"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "modules": len(modules), "rank": args.rank, "dtype": args.dtype,
+            "adapted_parameters": sum(o * i for o, i in modules.values()), "merges": args.merges,
+            "medians": medians_ms(seconds), "all_ms": {k: [round(1e3 * x, 3) for x in v] for k, v in seconds.items()},
+            "error": merger.merge(tensors)[1]}, args.out)
     if args.profile:
         print(top_operators(lambda: merger.merge(tensors), args.device))
         print(top_operators(parts["write"], args.device, rows=6))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
     return 0
 
 

@@ -20,13 +20,11 @@ Parts, medians over ``--rounds`` rounds (after one warm-up), all in this one pro
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import statistics
-import time
 
 import torch
 
+from bench.in_turns import medians_ms, report, time_in_turns
 from rl.config import load_config
 from rl.data import load_task
 from rl.learner.batch import pad_sequences
@@ -96,21 +94,10 @@ def main() -> int:
         }
         now, before = parts["padding"](), parts["padding_rows"]()
         assert all(torch.equal(a, b) for a, b in zip(now, before)), "the two paddings differ"
-        for fn in parts.values():
-            fn()  # warm-up
-        seconds: dict[str, list[float]] = {name: [] for name in parts}
-        for _ in range(args.rounds):
-            for name, fn in parts.items():
-                t = time.perf_counter()
-                fn()
-                seconds[name].append(time.perf_counter() - t)
-    medians = {f"{name}_ms": round(1e3 * statistics.median(s), 2) for name, s in seconds.items()}
-    result = {"rows": len(completions), "tokens": int(now[1].sum()), "rounds": args.rounds, "medians": medians,
-              "padding_over_padding_rows": round(medians["padding_ms"] / medians["padding_rows_ms"], 3)}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        seconds = time_in_turns(parts, args.rounds)
+    medians = medians_ms(seconds, digits=2)
+    report({"rows": len(completions), "tokens": int(now[1].sum()), "rounds": args.rounds, "medians": medians,
+            "padding_over_padding_rows": round(medians["padding_ms"] / medians["padding_rows_ms"], 3)}, args.out)
     return 0
 
 
