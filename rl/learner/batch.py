@@ -35,10 +35,11 @@ def pad_sequences(prompts: list[list[int]], responses: list[list[int]], pad_id: 
                             dtype=np.int64, count=int(lengths.sum()))
     lps = np.zeros((B, T), dtype=np.float32)
     if response_logprobs is not None:
-        for i, (r, lp) in enumerate(zip(responses, response_logprobs)):
-            if len(lp) != len(r):
-                raise ValueError(f"row {i}: {len(lp)} rollout logprobs for {len(r)} response tokens; "
-                                 "the engine must return one logprob per sampled token")
+        logprob_len = np.fromiter(map(len, response_logprobs), dtype=np.int64, count=B)
+        if (wrong := np.flatnonzero(logprob_len != response_len)).size:
+            i = int(wrong[0])
+            raise ValueError(f"row {i}: {logprob_len[i]} rollout logprobs for {response_len[i]} response tokens; "
+                             "the engine must return one logprob per sampled token")
         lps[in_response] = np.fromiter(chain.from_iterable(response_logprobs), dtype=np.float32,
                                        count=int(response_len.sum()))
     return (torch.from_numpy(ids), torch.from_numpy(real.astype(np.int64)),
