@@ -26,10 +26,17 @@ STEP_KEYS = ("time/step_s", "time/rollout_s", "time/reward_s", "time/learner_s",
              "rollout/response_tokens_mean", "time/rollout_generate_s", "time/rollout_rows_s", "rollout/stream_parts",
              # How far the rollout's logprobs are from the learner's: merged bf16 weights round small updates away.
              "learner/logprob_mismatch_abs_diff_mean", "learner/logprob_mismatch_kl_k3", "rollout/merged_update_error",
-             "rollout/merged_direct_write")
+             "rollout/merged_direct_write",
+             # The reward function's own seconds within time/reward_s (summed over the runner's slices).
+             "reward/gsm8k_flexible/seconds")
 # Reported with the first step: Ray, the actors and the engines (with learner.compile, the
 # rank's compile warm-up over the rollout engine's start; learner/warm_up_s is its own time).
 STARTUP_KEYS = ("time/startup_s", "learner/warm_up_s", "learner/compiled_graphs")
+
+
+def _short(key: str) -> str:
+    """A metric's name in the JSON: its last part (``reward_fn_s`` for the reward function's seconds)."""
+    return "reward_fn_s" if key.startswith("reward/") else key.split("/")[-1]
 
 
 def _rounded(key: str, value: float) -> float:
@@ -64,7 +71,7 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     if profiled:
         profile = run_dir / "profile" / f"learner-step-{profiled}-rank-0.json"
         rec("learner_profile", json.loads(profile.read_text()) if profile.exists() else None)
-        rec("profiled_step", {k.split("/")[-1]: round(steps[-1].get(k, 0.0), 4) for k in STEP_KEYS} if steps else None)
+        rec("profiled_step", {_short(k): round(steps[-1].get(k, 0.0), 4) for k in STEP_KEYS} if steps else None)
     rec("startup", {k.split("/")[-1]: round(steps[0][k], 4) for k in STARTUP_KEYS if k in steps[0]} if steps else None)
     # Graphs built after the warm-up would be compiles inside the timed steps.
     rec("compiled_graphs_by_step", [m.get("learner/compiled_graphs") for m in steps])
@@ -72,9 +79,9 @@ def part_step_placerl(s: Sizes, rec: Recorder, sleep: bool, two_gpus: bool = Fal
     # The sync's own stages (time/sync_<stage>_s: export, transfer, the engine's load steps) say
     # where a sync that misses its share goes.
     keys = STEP_KEYS + tuple(sorted({k for m in steps for k in m if k.startswith("time/sync_") and k != "time/sync_s"}))
-    rec("steps", [{k.split("/")[-1]: _rounded(k, m.get(k, 0.0)) for k in keys} for m in steps])
+    rec("steps", [{_short(k): _rounded(k, m.get(k, 0.0)) for k in keys} for m in steps])
     timed = steps[1:] or steps
-    mean = {k.split("/")[-1]: _rounded(k, statistics.mean(m.get(k, 0.0) for m in timed)) for k in keys}
+    mean = {_short(k): _rounded(k, statistics.mean(m.get(k, 0.0) for m in timed)) for k in keys}
     mean["sync_over_step"] = round(mean["sync_s"] / mean["step_s"], 5)
     rec("mean_after_first", mean)
     rec("memory", memory.result())

@@ -54,6 +54,7 @@ def test_overrides_are_coerced_to_field_types():
     ("learner.loss_token_cap=-100", "learner.loss_token_cap=-100 is not allowed: must be >= 0 (0: no cap"),
     ("learner.loss_token_cap=1.5", "learner.loss_token_cap=1.5 has the wrong type: expected an integer"),
     ("learner.profile_step=-1", "learner.profile_step=-1 is not allowed: must be >= 0 (0: off"),
+    ("rollout.sleep_weights=drop", "rollout.sleep_weights='drop' is not allowed: choose one of offload, keep"),
 ])
 def test_bad_values_fail_in_one_line(override, needle):
     with pytest.raises(ConfigError) as e:

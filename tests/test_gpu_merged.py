@@ -85,6 +85,47 @@ def test_merged_vllm_sleep_wake_serves_each_version_not_the_sum(merged_vllm, tin
     assert float(d_new.mean()) < 0.05 and float(d_old.mean()) > 2 * float(d_new.mean())
 
 
+def test_merged_vllm_sleep_keeping_weights_frees_only_the_kv_cache(merged_vllm, tiny_model_path):
+    """``rollout.sleep_weights: keep``: the KV cache's memory goes back to the device, the weights
+    stay mapped (nothing offloaded), and the engine wakes serving the same merged version, then
+    takes a new one written through the map while asleep."""
+    from rl.rollout.engine import SamplingSpec
+    from rl.rollout.kv_sleep import pool_state
+
+    merged_vllm.keeps_weights = True  # the fixture's engine has vLLM's sleep-mode pool; only the mode changes
+    try:
+        model, payload = payload_for(tiny_model_path, "uniform", seed=7, version=(merged_vllm.adapter_version() or 0) + 1)
+        merged_vllm.load_adapter(payload)
+        greedy = SamplingSpec(n=1, max_new_tokens=16, temperature=0)
+        before = merged_vllm.generate(PROMPTS, greedy)
+        torch.cuda.synchronize()
+        free_awake = torch.cuda.mem_get_info()[0]
+        assert merged_vllm.sleep() is True
+        free_asleep = torch.cuda.mem_get_info()[0]
+        [state] = merged_vllm.llm.collective_rpc(pool_state)
+        print(f"sleep keeping the weights: {state}; the device's free memory grew by {free_asleep - free_awake} bytes")
+        assert state["kv_cache"] > 0 and state["kv_cache_asleep"] == state["kv_cache"]
+        assert state["weights"] > 0 and state["weights_asleep"] == 0
+        # What was released is the KV cache, and no more (the weights stayed).
+        assert abs((free_asleep - free_awake) - state["kv_cache"]) < state["weights"] // 2 + 2**21
+        after = merged_vllm.generate(PROMPTS, greedy)  # wakes: the KV cache is mapped again
+        [state] = merged_vllm.llm.collective_rpc(pool_state)
+        assert state["kv_cache_asleep"] == 0 and state["weights_asleep"] == 0
+        assert [r[0].token_ids for r in after] == [r[0].token_ids for r in before]
+        merged_vllm.sleep()
+        newer, payload = payload_for(tiny_model_path, "uniform", seed=8, version=merged_vllm.adapter_version() + 1)
+        assert merged_vllm.load_adapter(payload)["merged_direct_write"] == 1.0
+        sample = SamplingSpec(n=2, max_new_tokens=16, temperature=1.0, seed=9)
+        d_new, _ = vllm_vs_learner(merged_vllm, newer, PROMPTS, sample)
+        d_old, _ = vllm_vs_learner(merged_vllm, model, PROMPTS, sample)
+        print(f"kept weights, a sync while asleep: vs the new version mean {d_new.mean():.2e}, "
+              f"vs the previous {d_old.mean():.2e}")
+        assert float(d_new.mean()) < 0.05 and float(d_old.mean()) > 2 * float(d_new.mean())
+    finally:
+        merged_vllm.wake_up()
+        merged_vllm.keeps_weights = False
+
+
 def _open_in_child(requests, replies) -> None:
     """A worker's side in its own process: open each handoff it is sent, reply with the sums of
     what it got and of the first handoff's tensors (kept: they must be its own copy)."""

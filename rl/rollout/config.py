@@ -37,6 +37,11 @@ class RolloutConfig:
     # auto: on when rollout workers share GPUs with learner ranks (cluster.colocate) on a
     # GPU host; true/false force it (true needs a GPU).
     sleep_mode: bool | str = "auto"
+    # What a sleeping engine does with its weights: "offload" (vLLM's sleep level 1: copied to
+    # host memory and back on every wake) or "keep" (they stay on the GPU and only the KV cache
+    # is freed: no copy either way, for the model's size in bf16 of the learner's memory).
+    # rl/rollout/kv_sleep.py
+    sleep_weights: str = "offload"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, else the learner's model.dtype
     eval_max_new_tokens: int = 256
     # How a vLLM worker serves each adapter version: "adapter" (vLLM's LoRA kernels),
@@ -93,3 +98,4 @@ class RolloutConfig:
         _one_of(f"{p}.weight_sync", self.weight_sync, ["auto", "adapter", "merged"])
         _one_of(f"{p}.weight_transfer", self.weight_transfer, ["auto", "object_store", "cuda_ipc"])
         _one_of(f"{p}.seed_mode", self.seed_mode, ["auto", "request", "batch"])
+        _one_of(f"{p}.sleep_weights", self.sleep_weights, ["offload", "keep"])

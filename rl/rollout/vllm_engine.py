@@ -30,9 +30,9 @@ a logprob dict per token while decoding; texts are decoded once per call after i
 
 On a GPU the engine runs with CUDA graphs (``rollout.enforce_eager: auto``), specialised
 on LoRA where the installed vLLM has ``cudagraph_specialize_lora``, and in bfloat16 (its
-LoRA kernels refuse float32). With sleep mode (``rollout.sleep_mode``) the engine offloads
-its weights and drops its KV cache while the learner steps, and wakes on the next sync or
-generate, serving the same adapter. Sleep mode assumes one engine per GPU: vLLM checks
+LoRA kernels refuse float32). With sleep mode (``rollout.sleep_mode``) the engine drops its KV
+cache and offloads its weights (or keeps them on the GPU, ``rollout.sleep_weights``) while the
+learner steps, and wakes on the next sync or generate, serving the same adapter. Sleep mode assumes one engine per GPU: vLLM checks
 that the whole device's free memory grew across the sleep, so another process allocating
 on the same GPU meanwhile fails the step (see :func:`explain_sleep_failure`). vLLM also sizes
 its KV cache from the device's memory measured at start-up, so engines starting together on
@@ -53,6 +53,7 @@ import tempfile
 import time
 
 from rl.rollout.engine import Completion, SamplingSpec, batch_seed, check_prompts, prompt_seed
+from rl.rollout.kv_sleep import release_kv_cache, restore_kv_cache
 from rl.rollout.vllm_outputs import completion_rows, lean_output_options
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
 from rl.rollout.vllm_inplace import adapter_signature, update_served_adapter
@@ -105,6 +106,7 @@ class VLLMEngine:
         extra.update(kv_cache_args(rollout_cfg, on_cpu=current_platform.is_cpu()))
         if self.sleeps:
             extra["enable_sleep_mode"] = True
+        self.keeps_weights = self.sleeps and getattr(rollout_cfg, "sleep_weights", "offload") == "keep"
         if getattr(rollout_cfg, "max_num_seqs", 0):
             extra["max_num_seqs"] = rollout_cfg.max_num_seqs
         extra.update(async_scheduling_args(getattr(rollout_cfg, "async_scheduling", "auto")))
@@ -143,19 +145,27 @@ class VLLMEngine:
     # ------------------------------------------------------------------ sleep mode
 
     def sleep(self) -> bool:
-        """Offload the weights (adapter slots included) to host memory and drop the KV cache."""
+        """Drop the KV cache and offload the weights (adapter slots included) to host memory,
+        or with ``rollout.sleep_weights: keep`` leave them on the GPU (rl/rollout/kv_sleep.py)."""
         if not self.sleeps or self._asleep:
             return self._asleep
-        with explained_errors(explain_sleep_failure):
-            self.llm.sleep(level=1)
+        if self.keeps_weights:
+            self.llm.reset_prefix_cache()  # the cached blocks' contents are about to go
+            self.llm.collective_rpc(release_kv_cache)
+        else:
+            with explained_errors(explain_sleep_failure):
+                self.llm.sleep(level=1)
         self._asleep = True
         return True
 
     def wake_up(self) -> None:
-        # The served adapter's slots live among the weights and come back with them; the
-        # prefix cache was cleared by sleep (its KV blocks are gone).
+        # The served adapter's slots live among the weights and come back with them (or never
+        # left); the prefix cache was cleared by sleep (its KV blocks are gone).
         if self._asleep:
-            self.llm.wake_up()
+            if self.keeps_weights:
+                self.llm.collective_rpc(restore_kv_cache)
+            else:
+                self.llm.wake_up()
             self._asleep = False
 
     def _lora_args(self, rollout_cfg) -> dict:
