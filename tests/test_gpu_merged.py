@@ -73,15 +73,23 @@ def test_merged_vllm_sleep_wake_serves_each_version_not_the_sum(merged_vllm, tin
     assert [r[0].token_ids for r in after] == [r[0].token_ids for r in before]
     # A sync while asleep wakes the engine and serves the new version, merged into the base
     # weights and not into the previous version's (each version replaces the last).
-    merged_vllm.sleep()
-    newer, payload = payload_for(tiny_model_path, "uniform", seed=6, version=merged_vllm.adapter_version() + 1)
-    # The same weights as the version before: written straight through the map vLLM's loader
-    # taught the worker (rl/rollout/param_map.py), into parameters that went through a sleep.
-    assert merged_vllm.load_adapter(payload)["merged_direct_write"] == 1.0
+    sync_while_asleep_serves_the_new_version(merged_vllm, tiny_model_path, model, seed=6, what="offloaded")
+
+
+def sync_while_asleep_serves_the_new_version(engine, tiny_model_path, previous, seed: int, what: str) -> None:
+    """Put ``engine`` to sleep, sync a new version with the same weights as ``previous``'s (so
+    written straight through the map vLLM's loader taught the worker, rl/rollout/param_map.py,
+    into parameters that went through a sleep), and check that it serves the new one."""
+    from rl.rollout.engine import SamplingSpec
+
+    engine.sleep()
+    newer, payload = payload_for(tiny_model_path, "uniform", seed=seed, version=engine.adapter_version() + 1)
+    assert engine.load_adapter(payload)["merged_direct_write"] == 1.0
     sample = SamplingSpec(n=2, max_new_tokens=16, temperature=1.0, seed=9)
-    d_new, _ = vllm_vs_learner(merged_vllm, newer, PROMPTS, sample)
-    d_old, _ = vllm_vs_learner(merged_vllm, model, PROMPTS, sample)
-    print(f"after a sync while asleep: vs the new version mean {d_new.mean():.2e}, vs the previous {d_old.mean():.2e}")
+    d_new, _ = vllm_vs_learner(engine, newer, PROMPTS, sample)
+    d_old, _ = vllm_vs_learner(engine, previous, PROMPTS, sample)
+    print(f"{what}, after a sync while asleep: vs the new version mean {d_new.mean():.2e}, "
+          f"vs the previous {d_old.mean():.2e}")
     assert float(d_new.mean()) < 0.05 and float(d_old.mean()) > 2 * float(d_new.mean())
 
 
@@ -112,15 +120,7 @@ def test_merged_vllm_sleep_keeping_weights_frees_only_the_kv_cache(merged_vllm, 
         [state] = merged_vllm.llm.collective_rpc(pool_state)
         assert state["kv_cache_asleep"] == 0 and state["weights_asleep"] == 0
         assert [r[0].token_ids for r in after] == [r[0].token_ids for r in before]
-        merged_vllm.sleep()
-        newer, payload = payload_for(tiny_model_path, "uniform", seed=8, version=merged_vllm.adapter_version() + 1)
-        assert merged_vllm.load_adapter(payload)["merged_direct_write"] == 1.0
-        sample = SamplingSpec(n=2, max_new_tokens=16, temperature=1.0, seed=9)
-        d_new, _ = vllm_vs_learner(merged_vllm, newer, PROMPTS, sample)
-        d_old, _ = vllm_vs_learner(merged_vllm, model, PROMPTS, sample)
-        print(f"kept weights, a sync while asleep: vs the new version mean {d_new.mean():.2e}, "
-              f"vs the previous {d_old.mean():.2e}")
-        assert float(d_new.mean()) < 0.05 and float(d_old.mean()) > 2 * float(d_new.mean())
+        sync_while_asleep_serves_the_new_version(merged_vllm, tiny_model_path, model, seed=8, what="kept weights")
     finally:
         merged_vllm.wake_up()
         merged_vllm.keeps_weights = False
