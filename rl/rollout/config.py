@@ -39,7 +39,8 @@ class RolloutConfig:
     sleep_mode: bool | str = "auto"
     # What a sleeping engine does with its weights: "offload" (vLLM's sleep level 1: copied to
     # host memory and back on every wake) or "keep" (they stay on the GPU and only the KV cache
-    # is freed: no copy either way, for the model's size in bf16 of the learner's memory).
+    # is freed: no copy either way, for the engine's weights pool of the learner's memory, about
+    # 2 GiB per engine for Qwen2.5-Coder-0.5B in bf16, reports/gpu/README.md 22).
     # rl/rollout/kv_sleep.py
     sleep_weights: str = "offload"
     dtype: str = "auto"  # auto: bfloat16 on a GPU, else the learner's model.dtype

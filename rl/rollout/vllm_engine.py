@@ -32,9 +32,10 @@ On a GPU the engine runs with CUDA graphs (``rollout.enforce_eager: auto``), spe
 on LoRA where the installed vLLM has ``cudagraph_specialize_lora``, and in bfloat16 (its
 LoRA kernels refuse float32). With sleep mode (``rollout.sleep_mode``) the engine drops its KV
 cache and offloads its weights (or keeps them on the GPU, ``rollout.sleep_weights``) while the
-learner steps, and wakes on the next sync or generate, serving the same adapter. Sleep mode assumes one engine per GPU: vLLM checks
-that the whole device's free memory grew across the sleep, so another process allocating
-on the same GPU meanwhile fails the step (see :func:`explain_sleep_failure`). vLLM also sizes
+learner steps, and wakes on the next sync or generate, serving the same adapter. Offloading,
+sleep mode assumes one engine per GPU: vLLM checks that the whole device's free memory grew
+across the sleep, so another process allocating on the same GPU meanwhile fails the step (see
+:func:`explain_sleep_failure`). vLLM also sizes
 its KV cache from the device's memory measured at start-up, so engines starting together on
 one GPU can leave one of them none unless ``rollout.gpu_kv_cache_gb`` fixes its size (see
 :func:`explain_kv_cache_failure`). On CPU a prompt's prefill is never split over engine steps
