@@ -56,6 +56,16 @@ def test_eager_and_sleep_resolution():
         resolve_sleep_mode(True, colocated=True, on_gpu=False)
 
 
+def test_installed_vllm_has_what_a_sleep_keeping_the_weights_uses():
+    """rollout.sleep_weights=keep reaches into vLLM's sleep-mode allocator (rl/rollout/kv_sleep.py);
+    an engine refuses it at start when the installed vLLM lacks any of it. The CPU build of vLLM
+    carries the same allocator module as the GPU build (0.26 there), so a vLLM that moved it
+    fails here first."""
+    from rl.rollout.kv_sleep import kv_sleep_unsupported
+
+    assert kv_sleep_unsupported() is None
+
+
 def test_seed_mode_resolution_and_batch_seeds():
     assert resolve_seed_mode("auto", on_gpu=False, in_process=True) == "request"
     assert resolve_seed_mode("auto", on_gpu=True, in_process=True) == "batch"

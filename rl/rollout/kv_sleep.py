@@ -24,6 +24,24 @@ from __future__ import annotations
 KV_CACHE_TAG = "kv_cache"  # vLLM's tag for the KV cache's allocations (gpu_worker.py)
 
 
+def kv_sleep_unsupported() -> str | None:
+    """Why this vLLM cannot sleep keeping its weights (what of its sleep-mode pool is missing),
+    or None: checked when the engine is built, before anything runs."""
+    import dataclasses
+
+    try:
+        from vllm.device_allocator import cumem
+    except ImportError as error:
+        return f"vLLM's sleep-mode allocator does not import ({error})"
+    missing = [name for name in ("CuMemAllocator", "AllocationData", "unmap_and_release") if not hasattr(cumem, name)]
+    if not missing:
+        fields = {f.name for f in dataclasses.fields(cumem.AllocationData)}
+        missing = [f"AllocationData.{name}" for name in ("handle", "tag", "is_asleep") if name not in fields]
+        missing += [f"CuMemAllocator.{name}" for name in ("get_instance", "wake_up")
+                    if not hasattr(cumem.CuMemAllocator, name)]
+    return f"vLLM's sleep-mode allocator lacks {', '.join(missing)}" if missing else None
+
+
 def kv_allocations(allocator) -> list:
     """The allocation records of vLLM's sleep-mode pool that hold the KV cache."""
     return [data for data in allocator.pointer_to_data.values() if data.tag == KV_CACHE_TAG]

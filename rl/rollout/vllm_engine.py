@@ -54,7 +54,7 @@ import tempfile
 import time
 
 from rl.rollout.engine import Completion, SamplingSpec, batch_seed, check_prompts, prompt_seed
-from rl.rollout.kv_sleep import release_kv_cache, restore_kv_cache
+from rl.rollout.kv_sleep import kv_sleep_unsupported, release_kv_cache, restore_kv_cache
 from rl.rollout.vllm_outputs import completion_rows, lean_output_options
 from rl.rollout.sync import AdapterPayload, check_ranks, check_servable, fold_scales_for_vllm, write_peft_adapter
 from rl.rollout.vllm_inplace import adapter_signature, update_served_adapter
@@ -108,6 +108,8 @@ class VLLMEngine:
         if self.sleeps:
             extra["enable_sleep_mode"] = True
         self.keeps_weights = self.sleeps and getattr(rollout_cfg, "sleep_weights", "offload") == "keep"
+        if self.keeps_weights and (why := kv_sleep_unsupported()):
+            raise ValueError(f"rollout.sleep_weights=keep: {why}; set rollout.sleep_weights=offload")
         if getattr(rollout_cfg, "max_num_seqs", 0):
             extra["max_num_seqs"] = rollout_cfg.max_num_seqs
         extra.update(async_scheduling_args(getattr(rollout_cfg, "async_scheduling", "auto")))
