@@ -6,7 +6,7 @@
 
 One learner rank (LearnerRank on a one-process group, the GPU recipe's learner settings:
 micro-batches of at most 32 rows packed under 28,672 tokens, no checkpointing, no shared
-prefix) trains in three variants, taking turns step by step so that all see the same machine,
+prefix) trains in several variants, taking turns step by step so that all see the same machine,
 on a new batch each round (new lengths, as in training), the same one for every variant:
 
   before     cuDNN's attention on, and each layer's weights gathered again for every
@@ -17,7 +17,12 @@ on a new batch each round (new lengths, as in training), the same one for every 
              its warm-up step compiles, and is reported apart (``warm_up_s``);
   released   now, after the caching allocator gave its blocks back to the GPU
              (``torch.cuda.empty_cache()`` before the step): what the learner does after each
-             step beside a sleeping vLLM (``rollout.sleep_mode``), so each step allocates anew.
+             step beside a sleeping vLLM (``rollout.sleep_mode``), so each step allocates anew;
+  masked     now, with the padding mask in every forward (``learner.padding_mask=always``);
+             "now" leaves it out of right-padded micro-batches (the default, ``auto``);
+  compiled_masked  (with ``--compile``) compiled, with the padding mask in every forward.
+
+``--variants`` picks some of them (``now`` always runs: the ratios are over it).
 
 ``before`` is reproduced by switching the rank back (the cuDNN flag, and FSDP2's reshard
 after backward); on a CPU the attention flag does nothing and only the gathering differs.
@@ -41,16 +46,29 @@ import torch
 from bench.bench_learner import _sync, build_model
 from bench.bench_micro_batch_tokens import add_batch_args, grpo_batch_shape, one_rank, whole_shard
 
-# variant -> (cuDNN attention on, gathered weights kept across micro-batches, layers compiled)
-VARIANTS = {"before": (True, False, False), "no_cudnn": (False, False, False), "now": (False, True, False),
-            "compiled": (False, True, True), "released": (False, True, False)}
+# variant -> (cuDNN attention on, gathered weights kept across micro-batches, layers compiled,
+# learner.padding_mask)
+VARIANTS = {"before": (True, False, False, "auto"), "no_cudnn": (False, False, False, "auto"),
+            "now": (False, True, False, "auto"), "compiled": (False, True, True, "auto"),
+            "released": (False, True, False, "auto"), "masked": (False, True, False, "always"),
+            "compiled_masked": (False, True, True, "always")}
 RELEASED = "released"  # "now" after torch.cuda.empty_cache()
+
+
+# The ratios reported, each where both of its variants ran.
+RATIOS = [("now", "before"), ("no_cudnn", "before"), ("now", "no_cudnn"), ("compiled", "now"),
+          ("released", "now"), ("now", "masked"), ("compiled", "compiled_masked")]
+
+
+def ratio(median: dict[str, float], a: str, b: str) -> float | None:
+    return round(median[a] / median[b], 3) if a in median and b in median else None
 
 
 def use_variant(rank, name: str, compiled_calls: list) -> None:
     """Switch a one-rank LearnerRank to ``name``'s behaviour, between steps. ``compiled_calls``:
     each decoder layer's compiled forward (``learner.compile``), swapped in or out."""
-    cudnn, keep, compiled = VARIANTS[name]
+    cudnn, keep, compiled, padding_mask = VARIANTS[name]
+    rank.cfg.learner.padding_mask = padding_mask
     if torch.cuda.is_available():
         torch.backends.cuda.enable_cudnn_sdp(cudnn)
     rank._keep_gathered = keep
@@ -64,9 +82,16 @@ def main() -> None:
     add_batch_args(ap, prompts=4, group=4, prompt_len=32, max_new=64, micro_batch=4, steps_of="variant")
     ap.add_argument("--out", default="", help="write the results here as JSON")
     ap.add_argument("--compile", action="store_true",
-                    help="add the variant 'compiled': now, with each decoder layer compiled (learner.compile)")
+                    help="add the compiled variants: each decoder layer compiled (learner.compile)")
+    ap.add_argument("--variants", default="", help="comma-separated variants to run (default: all)")
     args = ap.parse_args()
     variants = [k for k in VARIANTS if args.compile or not VARIANTS[k][2]]
+    if args.variants:
+        asked = {"now", *args.variants.split(",")}
+        unknown = asked - set(variants)
+        if unknown:
+            ap.error(f"--variants: {sorted(unknown)} unknown or needs --compile; choose from {variants}")
+        variants = [k for k in variants if k in asked]
 
     from transformers import AutoConfig
 
@@ -120,20 +145,14 @@ def main() -> None:
               "warm_up_s": warm_up, "steps_s": {k: [round(x, 4) for x in v] for k, v in times.items()},
               "median_step_s": {k: round(v, 4) for k, v in median.items()},
               "peak_allocated_gib": {k: round(v, 2) for k, v in peaks.items()} if cuda else None,
-              "now_over_before": round(median["now"] / median["before"], 3),
-              "no_cudnn_over_before": round(median["no_cudnn"] / median["before"], 3),
-              "now_over_no_cudnn": round(median["now"] / median["no_cudnn"], 3),
-              "compiled_over_now": round(median["compiled"] / median["now"], 3) if args.compile else None,
-              "released_over_now": round(median[RELEASED] / median["now"], 3),
-              "max_logprob_diff_vs_before": {k: float((logprobs[k] - logprobs["before"]).abs().max())
-                                             for k in variants if k != "before"}}
+              **{f"{a}_over_{b}": ratio(median, a, b) for a, b in RATIOS},
+              "max_logprob_diff_vs_now": {k: float((logprobs[k] - logprobs["now"]).abs().max())
+                                          for k in variants if k != "now"}}
     for k in variants:
         peak = f", peak {peaks[k]:.2f} GiB allocated" if cuda else ""
         print(f"{k:9s} step {median[k]:.3f} s (median of {args.steps}{peak})")
-    print(f"now / before {result['now_over_before']}   no_cudnn / before {result['no_cudnn_over_before']}   "
-          f"now / no_cudnn {result['now_over_no_cudnn']}   compiled / now {result['compiled_over_now']}   "
-          f"released / now {result['released_over_now']}   "
-          f"max |logprob - before's| {result['max_logprob_diff_vs_before']}")
+    print("   ".join(f"{a} / {b} {result[f'{a}_over_{b}']}" for a, b in RATIOS if result[f"{a}_over_{b}"]),
+          f"  max |logprob - now's| {result['max_logprob_diff_vs_now']}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -87,6 +87,12 @@ def split_to_count(plan: list[list[int]], lengths: list[int], count: int) -> lis
     return plan
 
 
+def right_padded(attention_mask: Tensor) -> bool:
+    """Whether each row of ``attention_mask`` [b, t] is its tokens, then only padding (pure)."""
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    return torch.equal(attention_mask.bool(), torch.arange(attention_mask.shape[1], device=lengths.device) < lengths)
+
+
 def with_padding_column(mb: dict[str, Tensor]) -> dict[str, Tensor]:
     """``mb`` (a micro-batch of right-padded rows) with one more padding column where none of its
     rows is padded (pure). transformers drops an all-ones attention mask, so the decoder layers

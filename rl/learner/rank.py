@@ -40,7 +40,7 @@ from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
 from rl.grpo import batch_normaliser, configured_correction, policy_loss, sft_loss
 from rl.learner.adapted_model import adapted_model
-from rl.learner.batching import in_row_order, plan_micro_batches, split_to_count, with_padding_column
+from rl.learner.batching import in_row_order, plan_micro_batches, right_padded, split_to_count, with_padding_column
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.profiling import profiled_step
@@ -165,7 +165,9 @@ class LearnerRank(RankState):
             mb = {k: v[idx] for k, v in shard.items()}
             T = max(int(mb["attention_mask"].sum(dim=1).max()), 2)
             mb = {k: (v[:, :T] if v.dim() == 2 else v) for k, v in mb.items()}
-            if self.cfg.learner.compile:  # one compiled graph for every micro-batch
+            # Right-padded rows need no padding mask under causal attention (learner.padding_mask).
+            unmasked = self.cfg.learner.padding_mask == "auto" and right_padded(mb["attention_mask"])
+            if self.cfg.learner.compile and not unmasked:  # one compiled graph for every micro-batch
                 mb = with_padding_column(mb)
             labelled = mb[label_mask][:, 1:].bool()
             mb["labels"] = torch.where(labelled, mb["input_ids"][:, 1:], -100)
@@ -174,7 +176,8 @@ class LearnerRank(RankState):
             # stall the launch queue until the GPU had caught up, once per micro-batch.
             columns = labelled.any(dim=0).nonzero()
             mb.update(num_tokens=float(shard["response_mask"][idx].sum()), num_labels=int(labelled.sum()),
-                      first_label=int(columns[0]) if columns.numel() else 0)
+                      first_label=int(columns[0]) if columns.numel() else 0,
+                      model_mask=None if unmasked else mb["attention_mask"])
             out.append(mb)
         return out
 
@@ -194,7 +197,7 @@ class LearnerRank(RankState):
         T = mb["input_ids"].shape[1]
         # The last kept position predicts nothing: label it -100.
         lp, ent = self._score(F.pad(mb["labels"][:, first:], (0, 1), value=-100), temperature, entropy,
-                              mb["num_labels"], input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                              mb["num_labels"], input_ids=mb["input_ids"], attention_mask=mb["model_mask"],
                               logits_to_keep=T - first)
         return F.pad(lp[:, :-1], (first + 1, 0)), ent
 
