@@ -50,7 +50,8 @@ Parts (each in its own subprocess: a vLLM engine's GPU memory is not freed insid
       with the recipe's ``learner.gradient_checkpointing``; placerl packs micro-batches by tokens
       (``learner.micro_batch_tokens``) while TRL pads each micro-batch of 32 rows.
 The JSON (``--out``) is rewritten after every part and merged with what the file holds (parts
-spread over calls; a killed call keeps what it finished); ``summary`` holds the ratios. A part
+spread over calls; a killed call keeps what it finished; a part named twice in one call keeps its
+second run as ``NAME#2``); ``summary`` holds the ratios. A part
 that fails is recorded with a one-line error and the others go on; ``--budget-s`` bounds the
 whole call (a part that would not fit is recorded as skipped).
 """
@@ -223,6 +224,17 @@ def part_and_settings(spec: str) -> tuple[str, list[str]]:
     return name, settings
 
 
+def result_keys(parts: list[str]) -> list[str]:
+    """Where each part's result goes in the JSON (pure): its spec, and ``SPEC#N`` for its N-th run
+    within one call, so that a part repeated in a call (replicates around another) keeps each run."""
+    seen: dict[str, int] = {}
+    keys = []
+    for part in parts:
+        seen[part] = seen.get(part, 0) + 1
+        keys.append(part if seen[part] == 1 else f"{part}#{seen[part]}")
+    return keys
+
+
 def orchestrate(args) -> int:
     sizes_for(args)  # a bad size fails here, in one line, before any part starts
     out = Path(args.out)
@@ -236,10 +248,10 @@ def orchestrate(args) -> int:
         raise SystemExit(f"--parts: {unknown} not known; choose from {', '.join(PARTS)}")
     deadline = time.time() + args.budget_s
     min_part = 5 if args.smoke else 60
-    for index, part in enumerate(parts):
+    for index, (part, key) in enumerate(zip(parts, result_keys(parts))):
         left = deadline - time.time()
         if left < min_part:
-            doc["results"][part] = {"skipped": f"budget: {left:.0f} s left of --budget-s {args.budget_s}"}
+            doc["results"][key] = {"skipped": f"budget: {left:.0f} s left of --budget-s {args.budget_s}"}
             continue
         part_file = out.with_name(f".{out.name}.{index}.part.json")
         part_file.unlink(missing_ok=True)
@@ -250,7 +262,7 @@ def orchestrate(args) -> int:
         cmd += ["--gpu-memory-utilization", str(args.gpu_memory_utilization)]
         cmd += ["--no-learner-profile"] * args.no_learner_profile
         cmd += [a for kv in args.set + own_settings for a in ("--set", kv)]
-        print(f"=== {part} ({left:.0f} s left)", flush=True)
+        print(f"=== {key} ({left:.0f} s left)", flush=True)
         t = time.time()
         error = None
         # Its own process group: at the budget the part is killed with everything it started
@@ -274,7 +286,7 @@ def orchestrate(args) -> int:
         result["wall_s"] = round(time.time() - t, 1)
         if error:
             result["error"] = error
-        doc["results"][part] = result
+        doc["results"][key] = result
         doc["summary"] = summarise(doc["results"])
         out.write_text(json.dumps(doc, indent=1))
     doc["summary"] = summarise(doc["results"])

@@ -132,15 +132,16 @@ def summarise(results: dict) -> dict:
         for k in ("startup_s", "warm_up_s"):
             if k in startup:
                 out[f"{name}_{k}"] = startup[k]
-    # Every placerl step part, variants with overrides of their own included (--parts NAME@KEY=VALUE):
-    # the sync's share of its step, and a variant's step against TRL with vLLM as the variant has it.
+    # Every placerl step part, variants with overrides of their own (--parts NAME@KEY=VALUE) and a
+    # part's repeats in one call (NAME#2) included: the sync's share of its step, and a variant's or
+    # repeat's step against TRL with vLLM as it has it.
     for part, result in results.items():
         mean = result.get("mean_after_first") if isinstance(result, dict) else None
         if not part.startswith("step-placerl") or not mean or "sync_over_step" not in mean:
             continue
         out[f"{part}_sync_over_step"] = mean["sync_over_step"]
         out[f"{part}_sync_goal_2%"] = "met" if mean["sync_over_step"] < 0.02 else "NOT met"
-        if "@" in part:
+        if "@" in part or "#" in part:
             trl = "step-trl" if step_part_sleeps(part) else "step-trl-nosleep"
             if get(trl, "mean_after_first"):
                 step_ratio(out, f"{part}_over_{trl.replace('-', '_')}", mean, get(trl, "mean_after_first"))

@@ -129,3 +129,18 @@ def test_part_overrides_are_checked_before_any_part_starts():
         part_and_settings("step-trl@rollout.num_workers=2")
     with pytest.raises(SystemExit, match="write @KEY=VALUE"):
         part_and_settings("step-placerl@rollout.num_workers")
+
+
+def test_a_part_repeated_in_one_call_keeps_each_run_and_each_is_compared_with_trl():
+    from bench.bench_vllm_gpu import result_keys
+
+    kept = "step-placerl-merged-compile@rollout.sleep_weights=keep"
+    assert result_keys([kept, "step-trl", kept, kept]) == [kept, "step-trl", f"{kept}#2", f"{kept}#3"]
+    assert result_keys(["step-placerl-merged-compile", "step-trl"]) == ["step-placerl-merged-compile", "step-trl"]
+    out = summarise({kept: {"mean_after_first": {"step_s": 3.9, "sync_over_step": 0.01}},
+                     f"{kept}#2": {"mean_after_first": {"step_s": 4.2, "sync_over_step": 0.03}},
+                     "step-placerl-merged-compile#2": {"mean_after_first": {"step_s": 3.6, "sync_over_step": 0.01}},
+                     "step-trl": {"mean_after_first": {"step_s": 8.0}}})
+    assert out[f"{kept}_over_step_trl_step"] == round(3.9 / 8.0, 3)
+    assert out[f"{kept}#2_over_step_trl_step"] == round(4.2 / 8.0, 3) and out[f"{kept}#2_sync_goal_2%"] == "NOT met"
+    assert out["step-placerl-merged-compile#2_over_step_trl_goal_0.5"] == "met"
