@@ -102,10 +102,11 @@ class LearnerConfig:
     # Compile each decoder layer with torch.compile (dynamic shapes): fewer, fused kernels for a
     # learner bound by kernel launches; the first steps pay for compiling. Off by default.
     compile: bool = False
-    # auto: a micro-batch of right-padded rows goes into the model without its padding mask.
+    # never: a micro-batch of right-padded rows goes into the model without its padding mask.
     # Under causal attention no real token sees the padding after it, so nothing that gets a
-    # label changes, and SDPA runs its causal (on a GPU, flash) kernel instead of the masked
-    # one. always: the mask goes in every forward.
+    # label changes, and SDPA runs its causal kernel instead of the masked one (less memory).
+    # always: the mask goes in every forward. auto: never for eager layers, always for
+    # compiled ones (rl/learner/batching.py takes_padding_mask says why).
     padding_mask: str = "auto"
 
     def validate(self, p: str) -> None:
@@ -129,7 +130,7 @@ class LearnerConfig:
                "must be >= 0 (0: whole logits at once)")
         _check(self.profile_step >= 0, f"{p}.profile_step", self.profile_step,
                "must be >= 0 (0: off; N: profile the learner's N-th step)")
-        _one_of(f"{p}.padding_mask", self.padding_mask, ["auto", "always"])
+        _one_of(f"{p}.padding_mask", self.padding_mask, ["auto", "always", "never"])
 
 
 @dataclass

@@ -14,7 +14,8 @@ from test_learner import LORA, make_batch, make_cfg  # pytest puts tests/ on the
 
 
 @pytest.mark.slow
-def test_compiled_layers_give_the_same_updates_and_logprobs(ray_local, tiny_model_path):
+@pytest.mark.parametrize("padding_mask", ["auto", "never"])  # compiled layers: with the mask, without it
+def test_compiled_layers_give_the_same_updates_and_logprobs(ray_local, tiny_model_path, padding_mask):
     # Defined in here so that Ray ships it by value (a worker cannot import the test module).
     def _compiled_graphs(rank) -> int:
         """Runs in a learner rank actor: the graphs torch.compile built in that process."""
@@ -26,8 +27,8 @@ def test_compiled_layers_give_the_same_updates_and_logprobs(ray_local, tiny_mode
     built = {}
     try:
         for name, compiled in (("eager", False), ("compiled", True)):
-            built[name] = LearnerGroup(make_cfg(tiny_model_path, learner={**learner, "compile": compiled}),
-                                       tiny_model_path, LORA)
+            built[name] = LearnerGroup(make_cfg(tiny_model_path, learner={
+                **learner, "compile": compiled, "padding_mask": padding_mask}), tiny_model_path, LORA)
         # The warm-up compiled at start-up (on synthetic micro-batches, its gradients dropped: the
         # updates below still match eager ones) ...
         warm = built["compiled"].ready()
@@ -37,8 +38,9 @@ def test_compiled_layers_give_the_same_updates_and_logprobs(ray_local, tiny_mode
         unpadded.attention_mask[:] = 1
         unpadded.response_mask[:, 5:] = 1
         unpadded.rollout_logprobs = torch.where(unpadded.response_mask.bool(), -10.0, 0.0)
-        # Two batches of different lengths (dynamic shapes), one without padding (it gets an empty
-        # column, so it takes the padded rows' graph), then a single row.
+        # Two batches of different lengths (dynamic shapes), one without padding (with the mask it
+        # gets an empty column, so it takes the padded rows' graph; without, it is like any other),
+        # then a single row.
         for batch in (make_batch(8, T=20, seed=1), make_batch(8, T=24, seed=2), unpadded, make_batch(1, T=22, seed=4)):
             metrics = {k: g.train_step(batch) for k, g in built.items()}
             for k in ("loss", "grad_norm", "entropy"):

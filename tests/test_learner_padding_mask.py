@@ -1,5 +1,5 @@
-"""``learner.padding_mask``: right-padded micro-batches go into the model without their padding
-mask (``auto``) and train exactly as with it (``always``): the FSDP2 learner on Ray with the tiny
+"""``learner.padding_mask``: right-padded micro-batches go into eager layers without their padding
+mask (``auto``; ``never`` for compiled layers too) and train exactly as with it (``always``): the FSDP2 learner on Ray with the tiny
 Llama, whose SDPA attention runs causal without the mask and masked with it."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import ray
 import torch
 
 from rl.config import ConfigError, load_config
-from rl.learner.batching import right_padded
+from rl.learner.batching import right_padded, takes_padding_mask
 from rl.learner.group import LearnerGroup, split_batch
 from test_learner import LORA, make_cfg, max_diff, uneven_batch  # pytest puts tests/ on the path
 
@@ -23,8 +23,16 @@ def test_right_padded_rows_are_tokens_then_padding():
 
 
 def test_bad_padding_mask_is_refused_in_one_line():
-    with pytest.raises(ConfigError, match=r"learner.padding_mask='never' is not allowed"):
-        load_config("launch/configs/tiny.yaml", ["learner.padding_mask=never"])
+    with pytest.raises(ConfigError, match=r"learner.padding_mask='sometimes' is not allowed"):
+        load_config("launch/configs/tiny.yaml", ["learner.padding_mask=sometimes"])
+
+
+def test_auto_leaves_the_mask_out_of_right_padded_rows_only_for_eager_layers():
+    padded, left = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]), torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert not takes_padding_mask("auto", False, padded) and takes_padding_mask("auto", True, padded)
+    assert not takes_padding_mask("never", True, padded) and not takes_padding_mask("never", False, padded)
+    assert takes_padding_mask("always", False, padded)
+    assert all(takes_padding_mask(mode, compiled, left) for mode in ("auto", "never", "always") for compiled in (0, 1))
 
 
 @pytest.mark.slow

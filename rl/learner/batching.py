@@ -93,6 +93,18 @@ def right_padded(attention_mask: Tensor) -> bool:
     return torch.equal(attention_mask.bool(), torch.arange(attention_mask.shape[1], device=lengths.device) < lengths)
 
 
+def takes_padding_mask(padding_mask: str, compiled: bool, attention_mask: Tensor) -> bool:
+    """Whether a micro-batch's forward takes its padding mask (``learner.padding_mask``; pure).
+    Rows that are not right-padded always do. Right-padded rows need none under causal attention
+    (no token that gets a label sees the padding after it): ``never`` and, for eager layers,
+    ``auto`` leave it out. Compiled layers under ``auto`` take it, so that the graph the warm-up
+    builds serves every micro-batch: unmasked, on one H200, the first real step compiled more
+    graphs than the warm-up had (reports/gpu/README.md 23)."""
+    if padding_mask == "always" or (padding_mask == "auto" and compiled):
+        return True
+    return not right_padded(attention_mask)
+
+
 def with_padding_column(mb: dict[str, Tensor]) -> dict[str, Tensor]:
     """``mb`` (a micro-batch of right-padded rows) with one more padding column where none of its
     rows is padded (pure). transformers drops an all-ones attention mask, so the decoder layers

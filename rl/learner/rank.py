@@ -40,7 +40,8 @@ from placement import mask_b_gradients
 from rl.cluster import LOOPBACK, free_port
 from rl.grpo import batch_normaliser, configured_correction, policy_loss, sft_loss
 from rl.learner.adapted_model import adapted_model
-from rl.learner.batching import in_row_order, plan_micro_batches, right_padded, split_to_count, with_padding_column
+from rl.learner.batching import (in_row_order, plan_micro_batches, split_to_count, takes_padding_mask,
+                                 with_padding_column)
 from rl.learner.logprobs import chunkable, logits_token_logprobs, logprob_head
 from rl.learner.optim import build_optimizer, build_scheduler
 from rl.learner.profiling import profiled_step
@@ -87,6 +88,9 @@ class LearnerRank(RankState):
         if attach is not None:
             self.after_backward = list(attach(peft_model, cfg) or [])
         if cfg.learner.compile:
+            # A graph built after the warm-up (learner/compiled_graphs grows) names the guard
+            # that failed, in this rank's log.
+            torch._logging.set_logs(recompiles=True)
             # In place, before FSDP2 wraps them: names, hooks and checkpoints stay as they are.
             for layer in decoder_layers(peft_model.base_model.model):
                 layer.compile(dynamic=True)
@@ -165,9 +169,8 @@ class LearnerRank(RankState):
             mb = {k: v[idx] for k, v in shard.items()}
             T = max(int(mb["attention_mask"].sum(dim=1).max()), 2)
             mb = {k: (v[:, :T] if v.dim() == 2 else v) for k, v in mb.items()}
-            # Right-padded rows need no padding mask under causal attention (learner.padding_mask).
-            unmasked = self.cfg.learner.padding_mask == "auto" and right_padded(mb["attention_mask"])
-            if self.cfg.learner.compile and not unmasked:  # one compiled graph for every micro-batch
+            masked = takes_padding_mask(self.cfg.learner.padding_mask, self.cfg.learner.compile, mb["attention_mask"])
+            if self.cfg.learner.compile and masked:  # one compiled graph for every micro-batch
                 mb = with_padding_column(mb)
             labelled = mb[label_mask][:, 1:].bool()
             mb["labels"] = torch.where(labelled, mb["input_ids"][:, 1:], -100)
@@ -177,7 +180,7 @@ class LearnerRank(RankState):
             columns = labelled.any(dim=0).nonzero()
             mb.update(num_tokens=float(shard["response_mask"][idx].sum()), num_labels=int(labelled.sum()),
                       first_label=int(columns[0]) if columns.numel() else 0,
-                      model_mask=None if unmasked else mb["attention_mask"])
+                      model_mask=mb["attention_mask"] if masked else None)
             out.append(mb)
         return out
 

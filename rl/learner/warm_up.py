@@ -9,11 +9,13 @@ it without waiting), so the two start-ups overlap, in part: with warm compile ca
 warm-up took 80 s, an eager run's whole start-up 71 s and a compiled run's 105 s (section 15.1).
 
 The synthetic micro-batch is a few right-padded rows of random tokens, as every real one is, so
-one graph serves them all: with ``learner.padding_mask=auto`` none of them takes an attention
-mask into the layers; with ``always`` each takes one (a micro-batch of rows of one length gets an
-empty column, rl/learner/batching.py ``with_padding_column``, or transformers would drop its
-all-ones mask). The warm-up used to run three kinds (padded rows, rows of one length, a single
-row) and so built three. A micro-batch of a single row, where the
+one graph serves them all: under ``learner.padding_mask=auto`` (or ``always``) compiled layers
+take the attention mask in every micro-batch (one of rows of one length gets an empty column,
+rl/learner/batching.py ``with_padding_column``, or transformers would drop its all-ones mask).
+Under ``never`` none takes one; on one H200 the first real step then built two graphs more than
+the warm-up had (reports/gpu/README.md 23; on the CPU it built none), and the rank's log names
+the guard that failed. The warm-up used to run three kinds (padded rows, rows of one length, a
+single row) and so built three. A micro-batch of a single row, where the
 micro-batch holds more than one, still compiles a graph of its own the first time (torch.compile
 specialises on a size of 1): token packing never leaves one in the recipes, and
 ``learner/compiled_graphs``, logged every step, shows it where it happens. The layers are
