@@ -1,6 +1,7 @@
 """``learner.padding_mask``: right-padded micro-batches go into eager layers without their padding
-mask (``auto``; ``never`` for compiled layers too) and train exactly as with it (``always``): the FSDP2 learner on Ray with the tiny
-Llama, whose SDPA attention runs causal without the mask and masked with it."""
+mask (``auto``; ``never`` for compiled layers too) and train exactly as with it (``always``): the
+FSDP2 learner on Ray with the tiny Llama, whose SDPA attention runs causal without the mask and
+masked with it."""
 from __future__ import annotations
 
 import math
